@@ -1,0 +1,1 @@
+"""Runnable studies and the command-line entry point (``python -m experiments.run``)."""

@@ -1,0 +1,134 @@
+"""Per-client state kept between rounds, on disk, keyed by client id.
+
+TFF keeps no client state: the driver loads the states of the sampled clients,
+passes them into ``next`` as CLIENTS-placed values and stores what comes back.
+Memory is bounded by the clients of one round: nothing is cached.
+
+A client's state (see :func:`fedmask_tff.fedmask.build_fedmask_process`) is
+``OrderedDict(scores=(S_i...), keep=(S_i...), rounds=int32)``. On disk, one
+``.npz`` file per client holds
+
+* ``keep_i``: the pruning mask, bit-packed (``ceil(n_i / 8)`` bytes);
+* ``scores_i``: float32 scores at the kept positions only (pruned positions
+  never matter again: their mask is 0 for good, and they load as 0);
+* ``rounds``: how many rounds the client has taken part in;
+* ``sha256``: a checksum of the above, checked on load.
+
+Writes are atomic (temporary file, ``fsync``, ``os.replace``): a crash mid-write
+leaves the previous state readable. A client never seen has no file and gets
+the process's initial state.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import os
+import re
+from typing import Callable, Sequence
+
+import numpy as np
+
+from fedmask_tff import bitpack
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+class ClientStateError(RuntimeError):
+  """A stored client state is missing parts, corrupt or of the wrong model."""
+
+
+def _digest(arrays: dict) -> str:
+  h = hashlib.sha256()
+  for key in sorted(arrays):
+    a = np.ascontiguousarray(arrays[key])
+    h.update(key.encode())
+    h.update(str(a.dtype).encode())
+    h.update(str(a.shape).encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+class ClientStateStore:
+  """Client states on disk under ``directory``, one packed file per client.
+
+  Args:
+    directory: where the files live (created if missing).
+    shapes: the shape of each masked weight, in the process's order.
+    initial_state_fn: returns the state of a client never seen.
+  """
+
+  def __init__(self, directory: str, shapes: Sequence[tuple], initial_state_fn: Callable):
+    self.directory = directory
+    self.shapes = [tuple(s) for s in shapes]
+    self._initial_state_fn = initial_state_fn
+    os.makedirs(directory, exist_ok=True)
+
+  def path(self, client_id: str) -> str:
+    if not _SAFE_ID.match(client_id):
+      raise ValueError(f"client id {client_id!r} has characters unsafe for a file name")
+    return os.path.join(self.directory, f"{client_id}.npz")
+
+  def __contains__(self, client_id: str) -> bool:
+    return os.path.exists(self.path(client_id))
+
+  def client_ids(self) -> list[str]:
+    """Ids of the clients that have a stored state, sorted."""
+    return sorted(f[:-4] for f in os.listdir(self.directory)
+                  if f.endswith(".npz") and not f.startswith("."))
+
+  def get(self, client_id: str):
+    path = self.path(client_id)
+    if not os.path.exists(path):
+      return self._initial_state_fn()
+    try:
+      with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    except Exception as e:  # zipfile.BadZipFile, ValueError, OSError, EOFError ...
+      raise ClientStateError(f"client state file {path} is unreadable: {e}") from e
+    stored = str(arrays.pop("sha256", np.array("")))
+    if stored != _digest(arrays):
+      raise ClientStateError(f"client state file {path} fails its checksum (corrupt or edited)")
+    scores, keeps = [], []
+    for i, shape in enumerate(self.shapes):
+      try:
+        packed, kept_scores = arrays[f"keep_{i}"], arrays[f"scores_{i}"]
+      except KeyError as e:
+        raise ClientStateError(f"client state file {path} lacks {e.args[0]}") from None
+      keep = bitpack.unpack_bits_np(packed, shape) if packed.size == bitpack.packed_size_bytes(
+          int(np.prod(shape))) else None
+      if keep is None or kept_scores.shape != (int(keep.sum()),):
+        raise ClientStateError(f"client state file {path} does not match the model's mask "
+                               f"{i} of shape {shape}")
+      full = np.zeros(shape, np.float32)
+      full[keep > 0] = kept_scores
+      scores.append(full)
+      keeps.append(keep.astype(np.float32))
+    return collections.OrderedDict(scores=tuple(scores), keep=tuple(keeps),
+                                   rounds=np.int32(arrays["rounds"]))
+
+  def put(self, client_id: str, state) -> int:
+    """Stores ``state`` atomically; returns the file's size in bytes."""
+    arrays = {"rounds": np.asarray(state["rounds"], np.int32)}
+    if len(state["scores"]) != len(self.shapes):
+      raise ValueError(f"state has {len(state['scores'])} masks, the store expects {len(self.shapes)}")
+    for i, (s, k) in enumerate(zip(state["scores"], state["keep"])):
+      s, k = np.asarray(s, np.float32), np.asarray(k)
+      if s.shape != self.shapes[i] or k.shape != self.shapes[i]:
+        raise ValueError(f"mask {i}: shapes {s.shape}/{k.shape}, expected {self.shapes[i]}")
+      if not np.all(np.isfinite(s)):
+        raise ValueError(f"client {client_id}: mask {i} has non-finite scores")
+      arrays[f"keep_{i}"] = bitpack.pack_bits_np(k)
+      arrays[f"scores_{i}"] = s[k > 0]
+    arrays["sha256"] = np.array(_digest(arrays))
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    path = self.path(client_id)
+    tmp = os.path.join(self.directory, f".{client_id}.npz.tmp")
+    with open(tmp, "wb") as f:
+      f.write(buf.getvalue())
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(buf.getvalue())

@@ -1,0 +1,343 @@
+"""The FedMask iterative process on TFF (``build_fedmask_process``).
+
+One round, for the sampled clients (all TFF computations; W never travels: every
+client rebuilds it from the model's seed):
+
+1. **Client work** (``client_update``): load the client's scores ``m_r`` and
+   pruning mask ``keep`` from its state. At its first round the client trains
+   one epoch, then keeps the top ``prune_rate`` of ``|W * m_r|`` in the last
+   ``prune_last_layers`` masked layers (one-shot pruning, for good). Then it
+   trains ``local_epochs`` epochs of SGD on ``m_r`` (W frozen).
+2. **Upload** (``encode_upload``): the binary mask ``1[sigmoid(m_r) >= tau] * keep``
+   of every masked weight, bit-packed (8 per byte); at the client's first
+   round also its packed pruning masks. Bits are counted from these bytes.
+3. **Server** (``decode_upload`` + ``tff.federated_sum``): unpack each payload
+   and sum, per element, ``mask * keep`` and ``keep``. The server keeps every
+   client's pruning mask from its first upload (the paper's server does the
+   same); in the simulation that cached copy travels with the client state.
+4. **Download** (``encode_download`` / ``apply_download``): each client gets a
+   float32 value per element it keeps: the mean over the clients sharing the
+   element where at least ``min_shared`` (2) keep it, else -1 ("unchanged").
+   The client restarts ``m_r`` from the means
+   (:func:`fedmask_tff.masking.scores_from_mask_values`) and keeps its own
+   scores elsewhere. Bits are counted from that float32 message.
+
+``next(server_state, client_data, client_states)`` returns
+``(server_state, client_states, client_metrics)``; the states are
+CLIENTS-placed values, kept between rounds by
+:class:`fedmask_tff.client_state.ClientStateStore` in the driver.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from fedmask_tff import bitpack, masking, pruning
+from fedmask_tff.layers import mask_variables, masked_layers
+
+DOWNLINK_UNCHANGED = -1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class FedMaskConfig:
+  """Hyper-parameters of FedMask's client work and aggregation.
+
+  Attributes:
+    local_epochs: epochs of local training per round (after the pruning epoch
+      at a client's first round).
+    learning_rate: SGD step size on the scores. Score gradients carry W
+      (about ``1/sqrt(fan_in)``) and ``sigmoid'(m_r) <= 1/4``, so useful values
+      are far larger than for weight training.
+    prune_rate: fraction of elements one-shot pruning keeps, in (0, 1].
+    prune_last_layers: how many of the last masked layers are pruned.
+    score_restart: ``"scaled_logit"`` or ``"linear"`` (see ``masking``).
+    restart_scale, restart_eps: parameters of the restart rule.
+    min_shared: clients that must keep an element for it to be averaged.
+  """
+  local_epochs: int = 1
+  learning_rate: float = 10.0
+  prune_rate: float = 0.2
+  prune_last_layers: int = 2
+  score_restart: str = "scaled_logit"
+  restart_scale: float = 0.1
+  restart_eps: float = 0.01
+  min_shared: int = 2
+
+  def validate(self, num_masked_layers: int | None = None) -> "FedMaskConfig":
+    if int(self.local_epochs) < 1:
+      raise ValueError(f"local_epochs must be >= 1, got {self.local_epochs}")
+    if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+      raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
+    pruning.check_prune_rate(self.prune_rate)
+    if int(self.prune_last_layers) < 0:
+      raise ValueError(f"prune_last_layers must be >= 0, got {self.prune_last_layers}")
+    if num_masked_layers is not None and self.prune_last_layers > num_masked_layers:
+      raise ValueError(f"prune_last_layers={self.prune_last_layers} but the model has only "
+                       f"{num_masked_layers} masked layers")
+    masking.scores_from_mask_values(np.zeros(1), self.score_restart, self.restart_scale,
+                                    self.restart_eps)
+    if int(self.min_shared) < 1:
+      raise ValueError(f"min_shared must be >= 1, got {self.min_shared}")
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+  """One masked weight tensor of the model."""
+  name: str
+  shape: tuple
+  prunable: bool
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape))
+
+
+def mask_specs(model: tf.keras.Model, prune_last_layers: int) -> list[MaskSpec]:
+  """The model's masked weights in order; those of the last ``prune_last_layers`` layers are prunable."""
+  layers = masked_layers(model)
+  if not layers:
+    raise ValueError(f"model {model.name!r} has no masked layers")
+  first_pruned = len(layers) - int(prune_last_layers)
+  specs = []
+  for i, layer in enumerate(layers):
+    for name, kernel, _, _ in layer.masked_weights:
+      specs.append(MaskSpec(f"{layer.name}/{name}", tuple(kernel.shape.as_list()),
+                            i >= first_pruned))
+  return specs
+
+
+class FedMaskProcess(tff.templates.IterativeProcess):
+  """A ``tff.templates.IterativeProcess`` plus what the driver needs to feed it.
+
+  Extra attributes: ``specs`` (list of :class:`MaskSpec`), ``config``,
+  ``client_state_type``, ``initial_client_state()`` (numpy), ``evaluate``
+  (a federated computation ``(data@CLIENTS, states@CLIENTS) -> metrics@CLIENTS``)
+  and the TF computations of each step, for tests.
+  """
+
+
+def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
+                          config: FedMaskConfig = FedMaskConfig(),
+                          eval_element_spec=None) -> FedMaskProcess:
+  """Builds FedMask as a TFF iterative process.
+
+  Args:
+    model_fn: no-argument callable returning a fresh, uncompiled Keras model of
+      masked layers that outputs logits; it must build the same frozen W on
+      every call (seeded layers do).
+    element_spec: the element spec of a client's *batched* training dataset,
+      an ``OrderedDict(x=..., y=...)`` of ``tf.TensorSpec`` (labels int32).
+    config: a :class:`FedMaskConfig`.
+    eval_element_spec: element spec of the evaluation datasets (default: the same).
+  """
+  probe = model_fn()
+  layers = masked_layers(probe)
+  config.validate(len(layers))
+  specs = mask_specs(probe, config.prune_last_layers)
+  thresholds = [layer.threshold for layer in layers for _ in layer.masked_weights]
+  score_init = [layer.score_init for layer in layers for _ in layer.masked_weights]
+  del probe
+  lr = float(config.learning_rate)
+
+  scores_type = tuple(tff.TensorType(np.float32, s.shape) for s in specs)
+  state_type = tff.types.to_type(collections.OrderedDict(
+      scores=scores_type, keep=scores_type, rounds=tff.TensorType(np.int32)))
+  data_type = tff.SequenceType(tff.types.tensorflow_to_type(element_spec))
+  eval_data_type = tff.SequenceType(tff.types.tensorflow_to_type(eval_element_spec or element_spec))
+  packed_type = tuple(tff.TensorType(np.uint8, [bitpack.packed_size_bytes(s.size)]) for s in specs)
+  keep_packed_type = tuple(tff.TensorType(np.uint8, [None]) for s in specs if s.prunable)
+  upload_type = tff.types.to_type(collections.OrderedDict(mask=packed_type, keep=keep_packed_type))
+  sums_type = tff.types.to_type(collections.OrderedDict(total=scores_type, count=scores_type))
+  prunable_idx = [i for i, s in enumerate(specs) if s.prunable]
+
+  def loss_fn(y, logits):
+    return tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(
+        y, logits, from_logits=True))
+
+  def load_model(state):
+    model = model_fn()
+    kernels, score_vars, keep_vars = mask_variables(model)
+    assigns = [v.assign(s) for v, s in zip(score_vars, state["scores"])]
+    assigns += [v.assign(k) for v, k in zip(keep_vars, state["keep"])]
+    return model, kernels, score_vars, keep_vars, assigns
+
+  def encode_upload_fn(masks, keeps, send_keep):
+    packed_masks = tuple(bitpack.pack_bits_tf(m) for m in masks)
+    packed_keeps = tuple(
+        tf.cond(send_keep > 0, lambda k=keeps[i]: bitpack.pack_bits_tf(k),
+                lambda: tf.zeros([0], tf.uint8)) for i in prunable_idx)
+    return collections.OrderedDict(mask=packed_masks, keep=packed_keeps)
+
+  # --- Client work -------------------------------------------------------------
+  @tff.tensorflow.computation(data_type, state_type)
+  def client_update(dataset, state):
+    model, kernels, score_vars, keep_vars, assigns = load_model(state)
+
+    @tf.function
+    def train(dataset, rounds):
+      def epoch():
+        def step(acc, batch):
+          with tf.GradientTape() as tape:
+            loss = loss_fn(batch["y"], model(batch["x"], training=True))
+          grads = tape.gradient(loss, score_vars)
+          for v, g in zip(score_vars, grads):
+            v.assign_sub(lr * g)
+          n = tf.cast(tf.shape(batch["y"])[0], tf.float32)
+          return acc[0] + loss * n, acc[1] + n
+        return dataset.reduce((tf.constant(0.0), tf.constant(0.0)), step)
+
+      def prune():  # One-shot pruning: one epoch, then keep the top p_r for good.
+        l0, c0 = epoch()
+        with tf.control_dependencies([l0, c0]):
+          ops = [keep_vars[i].assign(pruning.top_magnitude_keep(
+              kernels[i], score_vars[i], config.prune_rate)) for i in prunable_idx]
+        with tf.control_dependencies(ops):
+          return tf.identity(l0), tf.identity(c0), tf.constant(1)
+
+      def no_prune():
+        return tf.constant(0.0), tf.constant(0.0), tf.constant(0)
+
+      loss_sum, count, pruned_now = tf.cond(tf.equal(rounds, 0), prune, no_prune)
+      for _ in tf.range(config.local_epochs):
+        l1, c1 = epoch()
+        loss_sum, count = loss_sum + l1, count + c1
+      return loss_sum, count, pruned_now
+
+    with tf.control_dependencies(assigns):
+      loss_sum, count, pruned_now = train(dataset, state["rounds"])
+    with tf.control_dependencies([loss_sum, count, pruned_now]):
+      new_state = collections.OrderedDict(
+          scores=tuple(tf.identity(v) for v in score_vars),
+          keep=tuple(tf.identity(v) for v in keep_vars),
+          rounds=state["rounds"] + 1)
+    masks = [masking.binary_mask(s, t) * k
+             for s, k, t in zip(new_state["scores"], new_state["keep"], thresholds)]
+    upload = encode_upload_fn(masks, new_state["keep"], pruned_now)
+    metrics = collections.OrderedDict(
+        loss_sum=loss_sum, examples=count, pruned=pruned_now,
+        uplink_bits=_payload_bits(upload),
+        mask_ones=tf.add_n([tf.reduce_sum(m) for m in masks]),
+        mask_kept=tf.add_n([tf.reduce_sum(k) for k in new_state["keep"]]))
+    return new_state, upload, metrics
+
+  # --- Server side: decode each upload and sum ------------------------------------
+  @tff.tensorflow.computation(upload_type, scores_type)
+  def decode_upload(upload, cached_keep):
+    totals, counts = [], []
+    j = 0
+    for i, spec in enumerate(specs):
+      bits = tf.reshape(bitpack.unpack_bits_tf(upload["mask"][i], spec.size), spec.shape)
+      keep = cached_keep[i]
+      if spec.prunable:
+        sent = upload["keep"][j]
+        j += 1
+        keep = tf.cond(tf.size(sent) > 0,
+                       lambda s=sent, sp=spec: tf.reshape(bitpack.unpack_bits_tf(s, sp.size), sp.shape),
+                       lambda k=keep: k)
+      totals.append(bits * keep)
+      counts.append(keep)
+    return collections.OrderedDict(total=tuple(totals), count=tuple(counts))
+
+  # --- Download: the server's per-client message, and the client's restart -------
+  @tff.tensorflow.computation(sums_type, state_type)
+  def download_and_apply(sums, state):
+    new_scores, bits = [], []
+    for i in range(len(specs)):
+      keep = state["keep"][i]
+      count = sums["count"][i]
+      shared = tf.logical_and(keep > 0, count >= config.min_shared)
+      mean = tf.math.divide_no_nan(sums["total"][i], count)
+      message = tf.boolean_mask(tf.reshape(tf.where(shared, mean, DOWNLINK_UNCHANGED), [-1]),
+                                tf.reshape(keep > 0, [-1]))  # float32, one per kept element
+      bits.append(tf.size(message) * 32)
+      # Client: scatter the message back to its kept positions and restart.
+      positions = tf.where(tf.reshape(keep > 0, [-1]))
+      received = tf.reshape(tf.scatter_nd(positions, message, [tf.size(keep, tf.int64)])
+                            + tf.where(tf.reshape(keep > 0, [-1]), 0.0, DOWNLINK_UNCHANGED),
+                            keep.shape)
+      restarted = masking.scores_from_mask_values(
+          tf.clip_by_value(received, 0.0, 1.0), config.score_restart, config.restart_scale,
+          config.restart_eps, thresholds[i])
+      new_scores.append(tf.where(received >= 0.0, restarted, state["scores"][i]))
+    new_state = collections.OrderedDict(scores=tuple(new_scores), keep=state["keep"],
+                                        rounds=state["rounds"])
+    return new_state, tf.cast(tf.add_n(bits), tf.int64)
+
+  # --- Evaluation: each client's binary-masked model on its own data -------------
+  @tff.tensorflow.computation(eval_data_type, state_type)
+  def evaluate_client(dataset, state):
+    model, _, _, _, assigns = load_model(state)
+
+    @tf.function
+    def run(dataset):
+      def step(acc, batch):
+        logits = model(batch["x"], training=False)
+        y = tf.cast(batch["y"], tf.int64)
+        n = tf.cast(tf.shape(y)[0], tf.float32)
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), y), tf.float32))
+        return acc[0] + correct, acc[1] + n, acc[2] + loss_fn(batch["y"], logits) * n
+      return dataset.reduce((tf.constant(0.0), tf.constant(0.0), tf.constant(0.0)), step)
+
+    with tf.control_dependencies(assigns):
+      correct, n, loss_sum = run(dataset)
+    return collections.OrderedDict(correct=correct, examples=n, loss_sum=loss_sum)
+
+  @tff.tensorflow.computation(tff.TensorType(np.int32))
+  def increment(r):
+    return r + 1
+
+  server_state_type = tff.FederatedType(tff.TensorType(np.int32), tff.SERVER)
+
+  @tff.federated_computation()
+  def initialize_fn():
+    return tff.federated_value(np.int32(0), tff.SERVER)
+
+  @tff.federated_computation(server_state_type, tff.FederatedType(data_type, tff.CLIENTS),
+                             tff.FederatedType(state_type, tff.CLIENTS))
+  def next_fn(server_state, client_data, client_states):
+    trained, upload, metrics = tff.federated_map(client_update, (client_data, client_states))
+    decoded = tff.federated_map(decode_upload, (upload, trained.keep))
+    sums = tff.federated_sum(decoded)
+    new_states, downlink_bits = tff.federated_map(
+        download_and_apply, (tff.federated_broadcast(sums), trained))
+    client_metrics = tff.federated_zip(collections.OrderedDict(
+        train=metrics, downlink_bits=downlink_bits))
+    return tff.federated_map(increment, server_state), new_states, client_metrics
+
+  @tff.federated_computation(tff.FederatedType(eval_data_type, tff.CLIENTS),
+                             tff.FederatedType(state_type, tff.CLIENTS))
+  def evaluate_fn(client_data, client_states):
+    return tff.federated_map(evaluate_client, (client_data, client_states))
+
+  process = FedMaskProcess(initialize_fn, next_fn)
+  process.specs = specs
+  process.config = config
+  process.client_state_type = state_type
+  process.evaluate = evaluate_fn
+  process.client_update = client_update
+  process.decode_upload = decode_upload
+  process.download_and_apply = download_and_apply
+  process.evaluate_client = evaluate_client
+
+  def initial_client_state():
+    return collections.OrderedDict(
+        scores=tuple(np.full(s.shape, v, np.float32) for s, v in zip(specs, score_init)),
+        keep=tuple(np.ones(s.shape, np.float32) for s in specs),
+        rounds=np.int32(0))
+
+  process.initial_client_state = initial_client_state
+  return process
+
+
+def _payload_bits(payload) -> tf.Tensor:
+  """Bits in a structure of uint8 tensors: 8 per byte, counted from the tensors themselves."""
+  sizes = [tf.size(t, out_type=tf.int64) for t in tf.nest.flatten(payload)]
+  return tf.add_n(sizes) * 8 if sizes else tf.constant(0, tf.int64)

@@ -1,0 +1,113 @@
+"""Mask maths of FedMask, independent of Keras layers and of TFF.
+
+A mask element has a real-valued score ``m_r``. Its binary value is
+``m = 1[sigmoid(m_r) >= tau]`` (tau = 0.5 by default, i.e. ``m_r >= 0``).
+
+Two training modes (the mode a run used is recorded in its config):
+
+* ``"ste"``: the forward pass uses the binary mask; the backward pass goes
+  through the sigmoid: ``dL/dm_r = dL/dm * sigmoid'(m_r)`` (the paper's
+  "sigmoid threshold gradient trick").
+* ``"soft"``: the forward pass uses ``sigmoid(m_r)`` itself (the paper's
+  eqs. 6-8); the gradient is the ordinary one.
+
+Inference and upload always use the binary mask.
+
+All functions take and return tensors of any shape; masks are float32 0/1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+MASK_MODES = ("ste", "soft")
+DEFAULT_THRESHOLD = 0.5
+
+
+def check_mask_mode(mode: str) -> str:
+  if mode not in MASK_MODES:
+    raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mode!r}")
+  return mode
+
+
+def check_threshold(threshold: float) -> float:
+  threshold = float(threshold)
+  if not 0.0 < threshold < 1.0 or math.isnan(threshold):
+    raise ValueError(f"threshold tau must be in (0, 1), got {threshold}")
+  return threshold
+
+
+def binary_mask(scores: tf.Tensor, threshold: float = DEFAULT_THRESHOLD) -> tf.Tensor:
+  """``1[sigmoid(scores) >= threshold]`` as float32 (no gradient)."""
+  return tf.cast(tf.sigmoid(scores) >= threshold, tf.float32)
+
+
+def ste_mask(scores: tf.Tensor, threshold: float = DEFAULT_THRESHOLD) -> tf.Tensor:
+  """Binary mask forward, ``sigmoid'(scores)`` backward (straight-through)."""
+
+  @tf.custom_gradient
+  def _forward(s):
+    soft = tf.sigmoid(s)
+    hard = tf.cast(soft >= threshold, s.dtype)
+
+    def _grad(upstream):
+      return upstream * soft * (1.0 - soft)
+
+    return hard, _grad
+
+  return _forward(scores)
+
+
+def soft_mask(scores: tf.Tensor) -> tf.Tensor:
+  """``sigmoid(scores)``: the soft mask of the paper's eqs. 6-8."""
+  return tf.sigmoid(scores)
+
+
+def training_mask(scores: tf.Tensor, mode: str, threshold: float = DEFAULT_THRESHOLD) -> tf.Tensor:
+  """The mask used in a training forward pass for ``mode`` ('ste' or 'soft')."""
+  if mode == "ste":
+    return ste_mask(scores, threshold)
+  if mode == "soft":
+    return soft_mask(scores)
+  raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mode!r}")
+
+
+# --- Restarting scores from an aggregated (fractional) mask value -------------
+
+RESTART_RULES = ("scaled_logit", "linear")
+
+
+def scores_from_mask_values(values, rule: str = "scaled_logit", scale: float = 0.1,
+                            eps: float = 0.01, threshold: float = DEFAULT_THRESHOLD):
+  """Maps aggregated mask values ``v`` in [0, 1] to restart scores ``m_r``.
+
+  The paper leaves open how ``m_r`` is set from a fractional value. Both rules
+  keep the decision of the average: ``v >= threshold`` gives ``m = 1``, and both
+  put the restarted scores near the threshold, where local training can still
+  flip them (scores far from it barely move: their gradient carries
+  ``sigmoid'(m_r)``).
+
+  * ``"scaled_logit"`` (default): ``m_r = logit(tau) + scale * (logit(clip(v, eps, 1 - eps)) - logit(tau))``.
+    With tau = 0.5, ``scale = 0.1`` and ``eps = 0.01``, a unanimous 1 restarts
+    at ``m_r = 0.46`` (sigmoid 0.61), a 3-of-4 vote at ``0.11``.
+  * ``"linear"``: ``m_r = logit(tau) + scale * 4 * (v - tau)``: proportional to
+    the vote margin (4 = 1/sigmoid'(0) makes the two rules agree near tau).
+
+  Works on numpy arrays or tensors; returns the same kind.
+  """
+  if rule not in RESTART_RULES:
+    raise ValueError(f"score restart rule must be one of {RESTART_RULES}, got {rule!r}")
+  if not scale > 0:
+    raise ValueError(f"restart scale must be > 0, got {scale}")
+  if not 0 < eps < 0.5:
+    raise ValueError(f"restart eps must be in (0, 0.5), got {eps}")
+  lib = tf.math if isinstance(values, (tf.Tensor, tf.Variable)) else np
+  t0 = math.log(threshold / (1.0 - threshold))
+  if rule == "scaled_logit":
+    v = lib.minimum(lib.maximum(values, eps), 1.0 - eps)
+    logit = lib.log(v) - lib.log(1.0 - v)
+    return t0 + scale * (logit - t0)
+  return t0 + scale * 4.0 * (values - threshold)

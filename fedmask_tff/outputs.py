@@ -1,0 +1,63 @@
+"""Run outputs: ``results.json`` and ``metrics.csv`` in the run's output directory.
+
+``results.json`` is rewritten atomically after every round (with
+``"complete": false`` until the run ends), so a crash or a kill loses no
+finished round. ``metrics.csv`` gets one row per round, flushed as it is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from typing import Any
+
+ROUND_FIELDS = ("round", "train_loss", "uplink_bits", "downlink_bits", "uplink_bits_per_client",
+                "downlink_bits_per_client", "clients", "pruned_clients", "mask_density", "wall_s")
+
+
+def _json_safe(value):
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {str(k): _json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_safe(v) for v in value]
+  if hasattr(value, "item") and callable(value.item):  # numpy scalars
+    return _json_safe(value.item())
+  return value
+
+
+def write_json_atomic(path: str, payload: Any) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(_json_safe(payload), f, indent=2, sort_keys=False, allow_nan=False)
+    f.write("\n")
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+class RunOutputs:
+  """Writes one run's results; ``results`` is the dict that becomes results.json."""
+
+  def __init__(self, output_dir: str, algorithm: str, dataset: str, config: dict):
+    self.output_dir = output_dir
+    os.makedirs(output_dir, exist_ok=True)
+    self.results_path = os.path.join(output_dir, "results.json")
+    self.csv_path = os.path.join(output_dir, "metrics.csv")
+    self.results: dict[str, Any] = {
+        "algorithm": algorithm, "dataset": dataset, "config": config,
+        "complete": False, "rounds": [], "final": None, "totals": None}
+    with open(self.csv_path, "w", newline="") as f:
+      csv.writer(f).writerow(ROUND_FIELDS)
+
+  def add_round(self, row: dict) -> None:
+    self.results["rounds"].append(row)
+    with open(self.csv_path, "a", newline="") as f:
+      csv.writer(f).writerow([row.get(k, "") for k in ROUND_FIELDS])
+    self.save()
+
+  def save(self) -> None:
+    write_json_atomic(self.results_path, self.results)

@@ -1,0 +1,316 @@
+"""The round loop: data, client sampling, client states, evaluation and outputs.
+
+``run(RunConfig)`` is what ``python -m experiments.run`` calls. It validates the
+whole configuration before any training, builds the federated data and the
+process, runs the rounds (writing ``results.json`` and ``metrics.csv`` after
+each), evaluates every client that took part on its own held-out test data, and
+returns the results dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Any, Optional
+
+import numpy as np
+
+
+class ConfigError(ValueError):
+  """An impossible or inconsistent run configuration (reported before training)."""
+
+
+ALGORITHMS = ("fedmask",)
+DATASETS = ("fashion_mnist",)
+PARTITIONS = ("pathological", "dirichlet")
+MODELS = ("cnn", "mlp")
+
+
+@dataclasses.dataclass
+class RunConfig:
+  """Every setting of a run; all of it is written to ``results.json["config"]``."""
+  algorithm: str = "fedmask"
+  dataset: str = "fashion_mnist"
+  data_dir: Optional[str] = None
+  partition: str = "pathological"
+  classes_per_client: int = 2
+  dirichlet_alpha: float = 0.5
+  num_clients: int = 100
+  clients_per_round: int = 10
+  rounds: int = 50
+  local_epochs: int = 1
+  batch_size: int = 32
+  learning_rate: float = 10.0
+  prune_rate: float = 0.2
+  prune_last_layers: int = 2
+  mask_mode: str = "ste"
+  score_init: float = 0.05
+  score_restart: str = "scaled_logit"
+  restart_scale: float = 0.1
+  model: str = "cnn"
+  model_width: float = 1.0
+  test_fraction: float = 0.2
+  seed: int = 0
+  output_dir: str = "runs/fedmask"
+  eval_every: int = 0
+  eval_batch_size: int = 256
+  max_concurrent_clients: int = -1
+  overwrite: bool = False
+  progress: bool = True
+
+  def validate(self) -> "RunConfig":
+    """Raises :class:`ConfigError` naming the first impossible setting."""
+    def need(ok, message):
+      if not ok:
+        raise ConfigError(message)
+
+    need(self.algorithm in ALGORITHMS, f"--algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+    need(self.dataset in DATASETS, f"--dataset must be one of {DATASETS}, got {self.dataset!r}")
+    need(self.partition in PARTITIONS, f"--partition must be one of {PARTITIONS}, got {self.partition!r}")
+    need(self.model in MODELS, f"--model must be one of {MODELS}, got {self.model!r}")
+    need(self.num_clients >= 2, f"--num_clients must be >= 2, got {self.num_clients}")
+    need(1 <= self.clients_per_round <= self.num_clients,
+         f"--clients_per_round must be in [1, num_clients={self.num_clients}], got {self.clients_per_round}")
+    need(self.rounds >= 1, f"--rounds must be >= 1, got {self.rounds}")
+    need(self.local_epochs >= 1, f"--local_epochs must be >= 1, got {self.local_epochs}")
+    need(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
+    need(math.isfinite(self.learning_rate) and self.learning_rate > 0,
+         f"--learning_rate must be a finite number > 0, got {self.learning_rate}")
+    need(0.0 < self.prune_rate <= 1.0, f"--prune_rate (the fraction kept) must be in (0, 1], got {self.prune_rate}")
+    need(self.prune_last_layers >= 0, f"--prune_last_layers must be >= 0, got {self.prune_last_layers}")
+    need(self.mask_mode in ("ste", "soft"), f"--mask_mode must be 'ste' or 'soft', got {self.mask_mode!r}")
+    need(math.isfinite(self.score_init), f"--score_init must be finite, got {self.score_init}")
+    need(self.score_restart in ("scaled_logit", "linear"),
+         f"--score_restart must be 'scaled_logit' or 'linear', got {self.score_restart!r}")
+    need(math.isfinite(self.restart_scale) and self.restart_scale > 0,
+         f"--restart_scale must be > 0, got {self.restart_scale}")
+    need(self.partition != "pathological" or self.classes_per_client >= 1,
+         f"--classes_per_client must be >= 1, got {self.classes_per_client}")
+    need(self.partition != "dirichlet" or (math.isfinite(self.dirichlet_alpha) and self.dirichlet_alpha > 0),
+         f"--dirichlet_alpha must be a finite number > 0, got {self.dirichlet_alpha}")
+    need(0.0 < self.test_fraction < 1.0, f"--test_fraction must be in (0, 1), got {self.test_fraction}")
+    need(math.isfinite(self.model_width) and self.model_width > 0,
+         f"--model_width must be > 0, got {self.model_width}")
+    need(self.eval_every >= 0, f"--eval_every must be >= 0, got {self.eval_every}")
+    need(self.eval_batch_size >= 1, f"--eval_batch_size must be >= 1, got {self.eval_batch_size}")
+    need(bool(self.output_dir), "--output_dir must be set")
+    if self.data_dir is not None:
+      need(os.path.isdir(self.data_dir), f"--data_dir {self.data_dir!r} is not a directory")
+    results = os.path.join(self.output_dir, "results.json")
+    need(self.overwrite or not os.path.exists(results),
+         f"{results} exists: choose another --output_dir or pass --overwrite")
+    return self
+
+
+def _log(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def _client_seed(seed: int, round_num: int, client_index: int) -> int:
+  return int(np.random.SeedSequence([seed, round_num, client_index]).generate_state(1)[0] >> 1)
+
+
+def run(config: RunConfig) -> dict[str, Any]:
+  """Runs one configuration end to end; returns the results written to results.json."""
+  config.validate()
+  # Heavy imports after validation, so bad flags fail fast.
+  import tensorflow as tf
+  from fedmask_tff import data as data_lib
+  from fedmask_tff import fedmask, models, runtime
+  from fedmask_tff.client_state import ClientStateStore
+  from fedmask_tff.outputs import RunOutputs
+
+  t_start = time.perf_counter()
+  tf.keras.utils.set_random_seed(config.seed)
+  _log(f"[fedmask_tff] loading {config.dataset} and partitioning into {config.num_clients} clients "
+       f"({config.partition}) ...")
+  split = data_lib.load_partitioned_fashion_mnist(
+      data_dir=config.data_dir, num_clients=config.num_clients, partition=config.partition,
+      classes_per_client=config.classes_per_client, dirichlet_alpha=config.dirichlet_alpha,
+      test_fraction=config.test_fraction, seed=config.seed)
+  summary = split.summary()
+  _log(f"[fedmask_tff] data: {summary}")
+
+  if config.overwrite and os.path.isdir(config.output_dir):
+    for name in ("client_states", "results.json", "metrics.csv"):
+      target = os.path.join(config.output_dir, name)
+      if os.path.isdir(target):
+        shutil.rmtree(target)
+      elif os.path.exists(target):
+        os.remove(target)
+
+  os.makedirs(config.output_dir, exist_ok=True)
+  runtime.install_local_context(max_concurrent_computation_calls=config.max_concurrent_clients,
+                                log_path=os.path.join(config.output_dir, "tff_worker.log"))
+  builder = models.MODEL_BUILDERS[config.model]
+  sample_x = next(iter(split.train.create_tf_dataset_for_client(split.client_ids[0])))["x"]
+  input_shape = tuple(sample_x.shape.as_list())
+
+  def model_fn():
+    return builder(input_shape=input_shape, num_classes=split.num_classes, width=config.model_width,
+                   seed=config.seed, mask_mode=config.mask_mode, score_init=config.score_init)
+
+  element_spec = split.train.element_type_structure
+  batched_spec = type(element_spec)(
+      (k, tf.TensorSpec([None] + v.shape.as_list(), v.dtype)) for k, v in element_spec.items())
+  fm_config = fedmask.FedMaskConfig(
+      local_epochs=config.local_epochs, learning_rate=config.learning_rate,
+      prune_rate=config.prune_rate, prune_last_layers=config.prune_last_layers,
+      score_restart=config.score_restart, restart_scale=config.restart_scale)
+  try:
+    process = fedmask.build_fedmask_process(model_fn, batched_spec, fm_config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  num_params = sum(s.size for s in process.specs)
+  dense_bits = 32 * num_params
+  store = ClientStateStore(os.path.join(config.output_dir, "client_states"),
+                           [s.shape for s in process.specs], process.initial_client_state)
+
+  cfg = dataclasses.asdict(config)
+  cfg.update(mask_mode_used=config.mask_mode, masked_parameters=num_params,
+             pruned_parameters=sum(s.size for s in process.specs if s.prunable),
+             masks=[{"name": s.name, "shape": list(s.shape), "prunable": s.prunable}
+                    for s in process.specs],
+             data=summary)
+  outputs = RunOutputs(config.output_dir, config.algorithm, config.dataset, cfg)
+  client_index = {cid: i for i, cid in enumerate(split.client_ids)}
+
+  def train_dataset(cid, round_num):
+    ds = split.train.create_tf_dataset_for_client(cid)
+    return ds.shuffle(4096, seed=_client_seed(config.seed, round_num, client_index[cid]),
+                      reshuffle_each_iteration=True).batch(config.batch_size)
+
+  def evaluate(client_ids):
+    per_client = {}
+    chunk = 20
+    for i in range(0, len(client_ids), chunk):
+      ids = client_ids[i:i + chunk]
+      datasets = [split.test.create_tf_dataset_for_client(c).batch(config.eval_batch_size) for c in ids]
+      metrics = process.evaluate(datasets, [store.get(c) for c in ids])
+      for c, m in zip(ids, metrics):
+        per_client[c] = (float(m["correct"]), float(m["examples"]), float(m["loss_sum"]))
+    return per_client
+
+  def summarize(per_client):
+    correct = sum(v[0] for v in per_client.values())
+    examples = sum(v[1] for v in per_client.values())
+    accs = {c: v[0] / v[1] for c, v in per_client.items() if v[1] > 0}
+    return {"accuracy": correct / examples if examples else float("nan"),
+            "accuracy_client_mean": float(np.mean(list(accs.values()))) if accs else float("nan"),
+            "loss": sum(v[2] for v in per_client.values()) / examples if examples else float("nan"),
+            "accuracy_per_client": accs, "evaluated_clients": len(accs),
+            "test_examples": int(examples)}
+
+  rng = np.random.default_rng(config.seed)
+  server_state = process.initialize()
+  totals = {"uplink_bits": 0, "downlink_bits": 0}
+  _log(f"[fedmask_tff] FedMask: {num_params:,} masked parameters, {config.rounds} rounds x "
+       f"{config.clients_per_round} clients, mask_mode={config.mask_mode}, "
+       f"setup {time.perf_counter() - t_start:.1f} s")
+  progress = _progress(config.rounds, enabled=config.progress)
+  try:
+    for round_num in range(1, config.rounds + 1):
+      t0 = time.perf_counter()
+      sampled = sorted(rng.choice(split.client_ids, size=config.clients_per_round, replace=False).tolist())
+      states = [store.get(c) for c in sampled]
+      datasets = [train_dataset(c, round_num) for c in sampled]
+      server_state, new_states, client_metrics = process.next(server_state, datasets, states)
+      for c, s in zip(sampled, new_states):
+        store.put(c, s)
+      wall = time.perf_counter() - t0
+      train = [m["train"] for m in client_metrics]
+      examples = sum(float(m["examples"]) for m in train)
+      loss = sum(float(m["loss_sum"]) for m in train) / examples if examples else float("nan")
+      if not math.isfinite(loss):
+        raise FloatingPointError(f"round {round_num}: training loss is {loss}; lower --learning_rate")
+      up = [int(m["uplink_bits"]) for m in train]
+      down = [int(m["downlink_bits"]) for m in client_metrics]
+      row = {"round": round_num, "train_loss": loss,
+             "uplink_bits": sum(up), "downlink_bits": sum(down),
+             "uplink_bits_per_client": sum(up) / len(up), "downlink_bits_per_client": sum(down) / len(down),
+             "clients": len(sampled), "pruned_clients": int(sum(int(m["pruned"]) for m in train)),
+             "mask_density": sum(float(m["mask_ones"]) for m in train) / max(1.0, sum(float(m["mask_kept"]) for m in train)),
+             "wall_s": wall, "sampled_clients": sampled,
+             "uplink_bits_by_client": dict(zip(sampled, up)),
+             "downlink_bits_by_client": dict(zip(sampled, down))}
+      if config.eval_every and (round_num % config.eval_every == 0) and round_num != config.rounds:
+        row.update({k: v for k, v in summarize(evaluate(store.client_ids())).items()
+                    if k in ("accuracy", "accuracy_client_mean", "evaluated_clients")})
+      totals["uplink_bits"] += row["uplink_bits"]
+      totals["downlink_bits"] += row["downlink_bits"]
+      outputs.add_round(row)
+      progress.update(round_num, row)
+  finally:
+    progress.close()
+
+  _log("[fedmask_tff] evaluating every client that took part on its own test data ...")
+  participated = store.client_ids()
+  final = summarize(evaluate(participated))
+  final["never_sampled_clients"] = len(split.client_ids) - len(participated)
+  rounds = outputs.results["rounds"]
+  per_client_round_up = float(np.mean([r["uplink_bits_per_client"] for r in rounds]))
+  per_client_round_down = float(np.mean([r["downlink_bits_per_client"] for r in rounds]))
+  outputs.results["final"] = final
+  outputs.results["totals"] = {
+      "uplink_bits": totals["uplink_bits"], "downlink_bits": totals["downlink_bits"],
+      "rounds": len(rounds), "wall_s": time.perf_counter() - t_start,
+      "train_wall_s": float(sum(r["wall_s"] for r in rounds)),
+      "uplink_bits_per_client_round": per_client_round_up,
+      "downlink_bits_per_client_round": per_client_round_down,
+      "dense_fedavg_bits_per_client_round_each_way": dense_bits,
+  }
+  outputs.results["complete"] = True
+  outputs.save()
+  _print_summary(outputs.results, dense_bits, num_params)
+  return outputs.results
+
+
+def _print_summary(results, dense_bits, num_params):
+  final, totals = results["final"], results["totals"]
+  up, down = totals["uplink_bits_per_client_round"], totals["downlink_bits_per_client_round"]
+  lines = [
+      "",
+      f"FedMask on {results['dataset']} ({results['config']['partition']}, "
+      f"{results['config']['num_clients']} clients, {totals['rounds']} rounds, "
+      f"mask_mode={results['config']['mask_mode']})",
+      f"  personalized test accuracy: {final['accuracy']:.4f} (example-weighted over "
+      f"{final['evaluated_clients']} clients, {final['test_examples']} test examples); "
+      f"client mean {final['accuracy_client_mean']:.4f}",
+      f"  bits per client per round, measured from the payloads:",
+      f"    uplink   {up:>14,.0f}  ({up / num_params:.3f} bits/parameter)   "
+      f"dense FedAvg would send {dense_bits:,} (32 bits x {num_params:,} float32 weights)",
+      f"    downlink {down:>14,.0f}  ({down / num_params:.3f} bits/parameter)   "
+      f"dense FedAvg would send {dense_bits:,}",
+      f"    uplink saving vs dense FedAvg: {dense_bits / up:.1f}x",
+      f"  wall time {totals['wall_s']:.1f} s (training rounds {totals['train_wall_s']:.1f} s)",
+      f"  results: {results['config']['output_dir']}/results.json, metrics.csv",
+  ]
+  print("\n".join(lines), flush=True)
+
+
+class _progress:
+  """A tqdm bar over rounds with the latest metrics (plain lines when tqdm is off)."""
+
+  def __init__(self, total, enabled=True):
+    self._bar = None
+    if enabled:
+      from tqdm import tqdm
+      self._bar = tqdm(total=total, desc="rounds", unit="round", file=sys.stderr,
+                       dynamic_ncols=True, mininterval=0.5)
+
+  def update(self, round_num, row):
+    info = {"loss": f"{row['train_loss']:.3f}", "up/client": f"{row['uplink_bits_per_client']:.3g}b",
+            "s": f"{row['wall_s']:.1f}"}
+    if "accuracy" in row:
+      info["acc"] = f"{row['accuracy']:.3f}"
+    if self._bar is not None:
+      self._bar.set_postfix(info, refresh=False)
+      self._bar.update(1)
+
+  def close(self):
+    if self._bar is not None:
+      self._bar.close()
