@@ -5,12 +5,14 @@ passes them into ``next`` as CLIENTS-placed values and stores what comes back.
 Memory is bounded by the clients of one round: nothing is cached.
 
 A client's state (see :func:`fedmask_tff.fedmask.build_fedmask_process`) is
-``OrderedDict(scores=(S_i...), keep=(S_i...), rounds=int32)``. On disk, one
-``.npz`` file per client holds
+``OrderedDict(scores=(S_i...), keep=(S_i...), personal=(S_i...), rounds=int32)``.
+On disk, one ``.npz`` file per client holds
 
 * ``keep_i``: the pruning mask, bit-packed (``ceil(n_i / 8)`` bytes);
 * ``scores_i``: float32 scores at the kept positions only (pruned positions
   never matter again: their mask is 0 for good, and they load as 0);
+* ``personal_i``: the binary mask of the client's personalized model (after
+  its last local training), bit-packed, at the kept positions only;
 * ``rounds``: how many rounds the client has taken part in;
 * ``sha256``: a checksum of the above, checked on load.
 
@@ -66,7 +68,7 @@ class ClientStateStore:
     os.makedirs(directory, exist_ok=True)
 
   def path(self, client_id: str) -> str:
-    if not _SAFE_ID.match(client_id):
+    if not _SAFE_ID.fullmatch(client_id):  # fullmatch: `$` would accept a trailing newline
       raise ValueError(f"client id {client_id!r} has characters unsafe for a file name")
     return os.path.join(self.directory, f"{client_id}.npz")
 
@@ -90,7 +92,9 @@ class ClientStateStore:
     stored = str(arrays.pop("sha256", np.array("")))
     if stored != _digest(arrays):
       raise ClientStateError(f"client state file {path} fails its checksum (corrupt or edited)")
-    scores, keeps = [], []
+    if "rounds" not in arrays:
+      raise ClientStateError(f"client state file {path} lacks rounds")
+    scores, keeps, personal = [], [], []
     for i, shape in enumerate(self.shapes):
       try:
         packed, kept_scores = arrays[f"keep_{i}"], arrays[f"scores_{i}"]
@@ -105,22 +109,29 @@ class ClientStateStore:
       full[keep > 0] = kept_scores
       scores.append(full)
       keeps.append(keep.astype(np.float32))
+      packed_personal = arrays.get(f"personal_{i}")
+      if packed_personal is None or packed_personal.size != bitpack.packed_size_bytes(kept_scores.size):
+        raise ClientStateError(f"client state file {path} lacks a valid personal_{i}")
+      mine = np.zeros(shape, np.float32)
+      mine[keep > 0] = bitpack.unpack_bits_np(packed_personal, (kept_scores.size,))
+      personal.append(mine)
     return collections.OrderedDict(scores=tuple(scores), keep=tuple(keeps),
-                                   rounds=np.int32(arrays["rounds"]))
+                                   personal=tuple(personal), rounds=np.int32(arrays["rounds"]))
 
   def put(self, client_id: str, state) -> int:
     """Stores ``state`` atomically; returns the file's size in bytes."""
     arrays = {"rounds": np.asarray(state["rounds"], np.int32)}
     if len(state["scores"]) != len(self.shapes):
       raise ValueError(f"state has {len(state['scores'])} masks, the store expects {len(self.shapes)}")
-    for i, (s, k) in enumerate(zip(state["scores"], state["keep"])):
-      s, k = np.asarray(s, np.float32), np.asarray(k)
+    for i, (s, k, p) in enumerate(zip(state["scores"], state["keep"], state["personal"])):
+      s, k, p = np.asarray(s, np.float32), np.asarray(k), np.asarray(p)
       if s.shape != self.shapes[i] or k.shape != self.shapes[i]:
         raise ValueError(f"mask {i}: shapes {s.shape}/{k.shape}, expected {self.shapes[i]}")
       if not np.all(np.isfinite(s)):
         raise ValueError(f"client {client_id}: mask {i} has non-finite scores")
       arrays[f"keep_{i}"] = bitpack.pack_bits_np(k)
       arrays[f"scores_{i}"] = s[k > 0]
+      arrays[f"personal_{i}"] = bitpack.pack_bits_np(p[k > 0])
     arrays["sha256"] = np.array(_digest(arrays))
     buf = io.BytesIO()
     np.savez(buf, **arrays)

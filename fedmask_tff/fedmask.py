@@ -119,7 +119,8 @@ class FedMaskProcess(tff.templates.IterativeProcess):
 
   Extra attributes: ``specs`` (list of :class:`MaskSpec`), ``config``,
   ``client_state_type``, ``initial_client_state()`` (numpy), ``evaluate``
-  (a federated computation ``(data@CLIENTS, states@CLIENTS) -> metrics@CLIENTS``)
+  (a federated computation ``(data@CLIENTS, binary masks@CLIENTS) -> metrics@CLIENTS``;
+  pass ``state["personal"]`` for the personalized model)
   and the TF computations of each step, for tests.
   """
 
@@ -144,12 +145,14 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
   specs = mask_specs(probe, config.prune_last_layers)
   thresholds = [layer.threshold for layer in layers for _ in layer.masked_weights]
   score_init = [layer.score_init for layer in layers for _ in layer.masked_weights]
+  logit_thresholds = [math.log(t / (1 - t)) for t in thresholds]
   del probe
   lr = float(config.learning_rate)
 
   scores_type = tuple(tff.TensorType(np.float32, s.shape) for s in specs)
   state_type = tff.types.to_type(collections.OrderedDict(
-      scores=scores_type, keep=scores_type, rounds=tff.TensorType(np.int32)))
+      scores=scores_type, keep=scores_type, personal=scores_type,
+      rounds=tff.TensorType(np.int32)))
   data_type = tff.SequenceType(tff.types.tensorflow_to_type(element_spec))
   eval_data_type = tff.SequenceType(tff.types.tensorflow_to_type(eval_element_spec or element_spec))
   packed_type = tuple(tff.TensorType(np.uint8, [bitpack.packed_size_bytes(s.size)]) for s in specs)
@@ -214,12 +217,13 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     with tf.control_dependencies(assigns):
       loss_sum, count, pruned_now = train(dataset, state["rounds"])
     with tf.control_dependencies([loss_sum, count, pruned_now]):
-      new_state = collections.OrderedDict(
-          scores=tuple(tf.identity(v) for v in score_vars),
-          keep=tuple(tf.identity(v) for v in keep_vars),
-          rounds=state["rounds"] + 1)
-    masks = [masking.binary_mask(s, t) * k
-             for s, k, t in zip(new_state["scores"], new_state["keep"], thresholds)]
+      scores = tuple(tf.identity(v) for v in score_vars)
+      keeps = tuple(tf.identity(v) for v in keep_vars)
+    masks = tuple(masking.binary_mask(s, t) * k for s, k, t in zip(scores, keeps, thresholds))
+    # `personal`: the client's own binary mask after local training, i.e. its
+    # personalized model; `scores` will be restarted from the aggregate.
+    new_state = collections.OrderedDict(scores=scores, keep=keeps, personal=masks,
+                                        rounds=state["rounds"] + 1)
     upload = encode_upload_fn(masks, new_state["keep"], pruned_now)
     metrics = collections.OrderedDict(
         loss_sum=loss_sum, examples=count, pruned=pruned_now,
@@ -268,13 +272,18 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
           config.restart_eps, thresholds[i])
       new_scores.append(tf.where(received >= 0.0, restarted, state["scores"][i]))
     new_state = collections.OrderedDict(scores=tuple(new_scores), keep=state["keep"],
-                                        rounds=state["rounds"])
+                                        personal=state["personal"], rounds=state["rounds"])
     return new_state, tf.cast(tf.add_n(bits), tf.int64)
 
   # --- Evaluation: each client's binary-masked model on its own data -------------
-  @tff.tensorflow.computation(eval_data_type, state_type)
-  def evaluate_client(dataset, state):
-    model, _, _, _, assigns = load_model(state)
+  @tff.tensorflow.computation(eval_data_type, scores_type)
+  def evaluate_client(dataset, masks):
+    model = model_fn()
+    _, score_vars, keep_vars = mask_variables(model)
+    # Scores of +-1 reproduce the given binary masks exactly (sigmoid(+-1) vs tau = 0.5).
+    assigns = [v.assign(tf.where(m > 0, 1.0, -1.0) + masking_offset)
+               for v, m, masking_offset in zip(score_vars, masks, logit_thresholds)]
+    assigns += [v.assign(tf.ones_like(v)) for v in keep_vars]
 
     @tf.function
     def run(dataset):
@@ -313,9 +322,9 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     return tff.federated_map(increment, server_state), new_states, client_metrics
 
   @tff.federated_computation(tff.FederatedType(eval_data_type, tff.CLIENTS),
-                             tff.FederatedType(state_type, tff.CLIENTS))
-  def evaluate_fn(client_data, client_states):
-    return tff.federated_map(evaluate_client, (client_data, client_states))
+                             tff.FederatedType(scores_type, tff.CLIENTS))
+  def evaluate_fn(client_data, client_masks):
+    return tff.federated_map(evaluate_client, (client_data, client_masks))
 
   process = FedMaskProcess(initialize_fn, next_fn)
   process.specs = specs
@@ -331,9 +340,18 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     return collections.OrderedDict(
         scores=tuple(np.full(s.shape, v, np.float32) for s, v in zip(specs, score_init)),
         keep=tuple(np.ones(s.shape, np.float32) for s in specs),
+        personal=tuple(np.full(s.shape, float(1 / (1 + math.exp(-v)) >= t), np.float32)
+                       for s, v, t in zip(specs, score_init, thresholds)),
         rounds=np.int32(0))
 
   process.initial_client_state = initial_client_state
+
+  def received_masks(state):
+    """Binary masks of the scores a client restarted from (numpy), i.e. after aggregation."""
+    return tuple(((np.asarray(sc) >= lt) * np.asarray(k)).astype(np.float32)
+                 for sc, k, lt in zip(state["scores"], state["keep"], logit_thresholds))
+
+  process.received_masks = received_masks
   return process
 
 

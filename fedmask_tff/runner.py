@@ -184,13 +184,20 @@ def run(config: RunConfig) -> dict[str, Any]:
     return ds.shuffle(4096, seed=_client_seed(config.seed, round_num, client_index[cid]),
                       reshuffle_each_iteration=True).batch(config.batch_size)
 
-  def evaluate(client_ids):
+  def evaluate(client_ids, which="personal"):
+    """Per-client (correct, examples, loss_sum) on each client's own test data.
+
+    which: "personal" (the mask after the client's last local training: its
+    personalized model) or "received" (the mask it restarted from after aggregation).
+    """
     per_client = {}
     chunk = 20
     for i in range(0, len(client_ids), chunk):
       ids = client_ids[i:i + chunk]
       datasets = [split.test.create_tf_dataset_for_client(c).batch(config.eval_batch_size) for c in ids]
-      metrics = process.evaluate(datasets, [store.get(c) for c in ids])
+      states = [store.get(c) for c in ids]
+      masks = [s["personal"] if which == "personal" else process.received_masks(s) for s in states]
+      metrics = process.evaluate(datasets, masks)
       for c, m in zip(ids, metrics):
         per_client[c] = (float(m["correct"]), float(m["examples"]), float(m["loss_sum"]))
     return per_client
@@ -249,7 +256,11 @@ def run(config: RunConfig) -> dict[str, Any]:
 
   _log("[fedmask_tff] evaluating every client that took part on its own test data ...")
   participated = store.client_ids()
-  final = summarize(evaluate(participated))
+  final = summarize(evaluate(participated, "personal"))
+  received = summarize(evaluate(participated, "received"))
+  final["model"] = "personal: each client's binary mask after its last local training"
+  final["accuracy_after_aggregation"] = received["accuracy"]
+  final["accuracy_after_aggregation_client_mean"] = received["accuracy_client_mean"]
   final["never_sampled_clients"] = len(split.client_ids) - len(participated)
   rounds = outputs.results["rounds"]
   per_client_round_up = float(np.mean([r["uplink_bits_per_client"] for r in rounds]))

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs fedmask_tff and its pinned stack into ./.venv (Python 3.11). Safe to rerun:
+# a second run with unchanged requirements only checks the stamp and returns.
+#   PYTHON=/path/to/python3.11 bash scripts/install.sh   to choose the interpreter.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+find_python() {
+  for candidate in "${PYTHON:-}" python3.11 python3; do
+    [ -n "$candidate" ] || continue
+    if command -v "$candidate" >/dev/null 2>&1 &&
+       "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
+      command -v "$candidate"; return 0
+    fi
+  done
+  return 1
+}
+
+if [ ! -x .venv/bin/python ]; then
+  PY=$(find_python) || { echo "error: fedmask_tff needs Python 3.11 (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
+  echo "[install] creating .venv with $PY" >&2
+  "$PY" -m venv .venv
+fi
+
+stamp=.venv/.fedmask-install-stamp
+want=$(cat requirements.txt requirements-tff.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c 'import fedmask_tff, tensorflow_federated' 2>/dev/null; then
+  echo "[install] .venv is up to date" >&2
+  exit 0
+fi
+
+echo "[install] installing the pinned stack (about a minute on a fresh machine) ..." >&2
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+.venv/bin/python -m pip install -q -r requirements.txt
+# TFF 0.87.0 pins jaxlib==0.4.14, which the registry no longer serves: install it without its
+# dependencies; requirements.txt has pinned all of them, with jax/jaxlib 0.4.13.
+.venv/bin/python -m pip install -q --no-deps -r requirements-tff.txt
+.venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+.venv/bin/python -c 'import fedmask_tff, tensorflow_federated as tff; print("[install] ok: tensorflow_federated", tff.__version__)' 2>/dev/null >&2
+echo "$want" > "$stamp"
