@@ -1,0 +1,168 @@
+"""End to end: `python -m experiments.run` on small IDX files written here (no real data).
+
+Checks the results.json schema, that the bits it reports are those of the
+payloads, that the run learns, that bad flags fail before training, and that
+no TFF worker outlives the command.
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from test_data import idx_bytes, write_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_learnable_fashion_dir(directory, n_train=600, n_test=100, seed=0):
+  """Fashion-MNIST-shaped files whose class c lights up the image's row band c."""
+  rng = np.random.default_rng(seed)
+  os.makedirs(directory, exist_ok=True)
+  for prefix, n in (("train", n_train), ("t10k", n_test)):
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
+    for i, c in enumerate(labels):
+      images[i, 2 * c + 4: 2 * c + 7, 4:24] = 255
+    write_file(os.path.join(directory, f"{prefix}-images-idx3-ubyte.gz"), idx_bytes(images), True)
+    write_file(os.path.join(directory, f"{prefix}-labels-idx1-ubyte.gz"), idx_bytes(labels), True)
+
+
+def _workers():
+  out = subprocess.run(["pgrep", "-f", "tensorflow_federated/data/worker_binary"],
+                       capture_output=True, text=True).stdout
+  return set(out.split())
+
+
+def run_cli(args, timeout=600):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  before = _workers()
+  proc = subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout,
+                        stdin=subprocess.DEVNULL)
+  return proc, before
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("fmnist")
+  write_learnable_fashion_dir(str(d))
+  return str(d)
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_dir, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("run"))
+  proc, workers_before = run_cli([
+      f"--data_dir={data_dir}", f"--output_dir={out}", "--model=mlp", "--model_width=0.25",
+      "--num_clients=6", "--clients_per_round=3", "--rounds=3", "--local_epochs=2",
+      "--batch_size=16", "--learning_rate=30", "--progress=false", "--eval_every=2"])
+  return proc, out, workers_before
+
+
+def test_run_succeeds_and_prints_summary(finished_run):
+  proc, _, _ = finished_run
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "personalized test accuracy" in proc.stdout
+  assert "dense FedAvg would send" in proc.stdout
+
+
+def test_no_worker_outlives_the_command(finished_run):
+  proc, _, before = finished_run
+  assert proc.returncode == 0
+  assert _workers() <= before
+
+
+def test_results_json_schema_and_values(finished_run):
+  proc, out, _ = finished_run
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(out, "results.json")) as f:
+    r = json.load(f)
+  assert r["algorithm"] == "fedmask" and r["dataset"] == "fashion_mnist"
+  assert r["complete"] is True
+  for flag in ("partition", "classes_per_client", "dirichlet_alpha", "num_clients",
+               "clients_per_round", "rounds", "local_epochs", "batch_size", "learning_rate",
+               "prune_rate", "seed", "output_dir", "data_dir", "mask_mode"):
+    assert flag in r["config"], flag
+  assert r["config"]["mask_mode_used"] == "ste"
+  assert [x["round"] for x in r["rounds"]] == [1, 2, 3]
+  for row in r["rounds"]:
+    for key in ("train_loss", "uplink_bits", "downlink_bits", "wall_s"):
+      assert key in row
+    assert row["wall_s"] > 0 and np.isfinite(row["train_loss"])
+  assert "accuracy" in r["rounds"][1]  # --eval_every=2
+  final = r["final"]
+  assert 0.0 <= final["accuracy"] <= 1.0
+  assert set(final["accuracy_per_client"]) and len(final["accuracy_per_client"]) == final["evaluated_clients"]
+  # The example-weighted accuracy is the per-client accuracies weighted by test examples;
+  # clients here have equal test sets, so it equals the client mean.
+  assert final["accuracy"] == pytest.approx(final["accuracy_client_mean"], abs=1e-9)
+  assert final["accuracy"] > 0.5  # the row-band classes are easy: it must learn something
+  totals = r["totals"]
+  assert totals["rounds"] == 3
+  assert totals["uplink_bits"] == sum(x["uplink_bits"] for x in r["rounds"])
+  assert totals["downlink_bits"] == sum(x["downlink_bits"] for x in r["rounds"])
+  assert totals["wall_s"] > 0
+
+
+def test_bits_match_the_payload_layout(finished_run):
+  proc, out, _ = finished_run
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(out, "results.json")) as f:
+    r = json.load(f)
+  masks = r["config"]["masks"]
+  mask_bits = sum(8 * ((int(np.prod(m["shape"])) + 7) // 8) for m in masks)
+  keep_bits = sum(8 * ((int(np.prod(m["shape"])) + 7) // 8) for m in masks if m["prunable"])
+  seen = set()
+  for row in r["rounds"]:
+    for cid, bits in row["uplink_bits_by_client"].items():
+      expected = mask_bits + (keep_bits if cid not in seen else 0)  # pruning masks: first round only
+      assert bits == expected, (row["round"], cid)
+      seen.add(cid)
+    # Downlink: one float32 per kept element; prunable layers keep prune_rate of theirs.
+    kept = sum(int(np.prod(m["shape"])) if not m["prunable"]
+               else max(1, round(0.2 * int(np.prod(m["shape"])))) for m in masks)
+    assert set(row["downlink_bits_by_client"].values()) == {32 * kept}
+
+
+def test_metrics_csv_has_a_row_per_round(finished_run):
+  _, out, _ = finished_run
+  with open(os.path.join(out, "metrics.csv")) as f:
+    rows = list(csv.DictReader(f))
+  assert [int(x["round"]) for x in rows] == [1, 2, 3]
+  assert all(int(x["uplink_bits"]) > 0 for x in rows)
+
+
+def test_existing_results_are_not_overwritten(finished_run, data_dir):
+  _, out, _ = finished_run
+  proc, _ = run_cli([f"--data_dir={data_dir}", f"--output_dir={out}", "--rounds=1"], timeout=120)
+  assert proc.returncode == 2
+  assert "exists" in proc.stderr and "--overwrite" in proc.stderr
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--num_clients=4", "--clients_per_round=5"], "--clients_per_round"),
+    (["--prune_rate=0"], "--prune_rate"),
+    (["--prune_rate=1.5"], "--prune_rate"),
+    (["--learning_rate=nan"], "--learning_rate"),
+    (["--rounds=0"], "--rounds"),
+    (["--data_dir=/nonexistent/fmnist"], "--data_dir"),
+    (["--partition=dirichlet", "--dirichlet_alpha=-1"], "--dirichlet_alpha"),
+])
+def test_bad_flags_fail_before_training(tmp_path, flags, message):
+  proc, _ = run_cli([f"--output_dir={tmp_path}/out", *flags], timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert message in proc.stderr
+  assert not os.path.exists(f"{tmp_path}/out/results.json")
+
+
+def test_impossible_partition_is_reported(data_dir, tmp_path):
+  # 10 classes, 60 train+test examples per class over 600 clients: cannot give each 2 classes.
+  proc, _ = run_cli([f"--data_dir={data_dir}", f"--output_dir={tmp_path}/out",
+                     "--num_clients=600", "--clients_per_round=2"], timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "error:" in proc.stderr
