@@ -61,8 +61,8 @@ class FedMaskConfig:
     restart_scale, restart_eps: parameters of the restart rule.
     min_shared: clients that must keep an element for it to be averaged.
   """
-  local_epochs: int = 1
-  learning_rate: float = 10.0
+  local_epochs: int = 2
+  learning_rate: float = 30.0
   prune_rate: float = 0.2
   prune_last_layers: int = 2
   score_restart: str = "scaled_logit"

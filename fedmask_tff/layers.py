@@ -108,6 +108,30 @@ class MaskedWeightsMixin:
     """The layer's binary masks (float32 0/1, times ``keep``), one per masked weight."""
     return [masking.binary_mask(s, self.threshold) * k for _, _, s, k in self._masked]
 
+  def _init_output(self, activation, use_bias, bias_initializer):
+    """Settings shared by the feed-forward masked layers: activation and frozen bias."""
+    self.activation = tf.keras.activations.get(activation)
+    self.use_bias = bool(use_bias)
+    self.bias_initializer = tf.keras.initializers.get(bias_initializer)
+
+  def _add_frozen_bias(self, size: int):
+    self.bias = None
+    if self.use_bias:
+      self.bias = self.add_weight(name="bias", shape=(size,), trainable=False,
+                                  initializer=self.bias_initializer)
+
+  def _finish_output(self, y):
+    if self.bias is not None:
+      y = y + self.bias
+    return self.activation(y)
+
+  def _output_config(self) -> dict[str, Any]:
+    config = self._mask_config()
+    config.update({"activation": tf.keras.activations.serialize(self.activation),
+                   "use_bias": self.use_bias,
+                   "bias_initializer": tf.keras.initializers.serialize(self.bias_initializer)})
+    return config
+
   def _mask_config(self) -> dict[str, Any]:
     return {"seed": self.seed, "mask_mode": self.mask_mode, "threshold": self.threshold,
             "score_init": self.score_init, "kernel_init": self.kernel_init}
@@ -145,36 +169,26 @@ class MaskedDense(MaskedWeightsMixin, tf.keras.layers.Layer):
     if int(units) < 1:
       raise ValueError(f"units must be >= 1, got {units}")
     self.units = int(units)
-    self.activation = tf.keras.activations.get(activation)
-    self.use_bias = bool(use_bias)
-    self.bias_initializer = tf.keras.initializers.get(bias_initializer)
+    self._init_output(activation, use_bias, bias_initializer)
     self._init_mask_settings(seed, mask_mode, threshold, score_init, kernel_init)
 
   def build(self, input_shape):
     in_features = int(input_shape[-1])
     self.kernel, self.scores, self.keep = self._add_masked_weight(
         "kernel", (in_features, self.units))
-    self.bias = None
-    if self.use_bias:
-      self.bias = self.add_weight(name="bias", shape=(self.units,), trainable=False,
-                                  initializer=self.bias_initializer)
+    self._add_frozen_bias(self.units)
     super().build(input_shape)
 
   def call(self, inputs, training=None):
     mask = self.mask_for(self.scores, self.keep, _training_flag(training))
     y = tf.tensordot(inputs, self.kernel * mask, axes=1) if inputs.shape.rank > 2 \
         else tf.matmul(inputs, self.kernel * mask)
-    if self.bias is not None:
-      y = y + self.bias
-    return self.activation(y)
+    return self._finish_output(y)
 
   def get_config(self):
     config = super().get_config()
-    config.update(self._mask_config())
-    config.update({"units": self.units,
-                   "activation": tf.keras.activations.serialize(self.activation),
-                   "use_bias": self.use_bias,
-                   "bias_initializer": tf.keras.initializers.serialize(self.bias_initializer)})
+    config.update(self._output_config())
+    config.update({"units": self.units})
     return config
 
 
@@ -202,37 +216,27 @@ class MaskedConv2D(MaskedWeightsMixin, tf.keras.layers.Layer):
     if padding not in ("same", "valid"):
       raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
     self.padding = padding
-    self.activation = tf.keras.activations.get(activation)
-    self.use_bias = bool(use_bias)
-    self.bias_initializer = tf.keras.initializers.get(bias_initializer)
+    self._init_output(activation, use_bias, bias_initializer)
     self._init_mask_settings(seed, mask_mode, threshold, score_init, kernel_init)
 
   def build(self, input_shape):
     in_channels = int(input_shape[-1])
     self.kernel, self.scores, self.keep = self._add_masked_weight(
         "kernel", self.kernel_size + (in_channels, self.filters))
-    self.bias = None
-    if self.use_bias:
-      self.bias = self.add_weight(name="bias", shape=(self.filters,), trainable=False,
-                                  initializer=self.bias_initializer)
+    self._add_frozen_bias(self.filters)
     super().build(input_shape)
 
   def call(self, inputs, training=None):
     mask = self.mask_for(self.scores, self.keep, _training_flag(training))
     y = tf.nn.conv2d(inputs, self.kernel * mask, strides=(1,) + self.strides + (1,),
                      padding=self.padding.upper())
-    if self.bias is not None:
-      y = y + self.bias
-    return self.activation(y)
+    return self._finish_output(y)
 
   def get_config(self):
     config = super().get_config()
-    config.update(self._mask_config())
+    config.update(self._output_config())
     config.update({"filters": self.filters, "kernel_size": self.kernel_size,
-                   "strides": self.strides, "padding": self.padding,
-                   "activation": tf.keras.activations.serialize(self.activation),
-                   "use_bias": self.use_bias,
-                   "bias_initializer": tf.keras.initializers.serialize(self.bias_initializer)})
+                   "strides": self.strides, "padding": self.padding})
     return config
 
 

@@ -41,10 +41,10 @@ class RunConfig:
   dirichlet_alpha: float = 0.5
   num_clients: int = 100
   clients_per_round: int = 10
-  rounds: int = 50
-  local_epochs: int = 1
+  rounds: int = 100
+  local_epochs: int = 2
   batch_size: int = 32
-  learning_rate: float = 10.0
+  learning_rate: float = 30.0
   prune_rate: float = 0.2
   prune_last_layers: int = 2
   mask_mode: str = "ste"

@@ -21,4 +21,4 @@ if ! have_data && [[ " $* " != *" --data_dir"* ]]; then
     exit 1
   fi
 fi
-exec .venv/bin/python -m experiments.run --output_dir=runs/demo --overwrite "$@"
+exec .venv/bin/python -m experiments.run --output_dir=runs/demo --overwrite --eval_every=25 "$@"
