@@ -58,3 +58,25 @@ def build_mlp(input_shape=(28, 28, 1), num_classes: int = 10, width: float = 1.0
 
 
 MODEL_BUILDERS = {"cnn": build_cnn, "mlp": build_mlp}
+
+
+def build_reference_cnn(input_shape=(28, 28, 1), num_classes: int = 10, width: float = 1.0,
+                        seed: int = 0) -> tf.keras.Model:
+  """The dense, trainable counterpart of :func:`build_cnn` (same shapes, no bias, no masks).
+
+  What FedAvg-style baselines train; its float32 weights are what dense FedAvg sends.
+  """
+  init = lambda offset: tf.keras.initializers.HeNormal(seed=seed + offset)  # noqa: E731
+  return tf.keras.Sequential([
+      tf.keras.Input(shape=input_shape, dtype=tf.float32),
+      tf.keras.layers.Conv2D(_scaled(32, width), 3, padding="same", activation="relu",
+                             use_bias=False, kernel_initializer=init(0), name="conv1"),
+      tf.keras.layers.MaxPool2D(2),
+      tf.keras.layers.Conv2D(_scaled(64, width), 3, padding="same", activation="relu",
+                             use_bias=False, kernel_initializer=init(1000), name="conv2"),
+      tf.keras.layers.MaxPool2D(2),
+      tf.keras.layers.Flatten(),
+      tf.keras.layers.Dense(_scaled(128, width), activation="relu", use_bias=False,
+                            kernel_initializer=init(2000), name="fc1"),
+      tf.keras.layers.Dense(num_classes, use_bias=False, kernel_initializer=init(3000), name="fc2"),
+  ], name="reference_cnn")

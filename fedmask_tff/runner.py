@@ -283,6 +283,7 @@ def run(config: RunConfig) -> dict[str, Any]:
 def _print_summary(results, dense_bits, num_params):
   final, totals = results["final"], results["totals"]
   up, down = totals["uplink_bits_per_client_round"], totals["downlink_bits_per_client_round"]
+  q = np.percentile(list(final["accuracy_per_client"].values()) or [float("nan")], [0, 10, 50, 100])
   lines = [
       "",
       f"FedMask on {results['dataset']} ({results['config']['partition']}, "
@@ -291,6 +292,9 @@ def _print_summary(results, dense_bits, num_params):
       f"  personalized test accuracy: {final['accuracy']:.4f} (example-weighted over "
       f"{final['evaluated_clients']} clients, {final['test_examples']} test examples); "
       f"client mean {final['accuracy_client_mean']:.4f}",
+      f"  per-client accuracy: min {q[0]:.3f}, 10th percentile {q[1]:.3f}, median {q[2]:.3f}, max {q[3]:.3f}",
+      f"  the same clients with the mask received after the last aggregation (before local "
+      f"training): {final['accuracy_after_aggregation']:.4f}",
       f"  bits per client per round, measured from the payloads:",
       f"    uplink   {up:>14,.0f}  ({up / num_params:.3f} bits/parameter)   "
       f"dense FedAvg would send {dense_bits:,} (32 bits x {num_params:,} float32 weights)",

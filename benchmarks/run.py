@@ -1,0 +1,351 @@
+"""Benchmarks of fedmask_tff, as ratios measured side by side in one process.
+
+    python -m benchmarks.run --quick        # a few minutes on 2 cores
+
+writes ``benchmarks/results/latest.json`` and ``benchmarks/results/latest.md``:
+
+* ``fedmask_over_fedavg_round_time``: median time of one round of FedMask
+  (``next`` plus the client-state store's loads and saves, as the runner does
+  it) over one round of TFF's own ``build_weighted_fed_avg`` on the dense
+  counterpart of the same CNN, same clients, batch size and epochs; the two
+  alternate round by round (interleaved), after warm-up rounds.
+* ``cnn_fraction_of_peak_flops`` (and the LSTM's): client training throughput
+  (examples/s, training FLOPs/s counted by :mod:`fedmask_tff.costs`) over the
+  machine's own float32 peak, measured in the same process with a large matmul.
+* scaling rows: FedMask round time and peak memory (this process and the TFF
+  worker) for 20/40/80 clients per round, and for 100/1000/3000 total clients
+  with the same clients per round.
+* ``startup_s``: from launching ``python -m experiments.run`` to its first
+  finished round (read from its results.json).
+
+Machines are shared and noisy: read the ratios, not the absolute times.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+flags.DEFINE_bool("quick", False, "Small preset (a few minutes on 2 cores).")
+flags.DEFINE_string("output_dir", os.path.join(os.path.dirname(__file__), "results"),
+                    "Where latest.json and latest.md go.")
+flags.DEFINE_string("data_dir", None, "Fashion-MNIST folder (default: search; else synthetic).")
+FLAGS = flags.FLAGS
+
+TARGETS = {"fedmask_over_fedavg_round_time": ("<=", 1.1), "cnn_fraction_of_peak_flops": (">=", 0.30)}
+
+
+def _log(msg):
+  print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _rss_peak_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _worker_peak_mb() -> float:
+  from fedmask_tff import runtime
+  peak = 0.0
+  for proc in runtime._workers:  # pylint: disable=protected-access
+    try:
+      with open(f"/proc/{proc.pid}/status") as f:
+        for line in f:
+          if line.startswith("VmHWM:"):
+            peak = max(peak, int(line.split()[1]) / 1024.0)
+    except OSError:
+      pass
+  return peak
+
+
+def _images(num_clients, seed=0):
+  """(images, labels, source): Fashion-MNIST when present, else random data of its shape."""
+  import numpy as np
+  from fedmask_tff import data as data_lib
+  try:
+    x, y = data_lib.load_fashion_mnist(FLAGS.data_dir)
+    return x, y, "fashion_mnist"
+  except data_lib.DataError:
+    rng = np.random.default_rng(seed)
+    n = max(70000, 30 * num_clients)
+    return rng.random((n, 28, 28, 1), dtype=np.float32), rng.integers(0, 10, n).astype(np.int32), "synthetic"
+
+
+def _split(x, y, num_clients, seed=0):
+  from fedmask_tff import data as data_lib
+  parts = data_lib.pathological_partition(y, num_clients, 2, seed)
+  return data_lib.build_federated_split(x, y, parts, test_fraction=0.2, seed=seed)
+
+
+def _batched_spec(split):
+  import tensorflow as tf
+  spec = split.train.element_type_structure
+  return collections.OrderedDict(
+      (k, tf.TensorSpec([None] + v.shape.as_list(), v.dtype)) for k, v in spec.items())
+
+
+def _fedmask_round_fn(split, clients, batch_size, epochs, store_dir):
+  """A callable running one FedMask round on ``clients`` as the runner does (with state I/O)."""
+  from fedmask_tff import fedmask, models
+  from fedmask_tff.client_state import ClientStateStore
+  process = fedmask.build_fedmask_process(
+      lambda: models.build_cnn(seed=0), _batched_spec(split),
+      fedmask.FedMaskConfig(local_epochs=epochs))
+  store = ClientStateStore(store_dir, [s.shape for s in process.specs], process.initial_client_state)
+  state = [process.initialize()]
+
+  def one_round():
+    datasets = [split.train.create_tf_dataset_for_client(c).batch(batch_size) for c in clients]
+    state[0], new_states, _ = process.next(state[0], datasets, [store.get(c) for c in clients])
+    for c, s in zip(clients, new_states):
+      store.put(c, s)
+  return one_round
+
+
+def _fedavg_round_fn(split, clients, batch_size, epochs):
+  import tensorflow as tf
+  import tensorflow_federated as tff
+  from fedmask_tff import models
+  spec = _batched_spec(split)
+
+  def model_fn():
+    return tff.learning.models.from_keras_model(
+        models.build_reference_cnn(seed=0), input_spec=spec,
+        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+  process = tff.learning.algorithms.build_weighted_fed_avg(
+      model_fn, client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=0.05),
+      server_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=1.0))
+  state = [process.initialize()]
+
+  def one_round():
+    datasets = [split.train.create_tf_dataset_for_client(c).repeat(epochs).batch(batch_size)
+                for c in clients]
+    state[0] = process.next(state[0], datasets).state
+  return one_round
+
+
+def _timed(fn):
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+def bench_round_time(split, quick):
+  clients = split.client_ids[:10]
+  reps = 5 if quick else 15
+  with tempfile.TemporaryDirectory() as tmp:
+    fm = _fedmask_round_fn(split, clients, 32, 1, tmp)
+    fa = _fedavg_round_fn(split, clients, 32, 1)
+    for fn in (fm, fm, fa, fa):  # warm-up: tracing, worker start, FedMask's pruning round
+      fn()
+    t_fm, t_fa = [], []
+    for _ in range(reps):
+      t_fm.append(_timed(fm))
+      t_fa.append(_timed(fa))
+  m_fm, m_fa = statistics.median(t_fm), statistics.median(t_fa)
+  return {"fedmask_round_s_median": m_fm, "fedavg_round_s_median": m_fa,
+          "fedmask_round_s": t_fm, "fedavg_round_s": t_fa,
+          "fedmask_over_fedavg_round_time": m_fm / m_fa,
+          "round_setup": {"clients": len(clients), "batch_size": 32, "local_epochs": 1,
+                          "examples_per_client": int(split.summary()["median_train_examples_per_client"]),
+                          "reps_interleaved": reps}}
+
+
+def _peak_matmul_flops(n=2048, reps=10):
+  import tensorflow as tf
+  a = tf.random.normal([n, n])
+  b = tf.random.normal([n, n])
+
+  @tf.function
+  def mm(a, b):
+    return tf.matmul(a, b)
+  mm(a, b).numpy()
+  best = float("inf")
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    mm(a, b).numpy()
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * n ** 3 / best
+
+
+def _training_throughput(model, x, y, batch_size, steps):
+  """Examples/s of a plain TF training loop on the model's trainable weights (SGD)."""
+  import tensorflow as tf
+  loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+  variables = model.trainable_variables
+
+  @tf.function
+  def step(xb, yb):
+    with tf.GradientTape() as tape:
+      loss = loss_fn(yb, model(xb, training=True))
+    grads = tape.gradient(loss, variables)
+    for v, g in zip(variables, grads):
+      v.assign_sub(0.01 * g)
+    return loss
+  xb, yb = x[:batch_size], y[:batch_size]
+  for _ in range(3):
+    step(xb, yb)
+  t0 = time.perf_counter()
+  for i in range(steps):
+    lo = (i * batch_size) % (len(x) - batch_size)
+    step(x[lo:lo + batch_size], y[lo:lo + batch_size])
+  float(step(xb, yb))
+  return (steps + 1) * batch_size / (time.perf_counter() - t0)
+
+
+def bench_throughput(x, y, quick):
+  import numpy as np
+  import tensorflow as tf
+  from fedmask_tff import costs, models
+  from fedmask_tff.lstm import MaskedLSTM
+  peak = _peak_matmul_flops()
+  rows = {"peak_matmul_flops": peak}
+  steps = 40 if quick else 200
+  xs, ys = tf.constant(x[:4096]), tf.constant(y[:4096])
+  for name, model in (("cnn", models.build_cnn(seed=0)), ("reference_cnn", models.build_reference_cnn(seed=0))):
+    for bs in (32, 128):
+      eps = _training_throughput(model, xs, ys, bs, steps)
+      flops = eps * costs.train_flops_per_example(model)
+      rows[f"{name}_b{bs}"] = {"examples_per_s": eps, "train_flops_per_s": flops,
+                               "fraction_of_peak": flops / peak}
+  # Shakespeare-like LSTM: 8-d character embedding, two masked LSTM(256) layers, 80 steps.
+  lstm = tf.keras.Sequential([
+      tf.keras.Input((80,), dtype=tf.int32), tf.keras.layers.Embedding(86, 8),
+      MaskedLSTM(256, return_sequences=True, seed=1), MaskedLSTM(256, seed=2),
+      tf.keras.layers.Dense(86)])
+  chars = tf.constant(np.random.default_rng(0).integers(0, 86, (1024, 80)).astype(np.int32))
+  nxt = tf.constant(np.random.default_rng(1).integers(0, 86, 1024).astype(np.int32))
+  eps = _training_throughput(lstm, chars, nxt, 32, max(5, steps // 8))
+  flops = eps * costs.train_flops_per_example(lstm)
+  rows["lstm_b32"] = {"examples_per_s": eps, "train_flops_per_s": flops, "fraction_of_peak": flops / peak}
+  rows["cnn_fraction_of_peak_flops"] = max(rows["cnn_b32"]["fraction_of_peak"],
+                                           rows["cnn_b128"]["fraction_of_peak"])
+  rows["lstm_fraction_of_peak_flops"] = rows["lstm_b32"]["fraction_of_peak"]
+  return rows
+
+
+def bench_scaling(x, y, quick):
+  rows = []
+  reps = 2 if quick else 4
+  for total, per_round in ((100, 20), (100, 40), (100, 80), (1000, 10), (3000, 10)):
+    split = _split(x, y, total)
+    clients = split.client_ids[:per_round]
+    with tempfile.TemporaryDirectory() as tmp:
+      fm = _fedmask_round_fn(split, clients, 32, 1, tmp)
+      fm()  # first round: tracing and pruning
+      times = [_timed(fm) for _ in range(reps)]
+    rows.append({"total_clients": total, "clients_per_round": per_round,
+                 "examples_per_client": int(split.summary()["median_train_examples_per_client"]),
+                 "round_s_median": statistics.median(times),
+                 "round_s_per_client": statistics.median(times) / per_round,
+                 "driver_peak_rss_mb": _rss_peak_mb(), "worker_peak_rss_mb": _worker_peak_mb()})
+    _log(f"scaling {rows[-1]}")
+  return rows
+
+
+def bench_startup():
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "run")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.run", f"--output_dir={out}",
+                             "--rounds=2", "--num_clients=20", "--clients_per_round=5",
+                             "--progress=false"] + ([f"--data_dir={FLAGS.data_dir}"] if FLAGS.data_dir else []),
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    first = None
+    results = os.path.join(out, "results.json")
+    while proc.poll() is None:
+      if first is None and os.path.exists(results):
+        try:
+          with open(results) as f:
+            if json.load(f)["rounds"]:
+              first = time.perf_counter() - t0
+        except (json.JSONDecodeError, OSError):
+          pass
+      time.sleep(0.05)
+    return {"startup_s": first, "exit_code": proc.returncode}
+
+
+def _markdown(res):
+  lines = ["# fedmask_tff benchmarks", "",
+           f"Measured {res['when']} on {res['machine']} ({res['data']} data). "
+           "Ratios are measured side by side in one process; absolute times drift.", "",
+           "| metric | value | target | met |", "|---|---|---|---|"]
+  for key, (op, target) in TARGETS.items():
+    value = res["summary"][key]
+    met = value <= target if op == "<=" else value >= target
+    lines.append(f"| {key} | {value:.3f} | {op} {target} | {'yes' if met else '**no**'} |")
+  s = res["summary"]
+  lines += [f"| lstm_fraction_of_peak_flops | {s['lstm_fraction_of_peak_flops']:.3f} | | |",
+            f"| startup_s (command to first round) | {s['startup_s']:.1f} | | |", "",
+            "## Round time (median s)", "",
+            f"FedMask {res['round_time']['fedmask_round_s_median']:.3f} s, TFF FedAvg "
+            f"{res['round_time']['fedavg_round_s_median']:.3f} s ({res['round_time']['round_setup']}).", "",
+            "## Client training throughput", "", "| model | batch | examples/s | GFLOP/s | fraction of peak |",
+            "|---|---|---|---|---|"]
+  for key, row in res["throughput"].items():
+    if isinstance(row, dict):
+      name, _, bs = key.rpartition("_b")
+      lines.append(f"| {name} | {bs} | {row['examples_per_s']:.0f} | {row['train_flops_per_s'] / 1e9:.1f} | "
+                   f"{row['fraction_of_peak']:.3f} |")
+  lines.append(f"\nPeak (float32 2048x2048 matmul, same process): "
+               f"{res['throughput']['peak_matmul_flops'] / 1e9:.1f} GFLOP/s.")
+  lines += ["", "## Scaling (FedMask, one round)", "",
+            "| total clients | clients/round | examples/client | round s | s per client | driver peak MB | worker peak MB |",
+            "|---|---|---|---|---|---|---|"]
+  for r in res["scaling"]:
+    lines.append(f"| {r['total_clients']} | {r['clients_per_round']} | {r['examples_per_client']} | "
+                 f"{r['round_s_median']:.2f} | {r['round_s_per_client']:.3f} | {r['driver_peak_rss_mb']:.0f} | "
+                 f"{r['worker_peak_rss_mb']:.0f} |")
+  lines += ["", "Peak memory is the high-water mark so far in the process (it can only grow down the table).", ""]
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from fedmask_tff import runtime
+  runtime.install_local_context()
+  t0 = time.perf_counter()
+  res = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+         "quick": FLAGS.quick}
+  _log("start-up ...")
+  startup = bench_startup()
+  x, y, source = _images(3000)
+  res["data"] = source
+  _log("round time: FedMask vs TFF FedAvg, interleaved ...")
+  res["round_time"] = bench_round_time(_split(x, y, 100), FLAGS.quick)
+  _log(f"  ratio {res['round_time']['fedmask_over_fedavg_round_time']:.3f}")
+  _log("client training throughput vs peak ...")
+  res["throughput"] = bench_throughput(x, y, FLAGS.quick)
+  _log("scaling ...")
+  res["scaling"] = bench_scaling(x, y, FLAGS.quick)
+  res["startup"] = startup
+  res["summary"] = {
+      "fedmask_over_fedavg_round_time": res["round_time"]["fedmask_over_fedavg_round_time"],
+      "cnn_fraction_of_peak_flops": res["throughput"]["cnn_fraction_of_peak_flops"],
+      "lstm_fraction_of_peak_flops": res["throughput"]["lstm_fraction_of_peak_flops"],
+      "startup_s": startup["startup_s"]}
+  res["targets"] = {k: {"op": op, "target": t} for k, (op, t) in TARGETS.items()}
+  res["wall_s"] = time.perf_counter() - t0
+  os.makedirs(FLAGS.output_dir, exist_ok=True)
+  from fedmask_tff.outputs import write_json_atomic
+  write_json_atomic(os.path.join(FLAGS.output_dir, "latest.json"), res)
+  with open(os.path.join(FLAGS.output_dir, "latest.md"), "w") as f:
+    f.write(_markdown(res))
+  print(_markdown(res))
+
+
+if __name__ == "__main__":
+  app.run(main)
