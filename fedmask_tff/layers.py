@@ -137,10 +137,18 @@ class MaskedWeightsMixin:
             "score_init": self.score_init, "kernel_init": self.kernel_init}
 
 
-def _training_flag(training):
+def _training_flag(training) -> bool:
+  """Keras passes ``training`` as a Python bool (``fit``: True; ``predict``/plain calls: None).
+
+  None means inference. (Asking ``tf.keras.backend.learning_phase()`` instead
+  creates a symbolic placeholder while a functional model is being built in
+  some processes, which breaks model construction.)
+  """
   if training is None:
-    training = tf.keras.backend.learning_phase()
-  return training
+    return False
+  if isinstance(training, (bool, int)):
+    return bool(training)
+  return bool(tf.get_static_value(training)) if tf.get_static_value(training) is not None else True
 
 
 @tf.keras.utils.register_keras_serializable(package="fedmask_tff")
