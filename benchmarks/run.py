@@ -361,6 +361,7 @@ def main(argv):
       "cnn_fraction_of_peak_flops": res["throughput"]["cnn_fraction_of_peak_flops"],
       "lstm_fraction_of_peak_flops": res["throughput"]["lstm_fraction_of_peak_flops"],
       "startup_s": startup["startup_s"]}
+  res.update(res["summary"])  # the headline ratios also at the top level of latest.json
   res["targets"] = {k: {"op": op, "target": t} for k, (op, t) in TARGETS.items()}
   res["wall_s"] = time.perf_counter() - t0
   os.makedirs(FLAGS.output_dir, exist_ok=True)
