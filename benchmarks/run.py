@@ -330,7 +330,8 @@ def _markdown(res):
                  f"{r['round_s_median']:.2f} | {r['round_s_per_client']:.3f} | {r['driver_peak_rss_mb']:.0f} | "
                  f"{r['worker_peak_rss_mb']:.0f} |")
   lines += ["", "Peak memory: VmHWM of the driver and of TFF's worker, reset before each row (the row's own",
-            "peak). With a fixed data set (70,000 images), more total clients means fewer examples per",
+            "peak; a reset cannot go below the current RSS, and TFF's worker keeps the memory it took, so",
+            "its column does not fall after the 80-client row). With a fixed data set (70,000 images), more total clients means fewer examples per",
             "client; the per-client column shows the cost per sampled client.", ""]
   return "\n".join(lines)
 
