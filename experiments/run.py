@@ -65,6 +65,9 @@ def main(argv):
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except FloatingPointError as e:  # Diverged training; results.json keeps the finished rounds.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   except Exception as e:  # Data errors and the like: a clear message, no traceback wall.
     from fedmask_tff.data import DataError
     if isinstance(e, DataError):

@@ -226,14 +226,14 @@ def run(config: RunConfig) -> dict[str, Any]:
       states = [store.get(c) for c in sampled]
       datasets = [train_dataset(c, round_num) for c in sampled]
       server_state, new_states, client_metrics = process.next(server_state, datasets, states)
-      for c, s in zip(sampled, new_states):
-        store.put(c, s)
-      wall = time.perf_counter() - t0
       train = [m["train"] for m in client_metrics]
       examples = sum(float(m["examples"]) for m in train)
       loss = sum(float(m["loss_sum"]) for m in train) / examples if examples else float("nan")
-      if not math.isfinite(loss):
+      if not math.isfinite(loss):  # Checked before storing: finished rounds stay intact.
         raise FloatingPointError(f"round {round_num}: training loss is {loss}; lower --learning_rate")
+      for c, s in zip(sampled, new_states):
+        store.put(c, s)
+      wall = time.perf_counter() - t0
       up = [int(m["uplink_bits"]) for m in train]
       down = [int(m["downlink_bits"]) for m in client_metrics]
       row = {"round": round_num, "train_loss": loss,
