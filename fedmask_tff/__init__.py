@@ -10,8 +10,4 @@ TFF parts: :mod:`fedmask_tff.fedmask` (the iterative process),
 __version__ = "0.1.0"
 
 from fedmask_tff.layers import MaskedConv2D, MaskedDense, masked_layers  # noqa: F401
-
-try:  # The LSTM lives in its own module.
-  from fedmask_tff.lstm import MaskedLSTM, MaskedLSTMCell  # noqa: F401
-except ImportError:  # pragma: no cover - only while the module is being written
-  pass
+from fedmask_tff.lstm import MaskedLSTM, MaskedLSTMCell  # noqa: F401

@@ -184,23 +184,24 @@ def run(config: RunConfig) -> dict[str, Any]:
     return ds.shuffle(4096, seed=_client_seed(config.seed, round_num, client_index[cid]),
                       reshuffle_each_iteration=True).batch(config.batch_size)
 
-  def evaluate(client_ids, which="personal"):
-    """Per-client (correct, examples, loss_sum) on each client's own test data.
+  def evaluate(client_ids, kinds=("personal",)):
+    """``{kind: {client: (correct, examples, loss_sum)}}`` on each client's own test data.
 
-    which: "personal" (the mask after the client's last local training: its
-    personalized model) or "received" (the mask it restarted from after aggregation).
+    kinds: "personal" (the mask after the client's last local training: its
+    personalized model) and/or "received" (the mask it restarted from after
+    aggregation). Each client's state and test data are loaded once for all kinds.
     """
-    per_client = {}
+    per_kind = {kind: {} for kind in kinds}
     chunk = 20
     for i in range(0, len(client_ids), chunk):
       ids = client_ids[i:i + chunk]
       datasets = [split.test.create_tf_dataset_for_client(c).batch(config.eval_batch_size) for c in ids]
       states = [store.get(c) for c in ids]
-      masks = [s["personal"] if which == "personal" else process.received_masks(s) for s in states]
-      metrics = process.evaluate(datasets, masks)
-      for c, m in zip(ids, metrics):
-        per_client[c] = (float(m["correct"]), float(m["examples"]), float(m["loss_sum"]))
-    return per_client
+      for kind in kinds:
+        masks = [s["personal"] if kind == "personal" else process.received_masks(s) for s in states]
+        for c, m in zip(ids, process.evaluate(datasets, masks)):
+          per_kind[kind][c] = (float(m["correct"]), float(m["examples"]), float(m["loss_sum"]))
+    return per_kind
 
   def summarize(per_client):
     correct = sum(v[0] for v in per_client.values())
@@ -245,7 +246,7 @@ def run(config: RunConfig) -> dict[str, Any]:
              "uplink_bits_by_client": dict(zip(sampled, up)),
              "downlink_bits_by_client": dict(zip(sampled, down))}
       if config.eval_every and (round_num % config.eval_every == 0) and round_num != config.rounds:
-        row.update({k: v for k, v in summarize(evaluate(store.client_ids())).items()
+        row.update({k: v for k, v in summarize(evaluate(store.client_ids())["personal"]).items()
                     if k in ("accuracy", "accuracy_client_mean", "evaluated_clients")})
       totals["uplink_bits"] += row["uplink_bits"]
       totals["downlink_bits"] += row["downlink_bits"]
@@ -256,8 +257,9 @@ def run(config: RunConfig) -> dict[str, Any]:
 
   _log("[fedmask_tff] evaluating every client that took part on its own test data ...")
   participated = store.client_ids()
-  final = summarize(evaluate(participated, "personal"))
-  received = summarize(evaluate(participated, "received"))
+  evaluated = evaluate(participated, ("personal", "received"))
+  final = summarize(evaluated["personal"])
+  received = summarize(evaluated["received"])
   final["model"] = "personal: each client's binary mask after its last local training"
   final["accuracy_after_aggregation"] = received["accuracy"]
   final["accuracy_after_aggregation_client_mean"] = received["accuracy_client_mean"]
