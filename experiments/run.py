@@ -29,7 +29,23 @@ flags.DEFINE_integer("rounds", _D.rounds, "Communication rounds.")
 flags.DEFINE_integer("local_epochs", _D.local_epochs, "Local epochs per round (after the pruning epoch "
                      "of a client's first round).")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Local batch size.")
-flags.DEFINE_float("learning_rate", _D.learning_rate, "SGD learning rate on the mask scores.")
+flags.DEFINE_float("learning_rate", _D.learning_rate, "Local SGD learning rate (FedMask: on the mask "
+                   "scores). Default: the algorithm's documented default (fedmask 30, fedavg 0.05, ...).")
+flags.DEFINE_float("server_learning_rate", _D.server_learning_rate, "Server step on the averaged update "
+                   "(fedavg, topk; 1.0 = plain averaging).")
+flags.DEFINE_float("topk_fraction", _D.topk_fraction, "topk: fraction k of the update's elements sent.")
+flags.DEFINE_bool("error_feedback", _D.error_feedback, "topk: keep the unsent part of the update "
+                  "on the client and add it next round.")
+flags.DEFINE_enum("per_fedavg_variant", _D.per_fedavg_variant, ["fo", "hf"], "per_fedavg: first-order "
+                  "or Hessian-free.")
+flags.DEFINE_float("per_fedavg_alpha", _D.per_fedavg_alpha, "per_fedavg: inner (adaptation) step size "
+                   "alpha (default: the module's).")
+flags.DEFINE_float("per_fedavg_beta", _D.per_fedavg_beta, "per_fedavg: outer step size beta "
+                   "(default: the module's).")
+flags.DEFINE_integer("lg_global_layers", _D.lg_global_layers, "lg_fedavg: how many top weight layers "
+                     "are global (averaged); the rest stay local.")
+flags.DEFINE_string("partition_file", _D.partition_file, "Reuse a saved partition (a run's "
+                    "partition.json): the same clients and train/test examples.")
 flags.DEFINE_float("prune_rate", _D.prune_rate, "Fraction p_r of elements one-shot pruning keeps in "
                    "the last layers, in (0, 1].")
 flags.DEFINE_integer("prune_last_layers", _D.prune_last_layers, "How many last masked layers are pruned.")

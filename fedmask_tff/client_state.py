@@ -133,13 +133,76 @@ class ClientStateStore:
       arrays[f"scores_{i}"] = s[k > 0]
       arrays[f"personal_{i}"] = bitpack.pack_bits_np(p[k > 0])
     arrays["sha256"] = np.array(_digest(arrays))
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    return _write_npz_atomic(self.directory, client_id, self.path(client_id), arrays)
+
+
+def _write_npz_atomic(directory: str, client_id: str, path: str, arrays: dict) -> int:
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  tmp = os.path.join(directory, f".{client_id}.npz.tmp")
+  with open(tmp, "wb") as f:
+    f.write(buf.getvalue())
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  return len(buf.getvalue())
+
+
+class ArrayStateStore(ClientStateStore):
+  """Client states that are any nested structure of arrays (the baselines' local weights).
+
+  A state is a structure (``OrderedDict``/tuple/list) of numpy arrays of fixed
+  shapes and dtypes, the same structure as ``initial_state_fn()`` returns. On
+  disk: one ``.npz`` per client with the flattened leaves ``leaf_i`` and a
+  SHA-256 checksum, written atomically like :class:`ClientStateStore`.
+  """
+
+  def __init__(self, directory: str, initial_state_fn: Callable):
+    import tensorflow as tf  # tf.nest only
+    self._nest = tf.nest
+    self.directory = directory
+    self._initial_state_fn = initial_state_fn
+    template = initial_state_fn()
+    self._template = template
+    self._leaves = [np.asarray(x) for x in self._nest.flatten(template)]
+    self.shapes = [x.shape for x in self._leaves]
+    os.makedirs(directory, exist_ok=True)
+
+  def get(self, client_id: str):
     path = self.path(client_id)
-    tmp = os.path.join(self.directory, f".{client_id}.npz.tmp")
-    with open(tmp, "wb") as f:
-      f.write(buf.getvalue())
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return len(buf.getvalue())
+    if not os.path.exists(path):
+      return self._initial_state_fn()
+    try:
+      with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    except Exception as e:
+      raise ClientStateError(f"client state file {path} is unreadable: {e}") from e
+    stored = str(arrays.pop("sha256", np.array("")))
+    if stored != _digest(arrays):
+      raise ClientStateError(f"client state file {path} fails its checksum (corrupt or edited)")
+    leaves = []
+    for i, ref in enumerate(self._leaves):
+      a = arrays.get(f"leaf_{i}")
+      if a is None or a.shape != ref.shape or a.dtype != ref.dtype:
+        raise ClientStateError(f"client state file {path}: leaf {i} is missing or not "
+                               f"{ref.dtype}{list(ref.shape)} (another model?)")
+      leaves.append(a)
+    if len(arrays) != len(self._leaves):
+      raise ClientStateError(f"client state file {path} has {len(arrays)} arrays, "
+                             f"the model needs {len(self._leaves)}")
+    return self._nest.pack_sequence_as(self._template, leaves)
+
+  def put(self, client_id: str, state) -> int:
+    leaves = [np.asarray(x) for x in self._nest.flatten(state)]
+    if len(leaves) != len(self._leaves):
+      raise ValueError(f"state has {len(leaves)} arrays, the store expects {len(self._leaves)}")
+    arrays = {}
+    for i, (a, ref) in enumerate(zip(leaves, self._leaves)):
+      if a.shape != ref.shape:
+        raise ValueError(f"client {client_id}: leaf {i} has shape {a.shape}, expected {ref.shape}")
+      a = a.astype(ref.dtype, copy=False)
+      if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+        raise ValueError(f"client {client_id}: leaf {i} has non-finite values")
+      arrays[f"leaf_{i}"] = a
+    arrays["sha256"] = np.array(_digest(arrays))
+    return _write_npz_atomic(self.directory, client_id, self.path(client_id), arrays)

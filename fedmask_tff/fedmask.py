@@ -39,7 +39,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedmask_tff import bitpack, masking, pruning
+from fedmask_tff import bitpack, costs, masking, pruning
 from fedmask_tff.layers import mask_variables, masked_layers
 
 DOWNLINK_UNCHANGED = -1.0
@@ -145,7 +145,12 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
   specs = mask_specs(probe, config.prune_last_layers)
   thresholds = [layer.threshold for layer in layers for _ in layer.masked_weights]
   score_init = [layer.score_init for layer in layers for _ in layer.masked_weights]
+  soft_forward = [layer.mask_mode == "soft" for layer in layers for _ in layer.masked_weights]
   logit_thresholds = [math.log(t / (1 - t)) for t in thresholds]
+  weight_costs = costs.weight_costs(probe)
+  if [w.elements for w in weight_costs] != [s.size for s in specs]:
+    raise ValueError("the FLOP counter does not see the model's masked weights one to one: "
+                     f"{[w.name for w in weight_costs]} vs {[s.name for s in specs]}")
   del probe
   lr = float(config.learning_rate)
 
@@ -188,35 +193,43 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     def train(dataset, rounds):
       def epoch():
         def step(acc, batch):
+          # FLOPs of this step with the mask as it is now: a zero of W * m needs no
+          # multiply-add (soft mode: every kept element is non-zero); scores get
+          # gradients at kept positions only.
+          nnz = [tf.cast(tf.reduce_sum(k if soft else masking.binary_mask(v, t) * k), tf.float64)
+                 for v, k, t, soft in zip(score_vars, keep_vars, thresholds, soft_forward)]
+          trainable = [tf.cast(tf.reduce_sum(k), tf.float64) for k in keep_vars]
           with tf.GradientTape() as tape:
             loss = loss_fn(batch["y"], model(batch["x"], training=True))
           grads = tape.gradient(loss, score_vars)
           for v, g in zip(score_vars, grads):
             v.assign_sub(lr * g)
           n = tf.cast(tf.shape(batch["y"])[0], tf.float32)
-          return acc[0] + loss * n, acc[1] + n
-        return dataset.reduce((tf.constant(0.0), tf.constant(0.0)), step)
+          flops = costs.train_flops(weight_costs, tf.cast(n, tf.float64), nnz, trainable)
+          return acc[0] + loss * n, acc[1] + n, acc[2] + flops
+        return dataset.reduce((tf.constant(0.0), tf.constant(0.0), tf.constant(0.0, tf.float64)),
+                              step)
 
       def prune():  # One-shot pruning: one epoch, then keep the top p_r for good.
-        l0, c0 = epoch()
-        with tf.control_dependencies([l0, c0]):
+        l0, c0, f0 = epoch()
+        with tf.control_dependencies([l0, c0, f0]):
           ops = [keep_vars[i].assign(pruning.top_magnitude_keep(
               kernels[i], score_vars[i], config.prune_rate)) for i in prunable_idx]
         with tf.control_dependencies(ops):
-          return tf.identity(l0), tf.identity(c0), tf.constant(1)
+          return tf.identity(l0), tf.identity(c0), tf.identity(f0), tf.constant(1)
 
       def no_prune():
-        return tf.constant(0.0), tf.constant(0.0), tf.constant(0)
+        return tf.constant(0.0), tf.constant(0.0), tf.constant(0.0, tf.float64), tf.constant(0)
 
-      loss_sum, count, pruned_now = tf.cond(tf.equal(rounds, 0), prune, no_prune)
+      loss_sum, count, flops, pruned_now = tf.cond(tf.equal(rounds, 0), prune, no_prune)
       for _ in tf.range(config.local_epochs):
-        l1, c1 = epoch()
-        loss_sum, count = loss_sum + l1, count + c1
-      return loss_sum, count, pruned_now
+        l1, c1, f1 = epoch()
+        loss_sum, count, flops = loss_sum + l1, count + c1, flops + f1
+      return loss_sum, count, flops, pruned_now
 
     with tf.control_dependencies(assigns):
-      loss_sum, count, pruned_now = train(dataset, state["rounds"])
-    with tf.control_dependencies([loss_sum, count, pruned_now]):
+      loss_sum, count, flops, pruned_now = train(dataset, state["rounds"])
+    with tf.control_dependencies([loss_sum, count, flops, pruned_now]):
       scores = tuple(tf.identity(v) for v in score_vars)
       keeps = tuple(tf.identity(v) for v in keep_vars)
     masks = tuple(masking.binary_mask(s, t) * k for s, k, t in zip(scores, keeps, thresholds))
@@ -226,7 +239,7 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
                                         rounds=state["rounds"] + 1)
     upload = encode_upload_fn(masks, new_state["keep"], pruned_now)
     metrics = collections.OrderedDict(
-        loss_sum=loss_sum, examples=count, pruned=pruned_now,
+        loss_sum=loss_sum, examples=count, train_flops=flops, pruned=pruned_now,
         uplink_bits=_payload_bits(upload),
         mask_ones=tf.add_n([tf.reduce_sum(m) for m in masks]),
         mask_kept=tf.add_n([tf.reduce_sum(k) for k in new_state["keep"]]))

@@ -80,3 +80,22 @@ def build_reference_cnn(input_shape=(28, 28, 1), num_classes: int = 10, width: f
                             kernel_initializer=init(2000), name="fc1"),
       tf.keras.layers.Dense(num_classes, use_bias=False, kernel_initializer=init(3000), name="fc2"),
   ], name="reference_cnn")
+
+
+def build_reference_mlp(input_shape=(28, 28, 1), num_classes: int = 10, width: float = 1.0,
+                        seed: int = 0) -> tf.keras.Model:
+  """The dense, trainable counterpart of :func:`build_mlp` (same shapes, no bias)."""
+  init = lambda offset: tf.keras.initializers.HeNormal(seed=seed + offset)  # noqa: E731
+  return tf.keras.Sequential([
+      tf.keras.Input(shape=input_shape, dtype=tf.float32),
+      tf.keras.layers.Flatten(),
+      tf.keras.layers.Dense(_scaled(200, width), activation="relu", use_bias=False,
+                            kernel_initializer=init(0), name="fc1"),
+      tf.keras.layers.Dense(_scaled(200, width), activation="relu", use_bias=False,
+                            kernel_initializer=init(1000), name="fc2"),
+      tf.keras.layers.Dense(num_classes, use_bias=False, kernel_initializer=init(2000), name="fc3"),
+  ], name="reference_mlp")
+
+
+# The dense, trainable counterparts that FedAvg-style baselines train, by ``--model`` name.
+DENSE_MODEL_BUILDERS = {"cnn": build_reference_cnn, "mlp": build_reference_mlp}

@@ -14,7 +14,8 @@ import os
 from typing import Any
 
 ROUND_FIELDS = ("round", "train_loss", "uplink_bits", "downlink_bits", "uplink_bits_per_client",
-                "downlink_bits_per_client", "clients", "pruned_clients", "mask_density", "wall_s")
+                "downlink_bits_per_client", "train_flops", "train_flops_per_client", "clients",
+                "examples", "pruned_clients", "mask_density", "accuracy", "wall_s")
 
 
 def _json_safe(value):

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
   """An impossible or inconsistent run configuration (reported before training)."""
 
 
-ALGORITHMS = ("fedmask",)
+ALGORITHMS = ("fedmask", "standalone", "fedavg", "topk", "bnn_fedavg", "per_fedavg", "lg_fedavg")
 DATASETS = ("fashion_mnist",)
 PARTITIONS = ("pathological", "dirichlet")
 MODELS = ("cnn", "mlp")
@@ -44,7 +44,7 @@ class RunConfig:
   rounds: int = 100
   local_epochs: int = 2
   batch_size: int = 32
-  learning_rate: float = 30.0
+  learning_rate: Optional[float] = None  # None: the algorithm's documented default (FedMask: 30)
   prune_rate: float = 0.2
   prune_last_layers: int = 2
   mask_mode: str = "ste"
@@ -55,6 +55,14 @@ class RunConfig:
   model_width: float = 1.0
   test_fraction: float = 0.2
   seed: int = 0
+  partition_file: Optional[str] = None
+  server_learning_rate: float = 1.0
+  topk_fraction: float = 0.1
+  error_feedback: bool = False
+  per_fedavg_variant: str = "fo"
+  per_fedavg_alpha: Optional[float] = None
+  per_fedavg_beta: Optional[float] = None
+  lg_global_layers: int = 2
   output_dir: str = "runs/fedmask"
   eval_every: int = 0
   eval_batch_size: int = 256
@@ -78,8 +86,20 @@ class RunConfig:
     need(self.rounds >= 1, f"--rounds must be >= 1, got {self.rounds}")
     need(self.local_epochs >= 1, f"--local_epochs must be >= 1, got {self.local_epochs}")
     need(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
-    need(math.isfinite(self.learning_rate) and self.learning_rate > 0,
+    need(self.learning_rate is None or (math.isfinite(self.learning_rate) and self.learning_rate > 0),
          f"--learning_rate must be a finite number > 0, got {self.learning_rate}")
+    need(math.isfinite(self.server_learning_rate) and self.server_learning_rate > 0,
+         f"--server_learning_rate must be a finite number > 0, got {self.server_learning_rate}")
+    need(0.0 < self.topk_fraction <= 1.0, f"--topk_fraction must be in (0, 1], got {self.topk_fraction}")
+    need(self.per_fedavg_variant in ("fo", "hf"),
+         f"--per_fedavg_variant must be 'fo' or 'hf', got {self.per_fedavg_variant!r}")
+    for name in ("per_fedavg_alpha", "per_fedavg_beta"):
+      value = getattr(self, name)
+      need(value is None or (math.isfinite(value) and value > 0),
+           f"--{name} must be a finite number > 0, got {value}")
+    need(self.lg_global_layers >= 1, f"--lg_global_layers must be >= 1, got {self.lg_global_layers}")
+    if self.partition_file is not None:
+      need(os.path.isfile(self.partition_file), f"--partition_file {self.partition_file!r} does not exist")
     need(0.0 < self.prune_rate <= 1.0, f"--prune_rate (the fraction kept) must be in (0, 1], got {self.prune_rate}")
     need(self.prune_last_layers >= 0, f"--prune_last_layers must be >= 0, got {self.prune_last_layers}")
     need(self.mask_mode in ("ste", "soft"), f"--mask_mode must be 'ste' or 'soft', got {self.mask_mode!r}")
@@ -114,29 +134,44 @@ def _client_seed(seed: int, round_num: int, client_index: int) -> int:
   return int(np.random.SeedSequence([seed, round_num, client_index]).generate_state(1)[0] >> 1)
 
 
+def _source_description(dataset: str) -> tuple[str, int]:
+  if dataset == "fashion_mnist":
+    return ("positions in the pooled Fashion-MNIST: the 60,000 train images, then the 10,000 t10k", 70000)
+  return (f"positions in the {dataset} loader's source order", -1)
+
+
+def load_split(config: RunConfig):
+  """The run's :class:`FederatedSplit` (from ``--partition_file`` when given)."""
+  from fedmask_tff import data as data_lib
+  return data_lib.load_partitioned_fashion_mnist(
+      data_dir=config.data_dir, num_clients=config.num_clients, partition=config.partition,
+      classes_per_client=config.classes_per_client, dirichlet_alpha=config.dirichlet_alpha,
+      test_fraction=config.test_fraction, seed=config.seed, partition_file=config.partition_file)
+
+
 def run(config: RunConfig) -> dict[str, Any]:
   """Runs one configuration end to end; returns the results written to results.json."""
   config.validate()
   # Heavy imports after validation, so bad flags fail fast.
   import tensorflow as tf
-  from fedmask_tff import data as data_lib
-  from fedmask_tff import fedmask, models, runtime
-  from fedmask_tff.client_state import ClientStateStore
+  from fedmask_tff import algorithms, runtime
+  from fedmask_tff.algorithms.base import BuildContext
+  from fedmask_tff.data import partition_file as partition_file_lib
   from fedmask_tff.outputs import RunOutputs
 
   t_start = time.perf_counter()
   tf.keras.utils.set_random_seed(config.seed)
-  _log(f"[fedmask_tff] loading {config.dataset} and partitioning into {config.num_clients} clients "
-       f"({config.partition}) ...")
-  split = data_lib.load_partitioned_fashion_mnist(
-      data_dir=config.data_dir, num_clients=config.num_clients, partition=config.partition,
-      classes_per_client=config.classes_per_client, dirichlet_alpha=config.dirichlet_alpha,
-      test_fraction=config.test_fraction, seed=config.seed)
+  _log(f"[fedmask_tff] loading {config.dataset} and partitioning into clients "
+       f"({'--partition_file ' + config.partition_file if config.partition_file else config.partition}) ...")
+  split = load_split(config)
+  if config.partition_file and config.clients_per_round > len(split.client_ids):
+    raise ConfigError(f"--clients_per_round={config.clients_per_round} but the partition file has "
+                      f"{len(split.client_ids)} clients")
   summary = split.summary()
   _log(f"[fedmask_tff] data: {summary}")
 
   if config.overwrite and os.path.isdir(config.output_dir):
-    for name in ("client_states", "results.json", "metrics.csv"):
+    for name in ("client_states", "results.json", "metrics.csv", "partition.json"):
       target = os.path.join(config.output_dir, name)
       if os.path.isdir(target):
         shutil.rmtree(target)
@@ -144,38 +179,39 @@ def run(config: RunConfig) -> dict[str, Any]:
         os.remove(target)
 
   os.makedirs(config.output_dir, exist_ok=True)
+  source, n_source = _source_description(config.dataset)
+  partition_path = os.path.join(config.output_dir, "partition.json")
+  partition_file_lib.save_partition(partition_path, split, config.dataset, source, n_source)
   runtime.install_local_context(max_concurrent_computation_calls=config.max_concurrent_clients,
                                 log_path=os.path.join(config.output_dir, "tff_worker.log"))
-  builder = models.MODEL_BUILDERS[config.model]
   sample_x = next(iter(split.train.create_tf_dataset_for_client(split.client_ids[0])))["x"]
   input_shape = tuple(sample_x.shape.as_list())
-
-  def model_fn():
-    return builder(input_shape=input_shape, num_classes=split.num_classes, width=config.model_width,
-                   seed=config.seed, mask_mode=config.mask_mode, score_init=config.score_init)
-
   element_spec = split.train.element_type_structure
   batched_spec = type(element_spec)(
       (k, tf.TensorSpec([None] + v.shape.as_list(), v.dtype)) for k, v in element_spec.items())
-  fm_config = fedmask.FedMaskConfig(
-      local_epochs=config.local_epochs, learning_rate=config.learning_rate,
-      prune_rate=config.prune_rate, prune_last_layers=config.prune_last_layers,
-      score_restart=config.score_restart, restart_scale=config.restart_scale)
+  learning_rate = (config.learning_rate if config.learning_rate is not None
+                   else algorithms.default_learning_rate(config.algorithm))
+  context = BuildContext(
+      input_shape=input_shape, num_classes=split.num_classes, model=config.model,
+      model_width=config.model_width, seed=config.seed, element_spec=batched_spec,
+      eval_element_spec=batched_spec, local_epochs=config.local_epochs,
+      learning_rate=learning_rate, batch_size=config.batch_size, mask_mode=config.mask_mode,
+      score_init=config.score_init)
   try:
-    process = fedmask.build_fedmask_process(model_fn, batched_spec, fm_config)
+    algorithm = algorithms.build_algorithm(config.algorithm, context, config)
   except ValueError as e:
     raise ConfigError(str(e)) from e
-  num_params = sum(s.size for s in process.specs)
+  num_params = algorithm.model_parameters
   dense_bits = 32 * num_params
-  store = ClientStateStore(os.path.join(config.output_dir, "client_states"),
-                           [s.shape for s in process.specs], process.initial_client_state)
+  store = algorithm.make_store(os.path.join(config.output_dir, "client_states"))
 
   cfg = dataclasses.asdict(config)
-  cfg.update(mask_mode_used=config.mask_mode, masked_parameters=num_params,
-             pruned_parameters=sum(s.size for s in process.specs if s.prunable),
-             masks=[{"name": s.name, "shape": list(s.shape), "prunable": s.prunable}
-                    for s in process.specs],
-             data=summary)
+  cfg.update(learning_rate_used=learning_rate, algorithm_settings=algorithm.settings,
+             algorithm_description=algorithm.description, model_parameters=num_params,
+             partition_file_written=partition_path, data=summary)
+  if config.algorithm == "fedmask":  # Kept at the top level, where earlier results had them.
+    cfg.update({k: algorithm.settings[k] for k in
+                ("mask_mode_used", "masked_parameters", "pruned_parameters", "masks")})
   outputs = RunOutputs(config.output_dir, config.algorithm, config.dataset, cfg)
   client_index = {cid: i for i, cid in enumerate(split.client_ids)}
 
@@ -184,23 +220,27 @@ def run(config: RunConfig) -> dict[str, Any]:
     return ds.shuffle(4096, seed=_client_seed(config.seed, round_num, client_index[cid]),
                       reshuffle_each_iteration=True).batch(config.batch_size)
 
-  def evaluate(client_ids, kinds=("personal",)):
+  def evaluate(server_state, client_ids, extra=False):
     """``{kind: {client: (correct, examples, loss_sum)}}`` on each client's own test data.
 
-    kinds: "personal" (the mask after the client's last local training: its
-    personalized model) and/or "received" (the mask it restarted from after
-    aggregation). Each client's state and test data are loaded once for all kinds.
+    kind "personal": each client's personalized model (see the algorithm);
+    with ``extra``, also the algorithm's further evaluations (FedMask:
+    "after_aggregation"). Each client's state and data are loaded once.
     """
-    per_kind = {kind: {} for kind in kinds}
+    per_kind: dict[str, dict] = {"personal": {}}
     chunk = 20
     for i in range(0, len(client_ids), chunk):
       ids = client_ids[i:i + chunk]
-      datasets = [split.test.create_tf_dataset_for_client(c).batch(config.eval_batch_size) for c in ids]
-      states = [store.get(c) for c in ids]
-      for kind in kinds:
-        masks = [s["personal"] if kind == "personal" else process.received_masks(s) for s in states]
-        for c, m in zip(ids, process.evaluate(datasets, masks)):
-          per_kind[kind][c] = (float(m["correct"]), float(m["examples"]), float(m["loss_sum"]))
+      tests = [split.test.create_tf_dataset_for_client(c).batch(config.eval_batch_size) for c in ids]
+      trains = [train_dataset(c, 0) for c in ids]  # round 0: a fixed order, for adaptation (Per-FedAvg)
+      states = [store.get(c) for c in ids] if store is not None else None
+      results = {"personal": algorithm.evaluate(server_state, tests, states, trains)}
+      if extra:
+        results.update(algorithm.evaluate_extra(server_state, tests, states, trains))
+      for kind, metrics in results.items():
+        for c, m in zip(ids, metrics):
+          per_kind.setdefault(kind, {})[c] = (float(m["correct"]), float(m["examples"]),
+                                              float(m["loss_sum"]))
     return per_kind
 
   def summarize(per_client):
@@ -214,66 +254,74 @@ def run(config: RunConfig) -> dict[str, Any]:
             "test_examples": int(examples)}
 
   rng = np.random.default_rng(config.seed)
-  server_state = process.initialize()
-  totals = {"uplink_bits": 0, "downlink_bits": 0}
-  _log(f"[fedmask_tff] FedMask: {num_params:,} masked parameters, {config.rounds} rounds x "
-       f"{config.clients_per_round} clients, mask_mode={config.mask_mode}, "
+  server_state = algorithm.initialize()
+  participated: set[str] = set()
+  totals = {"uplink_bits": 0, "downlink_bits": 0, "train_flops": 0.0}
+  _log(f"[fedmask_tff] {config.algorithm}: {num_params:,} model parameters, {config.rounds} rounds x "
+       f"{config.clients_per_round} clients, learning rate {learning_rate:g}, "
        f"setup {time.perf_counter() - t_start:.1f} s")
   progress = _progress(config.rounds, enabled=config.progress)
   try:
     for round_num in range(1, config.rounds + 1):
       t0 = time.perf_counter()
       sampled = sorted(rng.choice(split.client_ids, size=config.clients_per_round, replace=False).tolist())
-      states = [store.get(c) for c in sampled]
+      states = [store.get(c) for c in sampled] if store is not None else None
       datasets = [train_dataset(c, round_num) for c in sampled]
-      server_state, new_states, client_metrics = process.next(server_state, datasets, states)
-      train = [m["train"] for m in client_metrics]
-      examples = sum(float(m["examples"]) for m in train)
-      loss = sum(float(m["loss_sum"]) for m in train) / examples if examples else float("nan")
+      server_state, new_states, train = algorithm.next(server_state, datasets, states)
+      examples = sum(m["examples"] for m in train)
+      loss = sum(m["loss_sum"] for m in train) / examples if examples else float("nan")
       if not math.isfinite(loss):  # Checked before storing: finished rounds stay intact.
         raise FloatingPointError(f"round {round_num}: training loss is {loss}; lower --learning_rate")
-      for c, s in zip(sampled, new_states):
-        store.put(c, s)
+      if store is not None:
+        for c, s in zip(sampled, new_states):
+          store.put(c, s)
+      participated.update(sampled)
       wall = time.perf_counter() - t0
       up = [int(m["uplink_bits"]) for m in train]
-      down = [int(m["downlink_bits"]) for m in client_metrics]
+      down = [int(m["downlink_bits"]) for m in train]
+      flops = [float(m["train_flops"]) for m in train]
       row = {"round": round_num, "train_loss": loss,
              "uplink_bits": sum(up), "downlink_bits": sum(down),
              "uplink_bits_per_client": sum(up) / len(up), "downlink_bits_per_client": sum(down) / len(down),
-             "clients": len(sampled), "pruned_clients": int(sum(int(m["pruned"]) for m in train)),
-             "mask_density": sum(float(m["mask_ones"]) for m in train) / max(1.0, sum(float(m["mask_kept"]) for m in train)),
-             "wall_s": wall, "sampled_clients": sampled,
+             "train_flops": sum(flops), "train_flops_per_client": sum(flops) / len(flops),
+             "clients": len(sampled), "examples": examples, "wall_s": wall, "sampled_clients": sampled,
              "uplink_bits_by_client": dict(zip(sampled, up)),
              "downlink_bits_by_client": dict(zip(sampled, down))}
+      if "pruned" in train[0]:
+        row["pruned_clients"] = int(sum(m["pruned"] for m in train))
+        row["mask_density"] = (sum(m["mask_ones"] for m in train)
+                               / max(1.0, sum(m["mask_kept"] for m in train)))
       if config.eval_every and (round_num % config.eval_every == 0) and round_num != config.rounds:
-        row.update({k: v for k, v in summarize(evaluate(store.client_ids())["personal"]).items()
+        row.update({k: v for k, v in summarize(evaluate(server_state, sorted(participated))["personal"]).items()
                     if k in ("accuracy", "accuracy_client_mean", "evaluated_clients")})
       totals["uplink_bits"] += row["uplink_bits"]
       totals["downlink_bits"] += row["downlink_bits"]
+      totals["train_flops"] += row["train_flops"]
       outputs.add_round(row)
       progress.update(round_num, row)
   finally:
     progress.close()
 
   _log("[fedmask_tff] evaluating every client that took part on its own test data ...")
-  participated = store.client_ids()
-  evaluated = evaluate(participated, ("personal", "received"))
+  evaluated = evaluate(server_state, sorted(participated), extra=True)
   final = summarize(evaluated["personal"])
-  received = summarize(evaluated["received"])
-  final["model"] = "personal: each client's binary mask after its last local training"
-  final["accuracy_after_aggregation"] = received["accuracy"]
-  final["accuracy_after_aggregation_client_mean"] = received["accuracy_client_mean"]
+  final["model"] = algorithm.description
+  for kind, per_client in evaluated.items():
+    if kind != "personal":
+      other = summarize(per_client)
+      final[f"accuracy_{kind}"] = other["accuracy"]
+      final[f"accuracy_{kind}_client_mean"] = other["accuracy_client_mean"]
   final["never_sampled_clients"] = len(split.client_ids) - len(participated)
   rounds = outputs.results["rounds"]
-  per_client_round_up = float(np.mean([r["uplink_bits_per_client"] for r in rounds]))
-  per_client_round_down = float(np.mean([r["downlink_bits_per_client"] for r in rounds]))
   outputs.results["final"] = final
   outputs.results["totals"] = {
       "uplink_bits": totals["uplink_bits"], "downlink_bits": totals["downlink_bits"],
+      "train_flops": totals["train_flops"],
       "rounds": len(rounds), "wall_s": time.perf_counter() - t_start,
       "train_wall_s": float(sum(r["wall_s"] for r in rounds)),
-      "uplink_bits_per_client_round": per_client_round_up,
-      "downlink_bits_per_client_round": per_client_round_down,
+      "uplink_bits_per_client_round": float(np.mean([r["uplink_bits_per_client"] for r in rounds])),
+      "downlink_bits_per_client_round": float(np.mean([r["downlink_bits_per_client"] for r in rounds])),
+      "train_flops_per_client_round": float(np.mean([r["train_flops_per_client"] for r in rounds])),
       "dense_fedavg_bits_per_client_round_each_way": dense_bits,
   }
   outputs.results["complete"] = True
@@ -283,28 +331,35 @@ def run(config: RunConfig) -> dict[str, Any]:
 
 
 def _print_summary(results, dense_bits, num_params):
-  final, totals = results["final"], results["totals"]
+  final, totals, cfg = results["final"], results["totals"], results["config"]
   up, down = totals["uplink_bits_per_client_round"], totals["downlink_bits_per_client_round"]
   q = np.percentile(list(final["accuracy_per_client"].values()) or [float("nan")], [0, 10, 50, 100])
+  mode = f", mask_mode={cfg['mask_mode']}" if results["algorithm"] == "fedmask" else ""
   lines = [
       "",
-      f"FedMask on {results['dataset']} ({results['config']['partition']}, "
-      f"{results['config']['num_clients']} clients, {totals['rounds']} rounds, "
-      f"mask_mode={results['config']['mask_mode']})",
+      f"{results['algorithm']} on {results['dataset']} ({cfg['partition'] if not cfg.get('partition_file') else cfg['partition_file']}, "
+      f"{cfg['data']['num_clients']} clients, {totals['rounds']} rounds{mode})",
       f"  personalized test accuracy: {final['accuracy']:.4f} (example-weighted over "
       f"{final['evaluated_clients']} clients, {final['test_examples']} test examples); "
       f"client mean {final['accuracy_client_mean']:.4f}",
       f"  per-client accuracy: min {q[0]:.3f}, 10th percentile {q[1]:.3f}, median {q[2]:.3f}, max {q[3]:.3f}",
-      f"  the same clients with the mask received after the last aggregation (before local "
-      f"training): {final['accuracy_after_aggregation']:.4f}",
+  ]
+  if "accuracy_after_aggregation" in final:
+    lines.append(f"  the same clients with the mask received after the last aggregation (before local "
+                 f"training): {final['accuracy_after_aggregation']:.4f}")
+  lines += [
       f"  bits per client per round, measured from the payloads:",
       f"    uplink   {up:>14,.0f}  ({up / num_params:.3f} bits/parameter)   "
       f"dense FedAvg would send {dense_bits:,} (32 bits x {num_params:,} float32 weights)",
       f"    downlink {down:>14,.0f}  ({down / num_params:.3f} bits/parameter)   "
       f"dense FedAvg would send {dense_bits:,}",
-      f"    uplink saving vs dense FedAvg: {dense_bits / up:.1f}x",
+  ]
+  if up > 0:
+    lines.append(f"    uplink saving vs dense FedAvg: {dense_bits / up:.1f}x")
+  lines += [
+      f"  training FLOPs per client per round: {totals['train_flops_per_client_round']:.4g}",
       f"  wall time {totals['wall_s']:.1f} s (training rounds {totals['train_wall_s']:.1f} s)",
-      f"  results: {results['config']['output_dir']}/results.json, metrics.csv",
+      f"  results: {cfg['output_dir']}/results.json, metrics.csv, partition.json",
   ]
   print("\n".join(lines), flush=True)
 

@@ -120,6 +120,11 @@ class FederatedSplit:
     train_label_counts: optional int64 [num_clients, num_classes], examples
       per (client, label) in `train`; computed from the datasets if None.
     test_label_counts: the same for `test`.
+    train_indices: optional dict client id -> int64 array: the positions of
+      the client's train examples in the loader's source order (for
+      Fashion-MNIST: the pooled 70,000 images, the 60,000 train images first).
+      Saved with a run as its partition file.
+    test_indices: the same for the test examples.
   """
 
   train: ClientData
@@ -132,6 +137,8 @@ class FederatedSplit:
   test_label_counts: Optional[np.ndarray] = dataclasses.field(
       default=None, repr=False
   )
+  train_indices: Optional[dict] = dataclasses.field(default=None, repr=False)
+  test_indices: Optional[dict] = dataclasses.field(default=None, repr=False)
 
   def _label_counts(self, data: ClientData) -> np.ndarray:
     counts = np.zeros([len(self.client_ids), self.num_classes], np.int64)
@@ -176,8 +183,15 @@ def build_federated_split(
     test_fraction: float = 0.2,
     seed: int = 0,
     num_classes: Optional[int] = None,
+    client_splits: Optional[Sequence[tuple]] = None,
+    client_ids: Optional[Sequence[str]] = None,
 ) -> FederatedSplit:
   """Builds train and test `ClientData` from a partition of a pooled dataset.
+
+  With `client_splits` (one `(train_idx, test_idx)` pair per client, e.g. from
+  a saved partition file) the per-client split is taken as given instead of
+  drawn; `client_indices` is then ignored (pass None). `client_ids` overrides
+  the default ids.
 
   Client i (id `client_{i:04d}`) gets the examples `client_indices[i]`, split
   by `split_client_examples` with seed `[seed, i]`. The client datasets are
@@ -234,6 +248,12 @@ def build_federated_split(
         f'labels must lie in 0..{num_classes - 1}, found '
         f'{int(labels.min())}..{int(labels.max())}'
     )
+  if client_splits is not None:
+    client_splits = [(np.asarray(a, np.int64), np.asarray(b, np.int64)) for a, b in client_splits]
+    client_indices = [np.concatenate([a, b]) for a, b in client_splits]
+    for a, b in client_splits:
+      if a.size and b.size and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= labels.shape[0]):
+        raise DataError(f'a client split refers to examples outside 0..{labels.shape[0] - 1}')
   num_clients = len(client_indices)
   if num_clients == 0:
     raise DataError('client_indices is empty: no clients')
@@ -243,23 +263,31 @@ def build_federated_split(
   test_dict = collections.OrderedDict()
   train_counts = np.zeros([num_clients, num_classes], dtype=np.int64)
   test_counts = np.zeros([num_clients, num_classes], dtype=np.int64)
-  ids = [client_id(i) for i in range(num_clients)]
+  ids = list(client_ids) if client_ids is not None else [client_id(i) for i in range(num_clients)]
+  if len(ids) != num_clients or len(set(ids)) != num_clients:
+    raise DataError(f'{len(ids)} client ids for {num_clients} clients, or ids not unique')
+  train_positions, test_positions = {}, {}
   for i, (cid, indices) in enumerate(zip(ids, client_indices)):
     indices = np.asarray(indices)
     if indices.size == 0:
       raise DataError(f'{cid} has no examples')
-    try:
-      train_idx, test_idx = split_client_examples(
-          indices, labels, test_fraction, seed=[seed, i]
-      )
-    except DataError as e:
-      raise DataError(f'{cid}: {e}') from None
+    if client_splits is not None:
+      train_idx, test_idx = client_splits[i]
+    else:
+      try:
+        train_idx, test_idx = split_client_examples(
+            indices, labels, test_fraction, seed=[seed, i]
+        )
+      except DataError as e:
+        raise DataError(f'{cid}: {e}') from None
     if train_idx.size == 0 or test_idx.size == 0:
       raise DataError(
           f'{cid} has {indices.size} example(s), too few for a non-empty '
           'train and test set (needs at least 2)'
       )
     np.add.at(use_count, indices.astype(np.int64), 1)
+    train_positions[cid] = np.asarray(train_idx, np.int64)
+    test_positions[cid] = np.asarray(test_idx, np.int64)
     for target, counts, idx in (
         (train_dict, train_counts, train_idx),
         (test_dict, test_counts, test_idx),
@@ -283,6 +311,8 @@ def build_federated_split(
       num_classes=int(num_classes),
       train_label_counts=train_counts,
       test_label_counts=test_counts,
+      train_indices=train_positions,
+      test_indices=test_positions,
   )
 
 
@@ -294,8 +324,13 @@ def load_partitioned_fashion_mnist(
     dirichlet_alpha: float = 0.5,
     test_fraction: float = 0.2,
     seed: int = 0,
+    partition_file: Optional[str] = None,
 ) -> FederatedSplit:
   """Loads Fashion-MNIST (train + t10k pooled) and splits it over clients.
+
+  With `partition_file` (a run's `partition.json`) the saved client ids and
+  per-client train/test indices are used as they are, and the partition
+  arguments are ignored.
 
   Args:
     data_dir: directory of the IDX files, or None to search the defaults.
@@ -314,6 +349,11 @@ def load_partitioned_fashion_mnist(
     DataError: for an unknown partition name (listing the valid ones), missing
       or invalid files, or an impossible partition.
   """
+  if partition_file is not None:
+    from fedmask_tff.data import partition_file as partition_file_lib  # pylint: disable=g-import-not-at-top
+    images, labels = fashion_mnist.load_fashion_mnist(data_dir)
+    return partition_file_lib.split_from_partition_file(
+        partition_file, images, labels, fashion_mnist.NUM_CLASSES, dataset='fashion_mnist')
   if partition not in PARTITIONS:
     raise DataError(
         f'unknown partition {partition!r}; valid: {", ".join(PARTITIONS)}'

@@ -1,0 +1,56 @@
+"""Every algorithm of the paper under one interface (:class:`base.FederatedAlgorithm`).
+
+``ALGORITHMS`` lists the ``--algorithm`` names; :func:`build_algorithm` builds
+one from the runner's :class:`base.BuildContext` and the run's settings. Each
+algorithm lives in its own short module with a ``build_<name>`` function.
+"""
+
+from __future__ import annotations
+
+ALGORITHMS = ("fedmask", "standalone", "fedavg", "topk", "bnn_fedavg", "per_fedavg", "lg_fedavg")
+
+
+def default_learning_rate(name: str) -> float:
+  """The documented default local learning rate of ``name`` (see each module)."""
+  import importlib
+  if name == "fedmask":
+    return 30.0
+  module = importlib.import_module(f"fedmask_tff.algorithms.{name}")
+  return float(module.DEFAULT_LEARNING_RATE)
+
+
+def build_algorithm(name: str, context, config):
+  """Builds algorithm ``name``; ``config`` is the runner's RunConfig (its algorithm flags are read)."""
+  if name == "fedmask":
+    from fedmask_tff import fedmask as fedmask_process
+    from fedmask_tff.algorithms.fedmask import build_fedmask
+    return build_fedmask(context, fedmask_process.FedMaskConfig(
+        local_epochs=config.local_epochs, learning_rate=context.learning_rate,
+        prune_rate=config.prune_rate, prune_last_layers=config.prune_last_layers,
+        score_restart=config.score_restart, restart_scale=config.restart_scale))
+  if name == "standalone":
+    from fedmask_tff.algorithms.standalone import build_standalone
+    return build_standalone(context, learning_rate=context.learning_rate)
+  if name == "fedavg":
+    from fedmask_tff.algorithms.fedavg import build_fedavg
+    return build_fedavg(context, learning_rate=context.learning_rate,
+                        server_learning_rate=config.server_learning_rate)
+  if name == "topk":
+    from fedmask_tff.algorithms.topk import build_topk
+    return build_topk(context, fraction=config.topk_fraction, error_feedback=config.error_feedback,
+                      server_learning_rate=config.server_learning_rate)
+  if name == "bnn_fedavg":
+    from fedmask_tff.algorithms.bnn_fedavg import build_bnn_fedavg
+    return build_bnn_fedavg(context)
+  if name == "per_fedavg":
+    from fedmask_tff.algorithms import per_fedavg
+    kwargs = {"variant": config.per_fedavg_variant}
+    if config.per_fedavg_alpha is not None:
+      kwargs["alpha"] = config.per_fedavg_alpha
+    if config.per_fedavg_beta is not None:
+      kwargs["beta"] = config.per_fedavg_beta
+    return per_fedavg.build_per_fedavg(context, **kwargs)
+  if name == "lg_fedavg":
+    from fedmask_tff.algorithms.lg_fedavg import build_lg_fedavg
+    return build_lg_fedavg(context, global_layers=config.lg_global_layers)
+  raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(ALGORITHMS)}")

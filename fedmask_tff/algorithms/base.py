@@ -1,0 +1,124 @@
+"""What every algorithm gives the runner: :class:`FederatedAlgorithm`.
+
+Each algorithm module has a ``build_<name>(context, options) -> FederatedAlgorithm``
+that composes a TFF iterative process (its ``process`` attribute) with the few
+driver-side facts the runner needs. The runner owns the round loop, the client
+sampling, the client-state store, outputs and the summary; an algorithm owns its
+TFF computations.
+
+Conventions, for every algorithm:
+
+* ``next(server_state, train_datasets, client_states)`` runs one round for the
+  sampled clients (``train_datasets``: one batched ``tf.data.Dataset`` per
+  client, already shuffled for the round) and returns
+  ``(server_state, new_client_states, client_metrics)``. ``new_client_states``
+  is a list aligned with the clients, or ``None`` for a stateless algorithm.
+  ``client_metrics`` is a list of dicts with at least
+
+  - ``loss_sum`` (sum over the examples trained on of the cross-entropy) and
+    ``examples`` (examples processed by training, all epochs);
+  - ``uplink_bits``, ``downlink_bits``: bits this client sent and received this
+    round, **counted from the payload tensors** (8 bits per uint8 byte, 32 per
+    float32 / int32 element), never from a formula;
+  - ``train_flops``: FLOPs of this client's local training this round, from
+    :func:`fedmask_tff.costs.train_flops` with the examples actually processed.
+
+* ``evaluate(server_state, test_datasets, client_states, train_datasets)``
+  returns, per client, ``dict(correct, examples, loss_sum)`` of the client's
+  *personalized* model on its own test data: the global model for FedAvg-style
+  methods, the client's own model for personalized ones, after the adaptation
+  step for Per-FedAvg (which uses ``train_datasets``).
+
+* ``initial_client_state()`` is the numpy state of a client never seen, or
+  ``None`` when the algorithm keeps no client state; ``make_store(directory)``
+  returns the store the runner keeps states in.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Callable, Optional
+
+import tensorflow as tf
+
+
+@dataclasses.dataclass
+class BuildContext:
+  """What the runner knows that every algorithm needs to build itself.
+
+  Attributes:
+    input_shape: shape of one example's ``x`` (no batch dimension).
+    num_classes: number of labels (the model outputs logits of this size).
+    model: architecture name (``"cnn"``, ``"mlp"``).
+    model_width: width multiplier.
+    seed: the run's seed (model initialisation).
+    element_spec: element spec of a batched training dataset,
+      ``OrderedDict(x=TensorSpec([None, ...]), y=TensorSpec([None], int32))``.
+    eval_element_spec: the same for test datasets.
+    local_epochs, learning_rate, batch_size: the run's local-training settings.
+    mask_mode, score_init: masked-model settings (FedMask).
+  """
+  input_shape: tuple
+  num_classes: int
+  model: str
+  model_width: float
+  seed: int
+  element_spec: Any
+  eval_element_spec: Any
+  local_epochs: int
+  learning_rate: float
+  batch_size: int
+  mask_mode: str = "ste"
+  score_init: float = 0.05
+
+  def dense_model_fn(self) -> Callable[[], tf.keras.Model]:
+    """The dense, trainable counterpart of the run's model (what FedAvg-style methods train)."""
+    from fedmask_tff import models
+    builder = models.DENSE_MODEL_BUILDERS[self.model]
+    return lambda: builder(input_shape=self.input_shape, num_classes=self.num_classes,
+                           width=self.model_width, seed=self.seed)
+
+
+class FederatedAlgorithm(abc.ABC):
+  """A built algorithm: its TFF process plus the driver-side pieces (see the module docstring).
+
+  Attributes:
+    name: the ``--algorithm`` name.
+    process: the ``tff.templates.IterativeProcess`` (or TFF's learning process).
+    model_parameters: float32 parameters of the model the algorithm trains or
+      masks; ``32 * model_parameters`` is what dense FedAvg sends each way.
+    description: one line on what is trained, communicated and evaluated.
+    settings: the algorithm's own settings, written to ``results.json["config"]``.
+  """
+  name: str = ""
+  process: Any = None
+  model_parameters: int = 0
+  description: str = ""
+  settings: dict = {}
+
+  def initialize(self):
+    return self.process.initialize()
+
+  def initial_client_state(self) -> Optional[Any]:
+    return None
+
+  def make_store(self, directory: str):
+    """The client-state store (``None`` for stateless algorithms)."""
+    if self.initial_client_state() is None:
+      return None
+    from fedmask_tff.client_state import ArrayStateStore
+    return ArrayStateStore(directory, self.initial_client_state)
+
+  @abc.abstractmethod
+  def next(self, server_state, train_datasets: list, client_states: Optional[list]):
+    """One round; see the module docstring."""
+
+  @abc.abstractmethod
+  def evaluate(self, server_state, test_datasets: list, client_states: Optional[list],
+               train_datasets: list) -> list[dict]:
+    """Personalized metrics per client; see the module docstring."""
+
+  def evaluate_extra(self, server_state, test_datasets, client_states, train_datasets) -> dict:
+    """Optional further evaluations ``{name: [per-client metrics]}`` (FedMask: after aggregation)."""
+    return {}

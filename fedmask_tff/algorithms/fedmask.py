@@ -1,0 +1,69 @@
+"""FedMask under the shared algorithm interface (the process is :mod:`fedmask_tff.fedmask`)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fedmask_tff import fedmask as fedmask_process
+from fedmask_tff.algorithms.base import BuildContext, FederatedAlgorithm
+
+
+class FedMask(FederatedAlgorithm):
+  """Binary masks over a frozen random model; 1-bit uploads; personalized by pruning."""
+  name = "fedmask"
+
+  def __init__(self, context: BuildContext, config: fedmask_process.FedMaskConfig):
+    from fedmask_tff import models
+    builder = models.MODEL_BUILDERS[context.model]
+
+    def model_fn():
+      return builder(input_shape=context.input_shape, num_classes=context.num_classes,
+                     width=context.model_width, seed=context.seed, mask_mode=context.mask_mode,
+                     score_init=context.score_init)
+
+    self.model_fn = model_fn
+    self.process = fedmask_process.build_fedmask_process(model_fn, context.element_spec, config,
+                                                         eval_element_spec=context.eval_element_spec)
+    self.specs = self.process.specs
+    self.model_parameters = sum(s.size for s in self.specs)
+    self.settings = dict(dataclasses.asdict(config), mask_mode_used=context.mask_mode,
+                         masked_parameters=self.model_parameters,
+                         pruned_parameters=sum(s.size for s in self.specs if s.prunable),
+                         masks=[{"name": s.name, "shape": list(s.shape), "prunable": s.prunable}
+                                for s in self.specs])
+    self.description = ("W frozen; each client trains binary masks (mask_mode="
+                        f"{context.mask_mode}); personalized model = its mask after local training")
+
+  def initial_client_state(self):
+    return self.process.initial_client_state()
+
+  def make_store(self, directory):
+    from fedmask_tff.client_state import ClientStateStore
+    return ClientStateStore(directory, [s.shape for s in self.specs], self.process.initial_client_state)
+
+  def next(self, server_state, train_datasets, client_states):
+    server_state, new_states, metrics = self.process.next(server_state, train_datasets, client_states)
+    out = []
+    for m in metrics:
+      t = m["train"]
+      out.append({"loss_sum": float(t["loss_sum"]), "examples": float(t["examples"]),
+                  "uplink_bits": int(t["uplink_bits"]), "downlink_bits": int(m["downlink_bits"]),
+                  "train_flops": float(t["train_flops"]), "pruned": int(t["pruned"]),
+                  "mask_ones": float(t["mask_ones"]), "mask_kept": float(t["mask_kept"])})
+    return server_state, list(new_states), out
+
+  def _evaluate(self, test_datasets, masks):
+    return [{"correct": float(m["correct"]), "examples": float(m["examples"]),
+             "loss_sum": float(m["loss_sum"])} for m in self.process.evaluate(test_datasets, masks)]
+
+  def evaluate(self, server_state, test_datasets, client_states, train_datasets):
+    return self._evaluate(test_datasets, [s["personal"] for s in client_states])
+
+  def evaluate_extra(self, server_state, test_datasets, client_states, train_datasets):
+    """``after_aggregation``: each client with the mask it restarted from after the last aggregation."""
+    return {"after_aggregation": self._evaluate(
+        test_datasets, [self.process.received_masks(s) for s in client_states])}
+
+
+def build_fedmask(context: BuildContext, config: fedmask_process.FedMaskConfig) -> FedMask:
+  return FedMask(context, config)
