@@ -33,3 +33,59 @@ def test_strided_valid_conv_and_3d_dense():
 def test_lstm_flops():
   model = tf.keras.Sequential([tf.keras.Input((7, 4)), MaskedLSTM(6)])
   assert costs.forward_flops_per_example(model) == 2 * 7 * (4 + 6) * 4 * 6
+
+
+# --- The per-weight counter every algorithm reports (train_flops) ---------------------------------
+
+def test_dense_layer_train_flops_by_hand():
+  model = tf.keras.Sequential([tf.keras.Input((784,)), tf.keras.layers.Dense(10, use_bias=False)])
+  (w,) = costs.weight_costs(model)
+  assert (w.positions, w.elements, w.first) == (1, 7840, True)
+  # First layer: forward 7840 MACs + weight gradient 7840 MACs (no input gradient) = 2 * 2 * 7840.
+  assert costs.train_flops([w], 1) == 2 * (7840 + 7840)
+  assert costs.train_flops([w], 5) == 5 * 2 * (7840 + 7840)
+
+
+def test_conv_then_dense_train_flops_by_hand():
+  model = tf.keras.Sequential([tf.keras.Input((28, 28, 1)),
+                               tf.keras.layers.Conv2D(32, 3, padding="same", use_bias=False),
+                               tf.keras.layers.Flatten(),
+                               tf.keras.layers.Dense(10, use_bias=False)])
+  conv, dense = costs.weight_costs(model)
+  assert (conv.positions, conv.elements, conv.first) == (784, 288, True)
+  assert (dense.positions, dense.elements, dense.first) == (1, 25088 * 10, False)
+  conv_macs = 784 * 288
+  dense_macs = 250880
+  expected = 2 * (conv_macs * 2 + dense_macs * 3)  # the dense layer also propagates to its input
+  assert costs.train_flops([conv, dense], 1) == expected
+
+
+def test_masked_layers_count_only_nonzero_and_trainable_elements():
+  model = tf.keras.Sequential([tf.keras.Input((28, 28, 1)),
+                               MaskedConv2D(32, 3, padding="same"),
+                               tf.keras.layers.Flatten(), MaskedDense(10)])
+  conv, dense = costs.weight_costs(model)
+  assert (conv.positions, conv.elements) == (784, 288)
+  # Mask: 100 of the conv's 288 elements are 1 (all 288 still trainable); the dense layer is
+  # pruned to 20 % kept (50,176 trainable) of which 30,000 are 1.
+  got = costs.train_flops([conv, dense], 3, nonzeros=[100, 30000], trainable=[288, 50176])
+  per_example = 2 * (784 * (100 + 288) + 1 * (30000 * 2 + 50176))
+  assert got == 3 * per_example
+  assert costs.forward_flops([conv, dense], [100, 30000]) == 2 * (784 * 100 + 30000)
+  # Dense counterpart with every element: more.
+  assert costs.train_flops([conv, dense], 3) > got
+
+
+def test_counter_works_on_tensors():
+  model = tf.keras.Sequential([tf.keras.Input((4,)), MaskedDense(3)])
+  (w,) = costs.weight_costs(model)
+  got = costs.train_flops([w], tf.constant(2.0, tf.float64), [tf.constant(5.0, tf.float64)],
+                          [tf.constant(12.0, tf.float64)])
+  assert float(got) == 2 * 2 * (5 + 12)
+
+
+def test_lstm_weights_are_kernel_and_recurrent():
+  model = tf.keras.Sequential([tf.keras.Input((7, 4)), MaskedLSTM(6)])
+  kernel, recurrent = costs.weight_costs(model)
+  assert (kernel.positions, kernel.elements, kernel.first) == (7, 4 * 24, True)
+  assert (recurrent.positions, recurrent.elements, recurrent.first) == (7, 6 * 24, False)

@@ -1,0 +1,161 @@
+"""All seven algorithms on one partition, one table: ``python -m experiments.compare``.
+
+Writes ``<output_dir>/partition.json`` first (the split every algorithm then
+uses, via ``--partition_file``), runs each algorithm into
+``<output_dir>/<algorithm>/`` and writes ``comparison.md``, ``comparison.csv``
+and ``comparison.json``: personalized accuracy, uplink and downlink bits per
+client per round, training FLOPs per client per round, each also as a ratio to
+FedAvg. Rerunning the same command skips the algorithms whose run is complete
+(``results.json`` with ``"complete": true`` and the same settings).
+
+Every flag of ``experiments.run`` is accepted and applies to every algorithm,
+except ``--learning_rate`` (each algorithm has its own documented default; set
+some with ``--learning_rates=fedavg=0.1,fedmask=30``) and ``--output_dir``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import sys
+
+from absl import app, flags
+
+from experiments import run as run_cli  # defines every run flag
+from fedmask_tff.algorithms import ALGORITHMS
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("algorithms", list(ALGORITHMS), "Algorithms to compare, in table order.")
+flags.DEFINE_list("learning_rates", [], "Per-algorithm learning rates, name=value (default: each "
+                  "algorithm's documented default).")
+FLAGS.set_default("output_dir", "runs/compare")
+
+COLUMNS = ("algorithm", "accuracy", "accuracy_client_mean", "uplink_bits_per_client_round",
+           "downlink_bits_per_client_round", "train_flops_per_client_round", "uplink_vs_fedavg",
+           "downlink_vs_fedavg", "flops_vs_fedavg", "learning_rate", "rounds", "wall_s")
+
+
+def _parse_rates(items):
+  rates = {}
+  for item in items:
+    name, _, value = item.partition("=")
+    if name not in ALGORITHMS or not value:
+      raise ValueError(f"--learning_rates entry {item!r}: expected name=value with a name in {ALGORITHMS}")
+    rates[name] = float(value)
+  return rates
+
+
+def _complete(results_path, config):
+  if not os.path.exists(results_path):
+    return None
+  try:
+    with open(results_path) as f:
+      results = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if not results.get("complete"):
+    return None
+  keep = ("rounds", "local_epochs", "batch_size", "clients_per_round", "model", "model_width", "seed",
+          "learning_rate", "partition_file")
+  same = all(results["config"].get(k) == getattr(config, k) for k in keep)
+  return results if same else None
+
+
+def table_rows(all_results: dict) -> list[dict]:
+  """One row per algorithm; ratios to FedAvg where FedAvg ran (else empty)."""
+  base = all_results.get("fedavg", {}).get("totals")
+  rows = []
+  for name, results in all_results.items():
+    t, f = results["totals"], results["final"]
+    row = {"algorithm": name, "accuracy": f["accuracy"], "accuracy_client_mean": f["accuracy_client_mean"],
+           "uplink_bits_per_client_round": t["uplink_bits_per_client_round"],
+           "downlink_bits_per_client_round": t["downlink_bits_per_client_round"],
+           "train_flops_per_client_round": t["train_flops_per_client_round"],
+           "learning_rate": results["config"].get("learning_rate_used"),
+           "rounds": t["rounds"], "wall_s": t["wall_s"]}
+    for key, col in (("uplink_bits_per_client_round", "uplink_vs_fedavg"),
+                     ("downlink_bits_per_client_round", "downlink_vs_fedavg"),
+                     ("train_flops_per_client_round", "flops_vs_fedavg")):
+      row[col] = (t[key] / base[key]) if base and base[key] else None
+    rows.append(row)
+  return rows
+
+
+def write_table(output_dir: str, rows: list[dict], header: str) -> str:
+  with open(os.path.join(output_dir, "comparison.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+  with open(os.path.join(output_dir, "comparison.json"), "w") as f:
+    json.dump(rows, f, indent=2)
+  fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
+  lines = [header, "",
+           "| algorithm | accuracy | client mean | uplink bits/client/round | downlink bits/client/round "
+           "| train FLOPs/client/round | up ÷ FedAvg | down ÷ FedAvg | FLOPs ÷ FedAvg |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['algorithm']} | {r['accuracy']:.4f} | {r['accuracy_client_mean']:.4f} "
+                 f"| {r['uplink_bits_per_client_round']:,.0f} | {r['downlink_bits_per_client_round']:,.0f} "
+                 f"| {r['train_flops_per_client_round']:.3g} | {fmt(r['uplink_vs_fedavg'], '.4f')} "
+                 f"| {fmt(r['downlink_vs_fedavg'], '.4f')} | {fmt(r['flops_vs_fedavg'], '.3f')} |")
+  text = "\n".join(lines) + "\n"
+  with open(os.path.join(output_dir, "comparison.md"), "w") as f:
+    f.write(text)
+  return text
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from fedmask_tff import runner
+  from fedmask_tff.data import DataError
+  from fedmask_tff.data import partition_file as partition_file_lib
+  try:
+    unknown = [a for a in FLAGS.algorithms if a not in ALGORITHMS]
+    if unknown:
+      raise runner.ConfigError(f"--algorithms: unknown {unknown}; valid: {ALGORITHMS}")
+    if FLAGS["learning_rate"].present:
+      raise runner.ConfigError("--learning_rate would apply one rate to every algorithm; "
+                               "use --learning_rates=name=value,...")
+    try:
+      rates = _parse_rates(FLAGS.learning_rates)
+    except ValueError as e:
+      raise runner.ConfigError(str(e)) from None
+    out = FLAGS.output_dir
+    base = run_cli.config_from_flags()
+    base = dataclasses.replace(base, output_dir=os.path.join(out, "_check"), overwrite=True)
+    base.validate()
+    os.makedirs(out, exist_ok=True)
+    partition_path = base.partition_file or os.path.join(out, "partition.json")
+    if not os.path.exists(partition_path):
+      split = runner.load_split(base)
+      source, n = runner._source_description(base.dataset)  # pylint: disable=protected-access
+      partition_file_lib.save_partition(partition_path, split, base.dataset, source, n)
+      print(f"[compare] partition written to {partition_path}", file=sys.stderr)
+    all_results = {}
+    for i, name in enumerate(FLAGS.algorithms):
+      config = dataclasses.replace(base, algorithm=name, output_dir=os.path.join(out, name),
+                                   partition_file=partition_path, learning_rate=rates.get(name),
+                                   overwrite=True)
+      done = _complete(os.path.join(config.output_dir, "results.json"), config)
+      if done is not None:
+        print(f"[compare] {i + 1}/{len(FLAGS.algorithms)} {name}: complete, skipped", file=sys.stderr)
+        all_results[name] = done
+        continue
+      print(f"[compare] {i + 1}/{len(FLAGS.algorithms)} {name} ...", file=sys.stderr, flush=True)
+      all_results[name] = runner.run(config)
+    header = (f"Comparison on {base.dataset}, partition {partition_path}, {base.rounds} rounds x "
+              f"{base.clients_per_round} clients, {base.local_epochs} local epochs, batch "
+              f"{base.batch_size}, model {base.model} (width {base.model_width}), seed {base.seed}. "
+              f"Bits are counted from the payloads; FLOPs by fedmask_tff.costs.train_flops.")
+    text = write_table(out, table_rows(all_results), header)
+    print(text)
+  except (runner.ConfigError, DataError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)
