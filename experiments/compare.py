@@ -131,7 +131,7 @@ def main(argv):
     partition_path = base.partition_file or os.path.join(out, "partition.json")
     if not os.path.exists(partition_path):
       split = runner.load_split(base)
-      source, n = runner._source_description(base.dataset)  # pylint: disable=protected-access
+      source, n = runner._source_description(base.dataset, split)  # pylint: disable=protected-access
       partition_file_lib.save_partition(partition_path, split, base.dataset, source, n)
       print(f"[compare] partition written to {partition_path}", file=sys.stderr)
     all_results = {}

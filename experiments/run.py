@@ -81,6 +81,10 @@ def main(argv):
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt:
+    print(f"interrupted: every finished round is saved in {FLAGS.output_dir}; rerun the same "
+          "command to resume", file=sys.stderr)
+    sys.exit(130)
   except FloatingPointError as e:  # Diverged training; results.json keeps the finished rounds.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

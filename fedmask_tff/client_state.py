@@ -84,11 +84,12 @@ class ClientStateStore:
     path = self.path(client_id)
     if not os.path.exists(path):
       return self._initial_state_fn()
-    try:
-      with np.load(path, allow_pickle=False) as f:
-        arrays = {k: f[k] for k in f.files}
-    except Exception as e:  # zipfile.BadZipFile, ValueError, OSError, EOFError ...
-      raise ClientStateError(f"client state file {path} is unreadable: {e}") from e
+    return self.decode(_read_npz(path), path)
+
+  def decode(self, arrays: dict, where: str = "client state"):
+    """The state that :meth:`encode` made ``arrays`` from (checksum checked)."""
+    arrays = dict(arrays)
+    path = where
     stored = str(arrays.pop("sha256", np.array("")))
     if stored != _digest(arrays):
       raise ClientStateError(f"client state file {path} fails its checksum (corrupt or edited)")
@@ -120,6 +121,11 @@ class ClientStateStore:
 
   def put(self, client_id: str, state) -> int:
     """Stores ``state`` atomically; returns the file's size in bytes."""
+    arrays = self.encode(state, client_id)
+    return _write_npz_atomic(self.directory, client_id, self.path(client_id), arrays)
+
+  def encode(self, state, client_id: str = "?") -> dict:
+    """The packed arrays (with their checksum) that represent ``state`` on disk."""
     arrays = {"rounds": np.asarray(state["rounds"], np.int32)}
     if len(state["scores"]) != len(self.shapes):
       raise ValueError(f"state has {len(state['scores'])} masks, the store expects {len(self.shapes)}")
@@ -133,7 +139,15 @@ class ClientStateStore:
       arrays[f"scores_{i}"] = s[k > 0]
       arrays[f"personal_{i}"] = bitpack.pack_bits_np(p[k > 0])
     arrays["sha256"] = np.array(_digest(arrays))
-    return _write_npz_atomic(self.directory, client_id, self.path(client_id), arrays)
+    return arrays
+
+
+def _read_npz(path: str) -> dict:
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      return {k: f[k] for k in f.files}
+  except Exception as e:  # zipfile.BadZipFile, ValueError, OSError, EOFError ...
+    raise ClientStateError(f"client state file {path} is unreadable: {e}") from e
 
 
 def _write_npz_atomic(directory: str, client_id: str, path: str, arrays: dict) -> int:
@@ -172,11 +186,12 @@ class ArrayStateStore(ClientStateStore):
     path = self.path(client_id)
     if not os.path.exists(path):
       return self._initial_state_fn()
-    try:
-      with np.load(path, allow_pickle=False) as f:
-        arrays = {k: f[k] for k in f.files}
-    except Exception as e:
-      raise ClientStateError(f"client state file {path} is unreadable: {e}") from e
+    return self.decode(_read_npz(path), path)
+
+  def decode(self, arrays: dict, where: str = "client state"):
+    """The state that :meth:`encode` made ``arrays`` from (checksum checked)."""
+    arrays = dict(arrays)
+    path = where
     stored = str(arrays.pop("sha256", np.array("")))
     if stored != _digest(arrays):
       raise ClientStateError(f"client state file {path} fails its checksum (corrupt or edited)")
@@ -193,6 +208,12 @@ class ArrayStateStore(ClientStateStore):
     return self._nest.pack_sequence_as(self._template, leaves)
 
   def put(self, client_id: str, state) -> int:
+    """Stores ``state`` atomically; returns the file's size in bytes."""
+    arrays = self.encode(state, client_id)
+    return _write_npz_atomic(self.directory, client_id, self.path(client_id), arrays)
+
+  def encode(self, state, client_id: str = "?") -> dict:
+    """The arrays (with their checksum) that represent ``state`` on disk."""
     leaves = [np.asarray(x) for x in self._nest.flatten(state)]
     if len(leaves) != len(self._leaves):
       raise ValueError(f"state has {len(leaves)} arrays, the store expects {len(self._leaves)}")
@@ -205,4 +226,4 @@ class ArrayStateStore(ClientStateStore):
         raise ValueError(f"client {client_id}: leaf {i} has non-finite values")
       arrays[f"leaf_{i}"] = a
     arrays["sha256"] = np.array(_digest(arrays))
-    return _write_npz_atomic(self.directory, client_id, self.path(client_id), arrays)
+    return arrays

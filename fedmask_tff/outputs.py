@@ -11,7 +11,7 @@ import csv
 import json
 import math
 import os
-from typing import Any
+from typing import Any, Optional
 
 ROUND_FIELDS = ("round", "train_loss", "uplink_bits", "downlink_bits", "uplink_bits_per_client",
                 "downlink_bits_per_client", "train_flops", "train_flops_per_client", "clients",
@@ -43,16 +43,22 @@ def write_json_atomic(path: str, payload: Any) -> None:
 class RunOutputs:
   """Writes one run's results; ``results`` is the dict that becomes results.json."""
 
-  def __init__(self, output_dir: str, algorithm: str, dataset: str, config: dict):
+  def __init__(self, output_dir: str, algorithm: str, dataset: str, config: dict,
+               rounds: Optional[list] = None):
+    """``rounds``: rows of finished rounds to start from (a resumed run)."""
     self.output_dir = output_dir
     os.makedirs(output_dir, exist_ok=True)
     self.results_path = os.path.join(output_dir, "results.json")
     self.csv_path = os.path.join(output_dir, "metrics.csv")
     self.results: dict[str, Any] = {
         "algorithm": algorithm, "dataset": dataset, "config": config,
-        "complete": False, "rounds": [], "final": None, "totals": None}
+        "complete": False, "rounds": list(rounds or []), "final": None, "totals": None}
     with open(self.csv_path, "w", newline="") as f:
-      csv.writer(f).writerow(ROUND_FIELDS)
+      writer = csv.writer(f)
+      writer.writerow(ROUND_FIELDS)
+      for row in self.results["rounds"]:
+        writer.writerow([row.get(k, "") for k in ROUND_FIELDS])
+    self.save()
 
   def add_round(self, row: dict) -> None:
     self.results["rounds"].append(row)

@@ -120,10 +120,46 @@ class RunConfig:
     need(bool(self.output_dir), "--output_dir must be set")
     if self.data_dir is not None:
       need(os.path.isdir(self.data_dir), f"--data_dir {self.data_dir!r} is not a directory")
-    results = os.path.join(self.output_dir, "results.json")
-    need(self.overwrite or not os.path.exists(results),
-         f"{results} exists: choose another --output_dir or pass --overwrite")
+    if not self.overwrite:
+      state = resume_state(self)
+      need(state != "complete", f"{os.path.join(self.output_dir, 'results.json')} exists and the run "
+           "is complete: choose another --output_dir or pass --overwrite")
+      need(state != "no_checkpoint", f"{os.path.join(self.output_dir, 'results.json')} exists but "
+           "there is no checkpoint to resume from: choose another --output_dir or pass --overwrite")
     return self
+
+
+# Settings that may differ between a run and its resumption (they do not change results).
+RESUME_FREE = ("overwrite", "progress", "max_concurrent_clients", "output_dir")
+
+
+def resume_state(config: RunConfig) -> str:
+  """``"fresh"``, ``"resume"``, ``"complete"`` or ``"no_checkpoint"`` for ``config.output_dir``.
+
+  Raises :class:`ConfigError` when the directory holds an unfinished run of
+  other settings (naming them).
+  """
+  import json
+  results_path = os.path.join(config.output_dir, "results.json")
+  if not os.path.exists(results_path):
+    return "fresh"
+  try:
+    with open(results_path) as f:
+      results = json.load(f)
+  except (OSError, ValueError):
+    return "no_checkpoint"
+  if results.get("complete"):
+    return "complete"
+  if not os.path.exists(os.path.join(config.output_dir, "checkpoint.npz")):
+    return "no_checkpoint"
+  stored = results.get("config", {})
+  differ = [f.name for f in dataclasses.fields(config)
+            if f.name not in RESUME_FREE and stored.get(f.name) != getattr(config, f.name)]
+  if differ:
+    raise ConfigError(f"{config.output_dir} holds an unfinished run with other settings "
+                      f"({', '.join('--' + d for d in differ)}): rerun with the same flags to "
+                      "resume it, or pass --overwrite to start again")
+  return "resume"
 
 
 def _log(message: str) -> None:
@@ -134,10 +170,11 @@ def _client_seed(seed: int, round_num: int, client_index: int) -> int:
   return int(np.random.SeedSequence([seed, round_num, client_index]).generate_state(1)[0] >> 1)
 
 
-def _source_description(dataset: str) -> tuple[str, int]:
+def _source_description(dataset: str, split) -> tuple[str, int]:
+  n = split.num_source_examples if split.num_source_examples is not None else -1
   if dataset == "fashion_mnist":
-    return ("positions in the pooled Fashion-MNIST: the 60,000 train images, then the 10,000 t10k", 70000)
-  return (f"positions in the {dataset} loader's source order", -1)
+    return ("positions in the pooled Fashion-MNIST: the train images, then the t10k images", n)
+  return (f"positions in the {dataset} loader's source order", n)
 
 
 def load_split(config: RunConfig):
@@ -163,7 +200,9 @@ def run(config: RunConfig) -> dict[str, Any]:
   tf.keras.utils.set_random_seed(config.seed)
   _log(f"[fedmask_tff] loading {config.dataset} and partitioning into clients "
        f"({'--partition_file ' + config.partition_file if config.partition_file else config.partition}) ...")
-  split = load_split(config)
+  resuming = not config.overwrite and resume_state(config) == "resume"
+  partition_path = os.path.join(config.output_dir, "partition.json")
+  split = load_split(dataclasses.replace(config, partition_file=partition_path) if resuming else config)
   if config.partition_file and config.clients_per_round > len(split.client_ids):
     raise ConfigError(f"--clients_per_round={config.clients_per_round} but the partition file has "
                       f"{len(split.client_ids)} clients")
@@ -171,7 +210,7 @@ def run(config: RunConfig) -> dict[str, Any]:
   _log(f"[fedmask_tff] data: {summary}")
 
   if config.overwrite and os.path.isdir(config.output_dir):
-    for name in ("client_states", "results.json", "metrics.csv", "partition.json"):
+    for name in ("client_states", "results.json", "metrics.csv", "partition.json", "checkpoint.npz"):
       target = os.path.join(config.output_dir, name)
       if os.path.isdir(target):
         shutil.rmtree(target)
@@ -179,9 +218,9 @@ def run(config: RunConfig) -> dict[str, Any]:
         os.remove(target)
 
   os.makedirs(config.output_dir, exist_ok=True)
-  source, n_source = _source_description(config.dataset)
-  partition_path = os.path.join(config.output_dir, "partition.json")
-  partition_file_lib.save_partition(partition_path, split, config.dataset, source, n_source)
+  source, n_source = _source_description(config.dataset, split)
+  if not resuming:
+    partition_file_lib.save_partition(partition_path, split, config.dataset, source, n_source)
   runtime.install_local_context(max_concurrent_computation_calls=config.max_concurrent_clients,
                                 log_path=os.path.join(config.output_dir, "tff_worker.log"))
   sample_x = next(iter(split.train.create_tf_dataset_for_client(split.client_ids[0])))["x"]
@@ -212,7 +251,28 @@ def run(config: RunConfig) -> dict[str, Any]:
   if config.algorithm == "fedmask":  # Kept at the top level, where earlier results had them.
     cfg.update({k: algorithm.settings[k] for k in
                 ("mask_mode_used", "masked_parameters", "pruned_parameters", "masks")})
-  outputs = RunOutputs(config.output_dir, config.algorithm, config.dataset, cfg)
+  checkpoint_path = os.path.join(config.output_dir, "checkpoint.npz")
+  rng = np.random.default_rng(config.seed)
+  server_state = algorithm.initialize()
+  participated: set[str] = set()
+  first_round, previous_rows = 1, []
+  if resuming:
+    from fedmask_tff import checkpoint
+    try:
+      ckpt = checkpoint.load(checkpoint_path, server_state)
+    except checkpoint.CheckpointError as e:
+      raise ConfigError(str(e)) from e
+    server_state, participated = ckpt["server_state"], ckpt["participated"]
+    rng.bit_generator.state = ckpt["rng_state"]
+    if ckpt["encoded_client_states"] is not None:  # Finish the checkpointed round's writes.
+      for c, enc in zip(ckpt["round_clients"], ckpt["encoded_client_states"]):
+        store.put(c, store.decode(enc, f"{checkpoint_path}[{c}]"))
+    first_round = ckpt["round"] + 1
+    with open(os.path.join(config.output_dir, "results.json")) as f:
+      import json
+      previous_rows = [r for r in json.load(f)["rounds"] if r["round"] <= ckpt["round"]]
+    _log(f"[fedmask_tff] resuming {config.output_dir} after round {ckpt['round']}")
+  outputs = RunOutputs(config.output_dir, config.algorithm, config.dataset, cfg, rounds=previous_rows)
   client_index = {cid: i for i, cid in enumerate(split.client_ids)}
 
   def train_dataset(cid, round_num):
@@ -253,16 +313,15 @@ def run(config: RunConfig) -> dict[str, Any]:
             "accuracy_per_client": accs, "evaluated_clients": len(accs),
             "test_examples": int(examples)}
 
-  rng = np.random.default_rng(config.seed)
-  server_state = algorithm.initialize()
-  participated: set[str] = set()
-  totals = {"uplink_bits": 0, "downlink_bits": 0, "train_flops": 0.0}
+  totals = {"uplink_bits": sum(r["uplink_bits"] for r in previous_rows),
+            "downlink_bits": sum(r["downlink_bits"] for r in previous_rows),
+            "train_flops": sum(r["train_flops"] for r in previous_rows)}
   _log(f"[fedmask_tff] {config.algorithm}: {num_params:,} model parameters, {config.rounds} rounds x "
        f"{config.clients_per_round} clients, learning rate {learning_rate:g}, "
        f"setup {time.perf_counter() - t_start:.1f} s")
-  progress = _progress(config.rounds, enabled=config.progress)
+  progress = _progress(config.rounds, enabled=config.progress, initial=first_round - 1)
   try:
-    for round_num in range(1, config.rounds + 1):
+    for round_num in range(first_round, config.rounds + 1):
       t0 = time.perf_counter()
       sampled = sorted(rng.choice(split.client_ids, size=config.clients_per_round, replace=False).tolist())
       states = [store.get(c) for c in sampled] if store is not None else None
@@ -272,10 +331,15 @@ def run(config: RunConfig) -> dict[str, Any]:
       loss = sum(m["loss_sum"] for m in train) / examples if examples else float("nan")
       if not math.isfinite(loss):  # Checked before storing: finished rounds stay intact.
         raise FloatingPointError(f"round {round_num}: training loss is {loss}; lower --learning_rate")
-      if store is not None:
-        for c, s in zip(sampled, new_states):
-          store.put(c, s)
       participated.update(sampled)
+      # Checkpoint first, then the client files (see fedmask_tff.checkpoint).
+      from fedmask_tff import checkpoint
+      encoded = [store.encode(st, c) for c, st in zip(sampled, new_states)] if store is not None else None
+      checkpoint.save(checkpoint_path, round_num, server_state, rng.bit_generator.state, participated,
+                      sampled, encoded)
+      if store is not None:
+        for c, st in zip(sampled, new_states):
+          store.put(c, st)
       wall = time.perf_counter() - t0
       up = [int(m["uplink_bits"]) for m in train]
       down = [int(m["downlink_bits"]) for m in train]
@@ -367,11 +431,11 @@ def _print_summary(results, dense_bits, num_params):
 class _progress:
   """A tqdm bar over rounds with the latest metrics (plain lines when tqdm is off)."""
 
-  def __init__(self, total, enabled=True):
+  def __init__(self, total, enabled=True, initial=0):
     self._bar = None
     if enabled:
       from tqdm import tqdm
-      self._bar = tqdm(total=total, desc="rounds", unit="round", file=sys.stderr,
+      self._bar = tqdm(total=total, initial=initial, desc="rounds", unit="round", file=sys.stderr,
                        dynamic_ncols=True, mininterval=0.5)
 
   def update(self, round_num, row):

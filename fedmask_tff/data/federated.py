@@ -125,6 +125,7 @@ class FederatedSplit:
       Fashion-MNIST: the pooled 70,000 images, the 60,000 train images first).
       Saved with a run as its partition file.
     test_indices: the same for the test examples.
+    num_source_examples: how many examples the source order has.
   """
 
   train: ClientData
@@ -139,6 +140,7 @@ class FederatedSplit:
   )
   train_indices: Optional[dict] = dataclasses.field(default=None, repr=False)
   test_indices: Optional[dict] = dataclasses.field(default=None, repr=False)
+  num_source_examples: Optional[int] = None
 
   def _label_counts(self, data: ClientData) -> np.ndarray:
     counts = np.zeros([len(self.client_ids), self.num_classes], np.int64)
@@ -313,6 +315,7 @@ def build_federated_split(
       test_label_counts=test_counts,
       train_indices=train_positions,
       test_indices=test_positions,
+      num_source_examples=int(labels.shape[0]),
   )
 
 
