@@ -99,3 +99,25 @@ def test_changed_flags_and_corrupt_checkpoint_are_refused(data_dir, tmp_path):
   np.savez(path, **arrays)
   proc, _ = run_cli(args, timeout=300)
   assert proc.returncode == 2 and "checksum" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)])
+def test_sigint_and_sigterm_stop_cleanly(data_dir, tmp_path, sig, code):
+  from test_cli import _workers
+  out = str(tmp_path / "run")
+  before = _workers()
+  child = subprocess.Popen([sys.executable, "-m", "experiments.run", *_args(data_dir, out, "fedmask")],
+                           cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                           text=True)
+  deadline = time.monotonic() + 300
+  while _rounds_done(out) < 1 and time.monotonic() < deadline and child.poll() is None:
+    time.sleep(0.05)
+  child.send_signal(sig)
+  _, err = child.communicate(timeout=120)
+  assert child.returncode == code, err[-2000:]
+  if sig == signal.SIGINT:
+    assert "rerun the same command to resume" in err
+  time.sleep(0.5)
+  assert _workers() - before == set()  # no worker outlives the run
+  assert os.path.exists(os.path.join(out, "checkpoint.npz")) and _rounds_done(out) >= 1

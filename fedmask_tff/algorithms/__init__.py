@@ -38,10 +38,11 @@ def build_algorithm(name: str, context, config):
   if name == "topk":
     from fedmask_tff.algorithms.topk import build_topk
     return build_topk(context, fraction=config.topk_fraction, error_feedback=config.error_feedback,
-                      server_learning_rate=config.server_learning_rate)
+                      server_learning_rate=config.server_learning_rate,
+                      learning_rate=context.learning_rate)
   if name == "bnn_fedavg":
     from fedmask_tff.algorithms.bnn_fedavg import build_bnn_fedavg
-    return build_bnn_fedavg(context)
+    return build_bnn_fedavg(context, learning_rate=context.learning_rate)
   if name == "per_fedavg":
     from fedmask_tff.algorithms import per_fedavg
     kwargs = {"variant": config.per_fedavg_variant}
