@@ -44,6 +44,8 @@ flags.DEFINE_float("per_fedavg_beta", _D.per_fedavg_beta, "per_fedavg: outer ste
                    "(default: the module's).")
 flags.DEFINE_integer("lg_global_layers", _D.lg_global_layers, "lg_fedavg: how many top weight layers "
                      "are global (averaged); the rest stay local.")
+flags.DEFINE_float("dropout_rate", _D.dropout_rate, "Share of each round's sampled clients that "
+                   "fail (drop out) before training, in [0, 1).")
 flags.DEFINE_string("partition_file", _D.partition_file, "Reuse a saved partition (a run's "
                     "partition.json): the same clients and train/test examples.")
 flags.DEFINE_float("prune_rate", _D.prune_rate, "Fraction p_r of elements one-shot pruning keeps in "

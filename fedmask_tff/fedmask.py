@@ -160,7 +160,8 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
       rounds=tff.TensorType(np.int32)))
   data_type = tff.SequenceType(tff.types.tensorflow_to_type(element_spec))
   eval_data_type = tff.SequenceType(tff.types.tensorflow_to_type(eval_element_spec or element_spec))
-  packed_type = tuple(tff.TensorType(np.uint8, [bitpack.packed_size_bytes(s.size)]) for s in specs)
+  # Variable length: the server validates what arrives (a malformed upload is dropped).
+  packed_type = tuple(tff.TensorType(np.uint8, [None]) for s in specs)
   keep_packed_type = tuple(tff.TensorType(np.uint8, [None]) for s in specs if s.prunable)
   upload_type = tff.types.to_type(collections.OrderedDict(mask=packed_type, keep=keep_packed_type))
   sums_type = tff.types.to_type(collections.OrderedDict(total=scores_type, count=scores_type))
@@ -232,14 +233,26 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     with tf.control_dependencies([loss_sum, count, flops, pruned_now]):
       scores = tuple(tf.identity(v) for v in score_vars)
       keeps = tuple(tf.identity(v) for v in keep_vars)
+    # A client whose training diverged (non-finite loss or scores) keeps its state and
+    # uploads nothing; the server then drops it from this round's aggregate.
+    diverged = tf.logical_not(tf.reduce_all(
+        [tf.math.is_finite(loss_sum)] + [tf.reduce_all(tf.math.is_finite(x)) for x in scores]))
+    scores = tuple(tf.where(diverged, old, new) for old, new in zip(state["scores"], scores))
+    keeps = tuple(tf.where(diverged, old, new) for old, new in zip(state["keep"], keeps))
     masks = tuple(masking.binary_mask(s, t) * k for s, k, t in zip(scores, keeps, thresholds))
+    masks = tuple(tf.where(diverged, old, new) for old, new in zip(state["personal"], masks))
     # `personal`: the client's own binary mask after local training, i.e. its
     # personalized model; `scores` will be restarted from the aggregate.
     new_state = collections.OrderedDict(scores=scores, keep=keeps, personal=masks,
-                                        rounds=state["rounds"] + 1)
+                                        rounds=state["rounds"] + tf.where(diverged, 0, 1))
     upload = encode_upload_fn(masks, new_state["keep"], pruned_now)
+    upload = collections.OrderedDict(
+        mask=tuple(tf.cond(diverged, lambda: tf.zeros([0], tf.uint8), lambda m=m: m)
+                   for m in upload["mask"]),
+        keep=upload["keep"])
     metrics = collections.OrderedDict(
-        loss_sum=loss_sum, examples=count, train_flops=flops, pruned=pruned_now,
+        loss_sum=tf.where(diverged, 0.0, loss_sum), examples=tf.where(diverged, 0.0, count),
+        diverged=tf.cast(diverged, tf.int32), train_flops=flops, pruned=pruned_now,
         uplink_bits=_payload_bits(upload),
         mask_ones=tf.add_n([tf.reduce_sum(m) for m in masks]),
         mask_kept=tf.add_n([tf.reduce_sum(k) for k in new_state["keep"]]))
@@ -248,20 +261,56 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
   # --- Server side: decode each upload and sum ------------------------------------
   @tff.tensorflow.computation(upload_type, scores_type)
   def decode_upload(upload, cached_keep):
-    totals, counts = [], []
+    """Validates one client's upload and turns it into its share of the two sums.
+
+    An upload is valid when every packed mask has exactly ``ceil(n/8)`` bytes,
+    every sent pruning mask has 0 (not sent) or ``ceil(n/8)`` bytes, the
+    padding bits after the ``n`` elements are 0, and no mask bit is set where
+    the client's pruning mask is 0. An invalid upload adds nothing to either
+    sum (the client is dropped from the round's aggregate); ``valid`` says which.
+    """
+    sizes_ok = [tf.equal(tf.size(upload["mask"][i]), bitpack.packed_size_bytes(spec.size))
+                for i, spec in enumerate(specs)]
     j = 0
-    for i, spec in enumerate(specs):
-      bits = tf.reshape(bitpack.unpack_bits_tf(upload["mask"][i], spec.size), spec.shape)
-      keep = cached_keep[i]
+    for spec in specs:
       if spec.prunable:
-        sent = upload["keep"][j]
+        n = tf.size(upload["keep"][j])
+        sizes_ok.append(tf.logical_or(tf.equal(n, 0), tf.equal(n, bitpack.packed_size_bytes(spec.size))))
         j += 1
-        keep = tf.cond(tf.size(sent) > 0,
-                       lambda s=sent, sp=spec: tf.reshape(bitpack.unpack_bits_tf(s, sp.size), sp.shape),
-                       lambda k=keep: k)
-      totals.append(bits * keep)
-      counts.append(keep)
-    return collections.OrderedDict(total=tuple(totals), count=tuple(counts))
+    sizes_ok = tf.reduce_all(sizes_ok)
+
+    def decode():
+      totals, counts, ok = [], [], []
+      j = 0
+      for i, spec in enumerate(specs):
+        nbytes = bitpack.packed_size_bytes(spec.size)
+        all_bits = bitpack.unpack_bits_tf(upload["mask"][i], nbytes * 8)
+        ok.append(tf.equal(tf.reduce_sum(all_bits[spec.size:]), 0.0))
+        bits = tf.reshape(all_bits[:spec.size], spec.shape)
+        keep = cached_keep[i]
+        if spec.prunable:
+          sent = upload["keep"][j]
+          j += 1
+          sent_bits = tf.cond(tf.size(sent) > 0,
+                              lambda s=sent, nb=nbytes: bitpack.unpack_bits_tf(s, nb * 8),
+                              lambda nb=nbytes: tf.zeros([nb * 8]))
+          ok.append(tf.equal(tf.reduce_sum(sent_bits[spec.size:]), 0.0))
+          keep = tf.cond(tf.size(sent) > 0,
+                         lambda b=sent_bits, sp=spec: tf.reshape(b[:sp.size], sp.shape),
+                         lambda k=keep: k)
+        ok.append(tf.equal(tf.reduce_sum(bits * (1.0 - keep)), 0.0))
+        totals.append(bits * keep)
+        counts.append(keep)
+      valid = tf.reduce_all(ok)
+      scale = tf.cast(valid, tf.float32)
+      return (tuple(t * scale for t in totals), tuple(c * scale for c in counts), valid)
+
+    def reject():
+      zeros = tuple(tf.zeros(spec.shape) for spec in specs)
+      return zeros, zeros, tf.constant(False)
+
+    totals, counts, valid = tf.cond(sizes_ok, decode, reject)
+    return collections.OrderedDict(total=totals, count=counts), tf.cast(valid, tf.int32)
 
   # --- Download: the server's per-client message, and the client's restart -------
   @tff.tensorflow.computation(sums_type, state_type)
@@ -326,12 +375,12 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
                              tff.FederatedType(state_type, tff.CLIENTS))
   def next_fn(server_state, client_data, client_states):
     trained, upload, metrics = tff.federated_map(client_update, (client_data, client_states))
-    decoded = tff.federated_map(decode_upload, (upload, trained.keep))
+    decoded, valid = tff.federated_map(decode_upload, (upload, trained.keep))
     sums = tff.federated_sum(decoded)
     new_states, downlink_bits = tff.federated_map(
         download_and_apply, (tff.federated_broadcast(sums), trained))
     client_metrics = tff.federated_zip(collections.OrderedDict(
-        train=metrics, downlink_bits=downlink_bits))
+        train=metrics, downlink_bits=downlink_bits, upload_valid=valid))
     return tff.federated_map(increment, server_state), new_states, client_metrics
 
   @tff.federated_computation(tff.FederatedType(eval_data_type, tff.CLIENTS),

@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 ROUND_FIELDS = ("round", "train_loss", "uplink_bits", "downlink_bits", "uplink_bits_per_client",
                 "downlink_bits_per_client", "train_flops", "train_flops_per_client", "clients",
-                "examples", "pruned_clients", "mask_density", "accuracy", "wall_s")
+                "examples", "pruned_clients", "mask_density", "rejected_uploads", "diverged_clients",
+                "accuracy", "wall_s")
 
 
 def _json_safe(value):

@@ -63,6 +63,7 @@ class RunConfig:
   per_fedavg_alpha: Optional[float] = None
   per_fedavg_beta: Optional[float] = None
   lg_global_layers: int = 2
+  dropout_rate: float = 0.0
   output_dir: str = "runs/fedmask"
   eval_every: int = 0
   eval_batch_size: int = 256
@@ -97,6 +98,7 @@ class RunConfig:
       value = getattr(self, name)
       need(value is None or (math.isfinite(value) and value > 0),
            f"--{name} must be a finite number > 0, got {value}")
+    need(0.0 <= self.dropout_rate < 1.0, f"--dropout_rate must be in [0, 1), got {self.dropout_rate}")
     need(self.lg_global_layers >= 1, f"--lg_global_layers must be >= 1, got {self.lg_global_layers}")
     if self.partition_file is not None:
       need(os.path.isfile(self.partition_file), f"--partition_file {self.partition_file!r} does not exist")
@@ -160,6 +162,20 @@ def resume_state(config: RunConfig) -> str:
                       f"({', '.join('--' + d for d in differ)}): rerun with the same flags to "
                       "resume it, or pass --overwrite to start again")
   return "resume"
+
+
+def _dropped_clients(sampled: list, rate: float, seed: int, round_num: int) -> set:
+  """``--dropout_rate``: the sampled clients that fail this round (never all of them).
+
+  ``round(rate * n)`` of the ``n`` sampled clients, at most ``n - 1``, drawn from
+  an RNG of its own (seeded by the run's seed and the round), so that drop-out
+  does not change which clients are sampled.
+  """
+  if rate <= 0 or not sampled:
+    return set()
+  count = min(len(sampled) - 1, int(math.floor(rate * len(sampled) + 0.5)))
+  rng = np.random.default_rng([seed, round_num, 7919])
+  return set(rng.choice(sampled, size=count, replace=False).tolist()) if count > 0 else set()
 
 
 def _log(message: str) -> None:
@@ -324,6 +340,8 @@ def run(config: RunConfig) -> dict[str, Any]:
     for round_num in range(first_round, config.rounds + 1):
       t0 = time.perf_counter()
       sampled = sorted(rng.choice(split.client_ids, size=config.clients_per_round, replace=False).tolist())
+      dropped = _dropped_clients(sampled, config.dropout_rate, config.seed, round_num)
+      sampled = [c for c in sampled if c not in dropped]
       states = [store.get(c) for c in sampled] if store is not None else None
       datasets = [train_dataset(c, round_num) for c in sampled]
       server_state, new_states, train = algorithm.next(server_state, datasets, states)
@@ -349,6 +367,9 @@ def run(config: RunConfig) -> dict[str, Any]:
              "uplink_bits_per_client": sum(up) / len(up), "downlink_bits_per_client": sum(down) / len(down),
              "train_flops": sum(flops), "train_flops_per_client": sum(flops) / len(flops),
              "clients": len(sampled), "examples": examples, "wall_s": wall, "sampled_clients": sampled,
+             "dropped_clients": sorted(dropped),
+             "rejected_uploads": int(sum(1 - m.get("upload_valid", 1) for m in train)),
+             "diverged_clients": int(sum(m.get("diverged", 0) for m in train)),
              "uplink_bits_by_client": dict(zip(sampled, up)),
              "downlink_bits_by_client": dict(zip(sampled, down))}
       if "pruned" in train[0]:

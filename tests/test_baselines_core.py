@@ -118,3 +118,15 @@ def test_array_state_store_round_trip_and_corruption(tmp_path):
   open(path, "wb").write(raw[: len(raw) // 2])  # truncated
   with pytest.raises(ClientStateError, match="unreadable"):
     store.get("a")
+
+
+def test_dropout_share_is_exact_never_all_and_independent_of_sampling():
+  from fedmask_tff.runner import _dropped_clients
+  clients = [f"c{i}" for i in range(10)]
+  assert _dropped_clients(clients, 0.0, 0, 1) == set()
+  d = _dropped_clients(clients, 0.3, 0, 1)
+  assert len(d) == 3 and d <= set(clients)
+  assert d == _dropped_clients(clients, 0.3, 0, 1)  # deterministic
+  assert d != _dropped_clients(clients, 0.3, 0, 2) or d != _dropped_clients(clients, 0.3, 0, 3)
+  assert len(_dropped_clients(clients, 0.99, 0, 1)) == 9  # never every client
+  assert _dropped_clients(["a"], 0.9, 0, 1) == set()

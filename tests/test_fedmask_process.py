@@ -322,3 +322,64 @@ def test_model_without_masked_layers():
     return tf.keras.Sequential([tf.keras.Input(shape=(8,)), tf.keras.layers.Dense(3)])
   with pytest.raises(ValueError, match="masked"):
     fedmask.build_fedmask_process(plain, ELEMENT_SPEC, fedmask.FedMaskConfig(prune_last_layers=0))
+
+
+# --- Misbehaving clients: malformed uploads are dropped, diverged clients upload nothing ----------
+
+def _valid_upload(rng, keep_sent=True):
+  masks = [(rng.random(s) < 0.5).astype(np.float32) for s in SHAPES]
+  keeps = [np.ones(s, np.float32) for s in SHAPES]
+  upload = collections.OrderedDict(
+      mask=tuple(bitpack.pack_bits_np(m) for m in masks),
+      keep=tuple(bitpack.pack_bits_np(k) if keep_sent else np.zeros([0], np.uint8)
+                 for k, p in zip(keeps, PRUNABLE) if p))
+  return upload, masks, keeps
+
+
+def test_a_valid_upload_decodes_to_its_sums(process):
+  upload, masks, keeps = _valid_upload(np.random.default_rng(0))
+  sums, valid = process.decode_upload(upload, tuple(keeps))
+  assert int(valid) == 1
+  for got, m in zip(sums["total"], masks):
+    np.testing.assert_array_equal(got, m)
+
+
+@pytest.mark.parametrize("corrupt", ["short_mask", "long_keep", "padding_bit", "bit_outside_keep"])
+def test_malformed_uploads_are_dropped_from_the_aggregate(process, corrupt):
+  rng = np.random.default_rng(1)
+  upload, masks, keeps = _valid_upload(rng)
+  mask, keep = list(upload["mask"]), list(upload["keep"])
+  if corrupt == "short_mask":
+    mask[0] = mask[0][:-1]
+  elif corrupt == "long_keep":
+    keep[0] = np.concatenate([keep[0], np.zeros(1, np.uint8)])
+  elif corrupt == "padding_bit":  # 12 x 3 = 36 elements: bits 36..39 of the last byte are padding
+    last = mask[2].copy()
+    last[-1] |= 0x80
+    mask[2] = last
+  elif corrupt == "bit_outside_keep":  # The client claims a 1 where its own pruning mask is 0.
+    k = keeps[1].copy()
+    k.reshape(-1)[0] = 0
+    m = masks[1].copy()
+    m.reshape(-1)[0] = 1
+    mask[1] = bitpack.pack_bits_np(m)
+    keep[0] = bitpack.pack_bits_np(k)
+  bad = collections.OrderedDict(mask=tuple(mask), keep=tuple(keep))
+  sums, valid = process.decode_upload(bad, tuple(keeps))
+  assert int(valid) == 0
+  for t, c in zip(sums["total"], sums["count"]):
+    assert float(np.sum(t)) == 0 and float(np.sum(c)) == 0
+
+
+def test_a_diverged_client_keeps_its_state_and_is_dropped(process, data):
+  datasets = to_datasets(data)
+  state = process.initial_client_state()
+  state["scores"] = (np.full(SHAPES[0], np.nan, np.float32),) + tuple(state["scores"][1:])
+  server = process.initialize()
+  states = [state] + [process.initial_client_state() for _ in range(NUM_CLIENTS - 1)]
+  _, new_states, metrics = process.next(server, datasets, states)
+  assert int(metrics[0]["train"]["diverged"]) == 1 and int(metrics[0]["upload_valid"]) == 0
+  assert float(metrics[0]["train"]["examples"]) == 0.0
+  assert int(new_states[0]["rounds"]) == 0  # unchanged
+  assert [int(m["upload_valid"]) for m in metrics[1:]] == [1] * (NUM_CLIENTS - 1)
+  assert all(np.all(np.isfinite(s)) for st in new_states[1:] for s in st["scores"])

@@ -49,7 +49,8 @@ class FedMask(FederatedAlgorithm):
       out.append({"loss_sum": float(t["loss_sum"]), "examples": float(t["examples"]),
                   "uplink_bits": int(t["uplink_bits"]), "downlink_bits": int(m["downlink_bits"]),
                   "train_flops": float(t["train_flops"]), "pruned": int(t["pruned"]),
-                  "mask_ones": float(t["mask_ones"]), "mask_kept": float(t["mask_kept"])})
+                  "mask_ones": float(t["mask_ones"]), "mask_kept": float(t["mask_kept"]),
+                  "diverged": int(t["diverged"]), "upload_valid": int(m["upload_valid"])})
     return server_state, list(new_states), out
 
   def _evaluate(self, test_datasets, masks):

@@ -17,9 +17,15 @@ from fedmask_tff.data.federated import split_client_examples
 from fedmask_tff.data.idx import read_idx
 from fedmask_tff.data.partition import dirichlet_partition
 from fedmask_tff.data.partition import pathological_partition
+from fedmask_tff.data.registry import DATASETS
+from fedmask_tff.data.registry import describe
+from fedmask_tff.data.registry import load_federated
 
 __all__ = [
+    'DATASETS',
     'DEFAULT_DIRS',
+    'describe',
+    'load_federated',
     'DataError',
     'FederatedSplit',
     'PARTITIONS',

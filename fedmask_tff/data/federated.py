@@ -126,6 +126,14 @@ class FederatedSplit:
       Saved with a run as its partition file.
     test_indices: the same for the test examples.
     num_source_examples: how many examples the source order has.
+    original_ids: optional dict client id -> the data set's own id, where the
+      id had to be made safe for file names (LEAF writers, Shakespeare roles).
+    info: optional loader facts (dropped users, index space, ...).
+
+  Client datasets yield `OrderedDict(x, y)`: `x` a float32 image [H, W, C],
+  a float32 sensor window [128, 9] (HAR) or int32 character ids [seq_len]
+  (Shakespeare); `y` an int32 label. Ids come from the data set where it has
+  them (writers, subjects, roles), else `client_0000`, ...
   """
 
   train: ClientData
@@ -141,6 +149,8 @@ class FederatedSplit:
   train_indices: Optional[dict] = dataclasses.field(default=None, repr=False)
   test_indices: Optional[dict] = dataclasses.field(default=None, repr=False)
   num_source_examples: Optional[int] = None
+  original_ids: Optional[dict] = dataclasses.field(default=None, repr=False)
+  info: Optional[dict] = dataclasses.field(default=None, repr=False)
 
   def _label_counts(self, data: ClientData) -> np.ndarray:
     counts = np.zeros([len(self.client_ids), self.num_classes], np.int64)
@@ -175,6 +185,9 @@ class FederatedSplit:
     out.update(_stats(train_per_client, 'train_examples_per_client'))
     out.update(_stats(test_per_client, 'test_examples_per_client'))
     out.update(_stats(classes_per_client, 'classes_per_client'))
+    for key, value in (self.info or {}).items():
+      if isinstance(value, (int, float, str, bool)):
+        out[f'loader_{key}'] = value
     return out
 
 
