@@ -387,6 +387,13 @@ def run(config: RunConfig) -> dict[str, Any]:
   finally:
     progress.close()
 
+  global_model = algorithm.global_model(server_state)
+  if global_model is not None:
+    model_fn, weights = global_model
+    model = model_fn()
+    for variable, value in zip(model.trainable_weights + model.non_trainable_weights, weights):
+      variable.assign(value)
+    model.save_weights(os.path.join(config.output_dir, "global_model.weights.h5"))
   _log("[fedmask_tff] evaluating every client that took part on its own test data ...")
   evaluated = evaluate(server_state, sorted(participated), extra=True)
   final = summarize(evaluated["personal"])

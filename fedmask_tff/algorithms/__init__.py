@@ -48,10 +48,11 @@ def build_algorithm(name: str, context, config):
     kwargs = {"variant": config.per_fedavg_variant}
     if config.per_fedavg_alpha is not None:
       kwargs["alpha"] = config.per_fedavg_alpha
-    if config.per_fedavg_beta is not None:
-      kwargs["beta"] = config.per_fedavg_beta
+    # beta is the outer step: --per_fedavg_beta, else --learning_rate, else the module default.
+    kwargs["beta"] = config.per_fedavg_beta if config.per_fedavg_beta is not None else context.learning_rate
     return per_fedavg.build_per_fedavg(context, **kwargs)
   if name == "lg_fedavg":
     from fedmask_tff.algorithms.lg_fedavg import build_lg_fedavg
-    return build_lg_fedavg(context, global_layers=config.lg_global_layers)
+    return build_lg_fedavg(context, global_layers=config.lg_global_layers,
+                           learning_rate=context.learning_rate)
   raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(ALGORITHMS)}")

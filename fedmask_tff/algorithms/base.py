@@ -119,6 +119,13 @@ class FederatedAlgorithm(abc.ABC):
                train_datasets: list) -> list[dict]:
     """Personalized metrics per client; see the module docstring."""
 
+  def global_model(self, server_state):
+    """``(model_fn, weights)`` of the final global model (weights in
+    :func:`fedmask_tff.evaluation.model_weights` order), or ``None`` when the
+    algorithm has none (personalized-only methods). The runner saves it as
+    ``global_model.weights.h5`` (Keras) for export and deployment."""
+    return None
+
   def evaluate_extra(self, server_state, test_datasets, client_states, train_datasets) -> dict:
     """Optional further evaluations ``{name: [per-client metrics]}`` (FedMask: after aggregation)."""
     return {}

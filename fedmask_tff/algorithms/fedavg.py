@@ -72,6 +72,9 @@ class FedAvg(FederatedAlgorithm):
     weights = self.process.get_model_weights(server_state)
     return tuple(weights.trainable) + tuple(weights.non_trainable)
 
+  def global_model(self, server_state):
+    return self.model_fn, self.global_weights(server_state)
+
   def next(self, server_state, train_datasets, client_states):
     datasets = [d.repeat(self.local_epochs) for d in train_datasets]
     weights = self.process.get_model_weights(server_state)

@@ -264,6 +264,10 @@ class TopKFedAvg(FederatedAlgorithm):
     self.settings = dict(settings)
     self._weight_costs = costs.weight_costs(model_fn())
     self._shapes = process.shapes
+    self._model_fn = model_fn
+
+  def global_model(self, server_state):
+    return self._model_fn, tuple(server_state)
 
   def initial_client_state(self) -> Optional[tuple]:
     if not self.process.error_feedback:
