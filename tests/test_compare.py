@@ -1,0 +1,87 @@
+"""`python -m experiments.compare`: all seven algorithms on one partition, one table."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from test_cli import ROOT, write_learnable_fashion_dir
+
+ALGORITHMS = ["fedmask", "standalone", "fedavg", "topk", "bnn_fedavg", "per_fedavg", "lg_fedavg"]
+
+
+def _compare(args, timeout=900):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  return subprocess.run([sys.executable, "-m", "experiments.compare", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+  data = str(tmp_path_factory.mktemp("fm_compare"))
+  write_learnable_fashion_dir(data)
+  out = str(tmp_path_factory.mktemp("compare"))
+  args = [f"--data_dir={data}", f"--output_dir={out}", "--model=mlp", "--model_width=0.25",
+          "--num_clients=6", "--clients_per_round=3", "--rounds=2", "--local_epochs=1",
+          "--batch_size=16", "--progress=false", "--dropout_rate=0.34"]
+  proc = _compare(args)
+  return proc, out, args
+
+
+def test_every_algorithm_ran_on_the_same_partition(compared):
+  proc, out, _ = compared
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  with open(os.path.join(out, "partition.json")) as f:
+    partition = json.load(f)
+  for name in ALGORITHMS:
+    with open(os.path.join(out, name, "results.json")) as f:
+      results = json.load(f)
+    assert results["complete"] and results["algorithm"] == name
+    assert results["config"]["partition_file"] == os.path.join(out, "partition.json")
+    with open(os.path.join(out, name, "partition.json")) as f:
+      assert json.load(f)["clients"] == partition["clients"]
+    # --dropout_rate=0.34 of 3 sampled clients: one drops every round, the others train.
+    for row in results["rounds"]:
+      assert len(row["dropped_clients"]) == 1 and row["clients"] == 2
+      assert row["train_flops"] > 0
+    assert 0.0 <= results["final"]["accuracy"] <= 1.0
+    for key in ("uplink_bits", "downlink_bits", "train_flops"):
+      assert key in results["totals"]
+
+
+def test_table_has_every_algorithm_and_measured_ratios(compared):
+  proc, out, _ = compared
+  with open(os.path.join(out, "comparison.csv")) as f:
+    rows = {r["algorithm"]: r for r in csv.DictReader(f)}
+  assert list(rows) == ALGORITHMS
+  assert float(rows["standalone"]["uplink_bits_per_client_round"]) == 0.0
+  assert float(rows["standalone"]["downlink_bits_per_client_round"]) == 0.0
+  assert float(rows["fedavg"]["uplink_vs_fedavg"]) == 1.0
+  with open(os.path.join(out, "fedavg", "results.json")) as f:
+    params = json.load(f)["config"]["model_parameters"]
+  assert float(rows["fedavg"]["downlink_bits_per_client_round"]) == 32 * params
+  # BNN: 1 bit per weight, padded to whole bytes.
+  assert float(rows["bnn_fedavg"]["uplink_bits_per_client_round"]) == 8 * -(-params // 8)
+  # Top-k (10 %): k float32 values + k int32 indices.
+  k = max(1, round(0.1 * params))
+  assert float(rows["topk"]["uplink_bits_per_client_round"]) == 64 * k
+  assert float(rows["fedmask"]["uplink_bits_per_client_round"]) < 2 * params
+  with open(os.path.join(out, "comparison.md")) as f:
+    text = f.read()
+  assert all(f"| {name} |" in text for name in ALGORITHMS)
+  assert os.path.exists(os.path.join(out, "fedavg", "global_model.weights.h5"))
+
+
+def test_rerun_skips_finished_runs(compared):
+  _, out, args = compared
+  proc = _compare(args, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stderr.count("complete, skipped") == len(ALGORITHMS)
+
+
+def test_one_learning_rate_for_all_is_refused(tmp_path):
+  proc = _compare([f"--output_dir={tmp_path}", "--learning_rate=0.1"], timeout=120)
+  assert proc.returncode == 2 and "--learning_rates" in proc.stderr
