@@ -17,9 +17,11 @@ from fedmask_tff.runner import ALGORITHMS, DATASETS, MODELS, PARTITIONS, ConfigE
 _D = RunConfig()
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("algorithm", _D.algorithm, list(ALGORITHMS), "Algorithm to run.")
-flags.DEFINE_enum("dataset", _D.dataset, list(DATASETS), "Data set (fashion_mnist: the embedded default).")
-flags.DEFINE_string("data_dir", None, "Folder with the data set's files (default: Debian's "
-                    "/usr/share/datasets/fashion-mnist, then ~/.keras/datasets/fashion-mnist).")
+flags.DEFINE_enum("dataset", _D.dataset, list(DATASETS), "Data set: fashion_mnist (the embedded "
+                  "default), emnist and shakespeare (TFF SQLite), femnist_leaf and shakespeare_leaf "
+                  "(LEAF JSON), shakespeare_h5 (TFF's HDF5), har (UCI-HAR), cifar10.")
+flags.DEFINE_string("data_dir", None, "Folder with the data set's files (default: searched; see "
+                    "fedmask_tff.data.registry; Fashion-MNIST: /usr/share/datasets/fashion-mnist).")
 flags.DEFINE_enum("partition", _D.partition, list(PARTITIONS), "How examples are split into clients.")
 flags.DEFINE_integer("classes_per_client", _D.classes_per_client, "k classes per client (pathological).")
 flags.DEFINE_float("dirichlet_alpha", _D.dirichlet_alpha, "Concentration alpha (dirichlet).")
@@ -50,14 +52,20 @@ flags.DEFINE_string("partition_file", _D.partition_file, "Reuse a saved partitio
                     "partition.json): the same clients and train/test examples.")
 flags.DEFINE_float("prune_rate", _D.prune_rate, "Fraction p_r of elements one-shot pruning keeps in "
                    "the last layers, in (0, 1].")
-flags.DEFINE_integer("prune_last_layers", _D.prune_last_layers, "How many last masked layers are pruned.")
+flags.DEFINE_integer("prune_last_layers", _D.prune_last_layers, "How many last masked layers are "
+                     "pruned (default: the model's; the paper prunes VGG-16's last 8, others' last 2).")
+flags.DEFINE_float("group_lasso", _D.group_lasso, "FedMask: weight of the paper's structured-sparsity "
+                   "(group lasso) term on the masks; 0 = off.")
+flags.DEFINE_integer("examples_per_client", _D.examples_per_client, "cifar10: cap on each client's "
+                     "examples (the paper: about 25); 0 = no cap.")
 flags.DEFINE_enum("mask_mode", _D.mask_mode, ["ste", "soft"], "Training forward mask: 'ste' (binary "
                   "forward, sigmoid' backward) or 'soft' (sigmoid(m_r) forward).")
 flags.DEFINE_float("score_init", _D.score_init, "Initial value of every mask score m_r.")
 flags.DEFINE_enum("score_restart", _D.score_restart, ["scaled_logit", "linear"], "How a client "
                   "restarts m_r from an aggregated mask value.")
 flags.DEFINE_float("restart_scale", _D.restart_scale, "Scale of the restart rule.")
-flags.DEFINE_enum("model", _D.model, list(MODELS), "Model architecture.")
+flags.DEFINE_enum("model", _D.model, list(MODELS), "Model architecture (default: the data set's: "
+                  "cnn for images, vgg16 for cifar10, har_mlp for har, shakespeare_lstm for text).")
 flags.DEFINE_float("model_width", _D.model_width, "Width multiplier of the model's hidden layers.")
 flags.DEFINE_float("test_fraction", _D.test_fraction, "Share of each client's examples held out for its test.")
 flags.DEFINE_integer("seed", _D.seed, "Seed of W, the partition, sampling and shuffling.")

@@ -39,7 +39,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedmask_tff import bitpack, costs, masking, pruning
+from fedmask_tff import bitpack, costs, masking, pruning, regularizers
 from fedmask_tff.layers import mask_variables, masked_layers
 
 DOWNLINK_UNCHANGED = -1.0
@@ -60,6 +60,9 @@ class FedMaskConfig:
     score_restart: ``"scaled_logit"`` or ``"linear"`` (see ``masking``).
     restart_scale, restart_eps: parameters of the restart rule.
     min_shared: clients that must keep an element for it to be averaged.
+    group_lasso: weight λ of the paper's structured-sparsity term added to the
+      client loss: ``λ * regularizers.structured_penalty(model, normalize=True)``
+      (group lasso over filters / rows / columns of σ(m_r) · keep); 0 = off.
   """
   local_epochs: int = 2
   learning_rate: float = 30.0
@@ -69,6 +72,7 @@ class FedMaskConfig:
   restart_scale: float = 0.1
   restart_eps: float = 0.01
   min_shared: int = 2
+  group_lasso: float = 0.0
 
   def validate(self, num_masked_layers: int | None = None) -> "FedMaskConfig":
     if int(self.local_epochs) < 1:
@@ -83,6 +87,8 @@ class FedMaskConfig:
                        f"{num_masked_layers} masked layers")
     masking.scores_from_mask_values(np.zeros(1), self.score_restart, self.restart_scale,
                                     self.restart_eps)
+    if not (math.isfinite(self.group_lasso) and self.group_lasso >= 0):
+      raise ValueError(f"group_lasso must be a finite number >= 0, got {self.group_lasso}")
     if int(self.min_shared) < 1:
       raise ValueError(f"min_shared must be >= 1, got {self.min_shared}")
     return self
@@ -109,7 +115,8 @@ def mask_specs(model: tf.keras.Model, prune_last_layers: int) -> list[MaskSpec]:
   specs = []
   for i, layer in enumerate(layers):
     for name, kernel, _, _ in layer.masked_weights:
-      specs.append(MaskSpec(f"{layer.name}/{name}", tuple(kernel.shape.as_list()),
+      # The variable's own name is unique in the model (two LSTMs both have a "cell").
+      specs.append(MaskSpec(kernel.name.split(":")[0], tuple(kernel.shape.as_list()),
                             i >= first_pruned))
   return specs
 
@@ -202,7 +209,11 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
           trainable = [tf.cast(tf.reduce_sum(k), tf.float64) for k in keep_vars]
           with tf.GradientTape() as tape:
             loss = loss_fn(batch["y"], model(batch["x"], training=True))
-          grads = tape.gradient(loss, score_vars)
+            objective = loss
+            if config.group_lasso > 0:
+              objective = loss + config.group_lasso * regularizers.structured_penalty(
+                  model, normalize=True)
+          grads = tape.gradient(objective, score_vars)
           for v, g in zip(score_vars, grads):
             v.assign_sub(lr * g)
           n = tf.cast(tf.shape(batch["y"])[0], tf.float32)

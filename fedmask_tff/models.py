@@ -99,3 +99,32 @@ def build_reference_mlp(input_shape=(28, 28, 1), num_classes: int = 10, width: f
 
 # The dense, trainable counterparts that FedAvg-style baselines train, by ``--model`` name.
 DENSE_MODEL_BUILDERS = {"cnn": build_reference_cnn, "mlp": build_reference_mlp}
+
+
+def masked_builder(name: str):
+  """The masked (FedMask) builder of ``--model`` ``name``: ``cnn``, ``mlp`` or a paper model."""
+  from fedmask_tff import paper_models
+  table = {**MODEL_BUILDERS, **paper_models.PAPER_MODEL_BUILDERS}
+  if name not in table:
+    raise ValueError(f"unknown model {name!r}; valid: {', '.join(sorted(table))}")
+  return table[name]
+
+
+def dense_builder(name: str):
+  """The dense, trainable counterpart of ``name`` (what FedAvg-style baselines train)."""
+  from fedmask_tff import paper_models
+  table = {**DENSE_MODEL_BUILDERS, **paper_models.PAPER_DENSE_BUILDERS}
+  if name not in table:
+    raise ValueError(f"unknown model {name!r}; valid: {', '.join(sorted(table))}")
+  return table[name]
+
+
+def binary_builder(name: str):
+  """The binarized counterpart of ``name`` (BNN-FedAvg); LSTM models have none."""
+  from fedmask_tff import binarized, paper_models
+  table = {**binarized.BINARY_MODEL_BUILDERS, **paper_models.PAPER_BINARY_BUILDERS}
+  if name not in table:
+    raise ValueError(f"model {name!r} has no binarized counterpart (BNN-FedAvg needs Dense/Conv2D "
+                     f"layers); models with one: {', '.join(sorted(table))}")
+  return table[name]
+

@@ -25,9 +25,11 @@ class ConfigError(ValueError):
 
 
 ALGORITHMS = ("fedmask", "standalone", "fedavg", "topk", "bnn_fedavg", "per_fedavg", "lg_fedavg")
-DATASETS = ("fashion_mnist",)
+from fedmask_tff.data.registry import DATASETS  # noqa: E402  (no TensorFlow import)
 PARTITIONS = ("pathological", "dirichlet")
-MODELS = ("cnn", "mlp")
+MODELS = ("cnn", "mlp", "vgg16", "har_mlp", "shakespeare_lstm")
+# Datasets whose partition file indexes a pooled source (and can be reused with --partition_file).
+POOLED_DATASETS = ("fashion_mnist",)
 
 
 @dataclasses.dataclass
@@ -46,12 +48,12 @@ class RunConfig:
   batch_size: int = 32
   learning_rate: Optional[float] = None  # None: the algorithm's documented default (FedMask: 30)
   prune_rate: float = 0.2
-  prune_last_layers: int = 2
+  prune_last_layers: Optional[int] = None  # None: the model's (paper: VGG-16 8, others 2)
   mask_mode: str = "ste"
   score_init: float = 0.05
   score_restart: str = "scaled_logit"
   restart_scale: float = 0.1
-  model: str = "cnn"
+  model: Optional[str] = None  # None: the data set's model (fashion_mnist: cnn; har: har_mlp; ...)
   model_width: float = 1.0
   test_fraction: float = 0.2
   seed: int = 0
@@ -64,6 +66,8 @@ class RunConfig:
   per_fedavg_beta: Optional[float] = None
   lg_global_layers: int = 2
   dropout_rate: float = 0.0
+  group_lasso: float = 0.0
+  examples_per_client: int = 0
   output_dir: str = "runs/fedmask"
   eval_every: int = 0
   eval_batch_size: int = 256
@@ -80,7 +84,13 @@ class RunConfig:
     need(self.algorithm in ALGORITHMS, f"--algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
     need(self.dataset in DATASETS, f"--dataset must be one of {DATASETS}, got {self.dataset!r}")
     need(self.partition in PARTITIONS, f"--partition must be one of {PARTITIONS}, got {self.partition!r}")
-    need(self.model in MODELS, f"--model must be one of {MODELS}, got {self.model!r}")
+    need(self.model is None or self.model in MODELS, f"--model must be one of {MODELS}, got {self.model!r}")
+    need(math.isfinite(self.group_lasso) and self.group_lasso >= 0,
+         f"--group_lasso must be a finite number >= 0, got {self.group_lasso}")
+    need(self.examples_per_client >= 0, f"--examples_per_client must be >= 0, got {self.examples_per_client}")
+    need(self.partition_file is None or self.dataset in POOLED_DATASETS,
+         f"--partition_file is supported for {POOLED_DATASETS}; {self.dataset}'s split is fixed by "
+         "the data files, the seed and the flags (its partition.json records it)")
     need(self.num_clients >= 2, f"--num_clients must be >= 2, got {self.num_clients}")
     need(1 <= self.clients_per_round <= self.num_clients,
          f"--clients_per_round must be in [1, num_clients={self.num_clients}], got {self.clients_per_round}")
@@ -103,7 +113,8 @@ class RunConfig:
     if self.partition_file is not None:
       need(os.path.isfile(self.partition_file), f"--partition_file {self.partition_file!r} does not exist")
     need(0.0 < self.prune_rate <= 1.0, f"--prune_rate (the fraction kept) must be in (0, 1], got {self.prune_rate}")
-    need(self.prune_last_layers >= 0, f"--prune_last_layers must be >= 0, got {self.prune_last_layers}")
+    need(self.prune_last_layers is None or self.prune_last_layers >= 0,
+         f"--prune_last_layers must be >= 0, got {self.prune_last_layers}")
     need(self.mask_mode in ("ste", "soft"), f"--mask_mode must be 'ste' or 'soft', got {self.mask_mode!r}")
     need(math.isfinite(self.score_init), f"--score_init must be finite, got {self.score_init}")
     need(self.score_restart in ("scaled_logit", "linear"),
@@ -196,6 +207,15 @@ def _source_description(dataset: str, split) -> tuple[str, int]:
 def load_split(config: RunConfig):
   """The run's :class:`FederatedSplit` (from ``--partition_file`` when given)."""
   from fedmask_tff import data as data_lib
+  if config.dataset != "fashion_mnist":
+    options = {}
+    if config.dataset == "cifar10":
+      options["classes_per_client"] = config.classes_per_client
+      if config.examples_per_client:
+        options["examples_per_client"] = config.examples_per_client
+    return data_lib.load_federated(config.dataset, data_dir=config.data_dir,
+                                   num_clients=config.num_clients, seed=config.seed,
+                                   test_fraction=config.test_fraction, **options)
   return data_lib.load_partitioned_fashion_mnist(
       data_dir=config.data_dir, num_clients=config.num_clients, partition=config.partition,
       classes_per_client=config.classes_per_client, dirichlet_alpha=config.dirichlet_alpha,
@@ -218,10 +238,15 @@ def run(config: RunConfig) -> dict[str, Any]:
        f"({'--partition_file ' + config.partition_file if config.partition_file else config.partition}) ...")
   resuming = not config.overwrite and resume_state(config) == "resume"
   partition_path = os.path.join(config.output_dir, "partition.json")
-  split = load_split(dataclasses.replace(config, partition_file=partition_path) if resuming else config)
-  if config.partition_file and config.clients_per_round > len(split.client_ids):
-    raise ConfigError(f"--clients_per_round={config.clients_per_round} but the partition file has "
-                      f"{len(split.client_ids)} clients")
+  reuse = resuming and config.dataset in POOLED_DATASETS
+  split = load_split(dataclasses.replace(config, partition_file=partition_path) if reuse else config)
+  if config.clients_per_round > len(split.client_ids):
+    raise ConfigError(f"--clients_per_round={config.clients_per_round} but {config.dataset} has "
+                      f"only {len(split.client_ids)} clients here")
+  from fedmask_tff import paper_models
+  model_name = config.model or paper_models.DEFAULT_MODEL_FOR_DATASET.get(config.dataset, "cnn")
+  prune_last = (config.prune_last_layers if config.prune_last_layers is not None
+                else paper_models.prune_last_layers_for(model_name, 2))
   summary = split.summary()
   _log(f"[fedmask_tff] data: {summary}")
 
@@ -247,13 +272,15 @@ def run(config: RunConfig) -> dict[str, Any]:
   learning_rate = (config.learning_rate if config.learning_rate is not None
                    else algorithms.default_learning_rate(config.algorithm))
   context = BuildContext(
-      input_shape=input_shape, num_classes=split.num_classes, model=config.model,
+      input_shape=input_shape, num_classes=split.num_classes, model=model_name,
       model_width=config.model_width, seed=config.seed, element_spec=batched_spec,
       eval_element_spec=batched_spec, local_epochs=config.local_epochs,
       learning_rate=learning_rate, batch_size=config.batch_size, mask_mode=config.mask_mode,
       score_init=config.score_init)
   try:
-    algorithm = algorithms.build_algorithm(config.algorithm, context, config)
+    algorithm = algorithms.build_algorithm(
+        config.algorithm, context, dataclasses.replace(config, model=model_name,
+                                                       prune_last_layers=prune_last))
   except ValueError as e:
     raise ConfigError(str(e)) from e
   num_params = algorithm.model_parameters
@@ -261,7 +288,7 @@ def run(config: RunConfig) -> dict[str, Any]:
   store = algorithm.make_store(os.path.join(config.output_dir, "client_states"))
 
   cfg = dataclasses.asdict(config)
-  cfg.update(learning_rate_used=learning_rate, algorithm_settings=algorithm.settings,
+  cfg.update(model_used=model_name, prune_last_layers_used=prune_last, learning_rate_used=learning_rate, algorithm_settings=algorithm.settings,
              algorithm_description=algorithm.description, model_parameters=num_params,
              partition_file_written=partition_path, data=summary)
   if config.algorithm == "fedmask":  # Kept at the top level, where earlier results had them.
@@ -422,6 +449,16 @@ def run(config: RunConfig) -> dict[str, Any]:
   return outputs.results
 
 
+def _partition_words(cfg) -> str:
+  if cfg.get("partition_file"):
+    return f"partition {cfg['partition_file']}"
+  if cfg["dataset"] == "fashion_mnist":
+    return cfg["partition"]
+  if cfg["dataset"] == "cifar10":
+    return f"{cfg['classes_per_client']} classes per client"
+  return "one client per writer/subject/role"
+
+
 def _print_summary(results, dense_bits, num_params):
   final, totals, cfg = results["final"], results["totals"], results["config"]
   up, down = totals["uplink_bits_per_client_round"], totals["downlink_bits_per_client_round"]
@@ -429,7 +466,7 @@ def _print_summary(results, dense_bits, num_params):
   mode = f", mask_mode={cfg['mask_mode']}" if results["algorithm"] == "fedmask" else ""
   lines = [
       "",
-      f"{results['algorithm']} on {results['dataset']} ({cfg['partition'] if not cfg.get('partition_file') else cfg['partition_file']}, "
+      f"{results['algorithm']} on {results['dataset']} ({_partition_words(cfg)}, "
       f"{cfg['data']['num_clients']} clients, {totals['rounds']} rounds{mode})",
       f"  personalized test accuracy: {final['accuracy']:.4f} (example-weighted over "
       f"{final['evaluated_clients']} clients, {final['test_examples']} test examples); "

@@ -75,7 +75,7 @@ class BuildContext:
   def dense_model_fn(self) -> Callable[[], tf.keras.Model]:
     """The dense, trainable counterpart of the run's model (what FedAvg-style methods train)."""
     from fedmask_tff import models
-    builder = models.DENSE_MODEL_BUILDERS[self.model]
+    builder = models.dense_builder(self.model)
     return lambda: builder(input_shape=self.input_shape, num_classes=self.num_classes,
                            width=self.model_width, seed=self.seed)
 

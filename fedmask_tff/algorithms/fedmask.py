@@ -14,7 +14,7 @@ class FedMask(FederatedAlgorithm):
 
   def __init__(self, context: BuildContext, config: fedmask_process.FedMaskConfig):
     from fedmask_tff import models
-    builder = models.MODEL_BUILDERS[context.model]
+    builder = models.masked_builder(context.model)
 
     def model_fn():
       return builder(input_shape=context.input_shape, num_classes=context.num_classes,
