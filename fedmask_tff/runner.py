@@ -251,7 +251,8 @@ def run(config: RunConfig) -> dict[str, Any]:
   _log(f"[fedmask_tff] data: {summary}")
 
   if config.overwrite and os.path.isdir(config.output_dir):
-    for name in ("client_states", "results.json", "metrics.csv", "partition.json", "checkpoint.npz"):
+    for name in ("client_states", "results.json", "metrics.csv", "partition.json", "checkpoint.npz",
+                 "tensorboard", "global_model.weights.h5"):
       target = os.path.join(config.output_dir, name)
       if os.path.isdir(target):
         shutil.rmtree(target)
@@ -362,6 +363,7 @@ def run(config: RunConfig) -> dict[str, Any]:
   _log(f"[fedmask_tff] {config.algorithm}: {num_params:,} model parameters, {config.rounds} rounds x "
        f"{config.clients_per_round} clients, learning rate {learning_rate:g}, "
        f"setup {time.perf_counter() - t_start:.1f} s")
+  tensorboard = tf.summary.create_file_writer(os.path.join(config.output_dir, "tensorboard"))
   progress = _progress(config.rounds, enabled=config.progress, initial=first_round - 1)
   try:
     for round_num in range(first_round, config.rounds + 1):
@@ -410,6 +412,7 @@ def run(config: RunConfig) -> dict[str, Any]:
       totals["downlink_bits"] += row["downlink_bits"]
       totals["train_flops"] += row["train_flops"]
       outputs.add_round(row)
+      _tensorboard_scalars(tensorboard, round_num, row)
       progress.update(round_num, row)
   finally:
     progress.close()
@@ -443,10 +446,27 @@ def run(config: RunConfig) -> dict[str, Any]:
       "train_flops_per_client_round": float(np.mean([r["train_flops_per_client"] for r in rounds])),
       "dense_fedavg_bits_per_client_round_each_way": dense_bits,
   }
+  _tensorboard_scalars(tensorboard, len(rounds), {"final_accuracy": final["accuracy"]})
+  tensorboard.close()
   outputs.results["complete"] = True
   outputs.save()
   _print_summary(outputs.results, dense_bits, num_params)
   return outputs.results
+
+
+TENSORBOARD_SCALARS = ("train_loss", "accuracy", "uplink_bits_per_client", "downlink_bits_per_client",
+                      "train_flops_per_client", "final_accuracy")
+
+
+def _tensorboard_scalars(writer, step: int, row: dict) -> None:
+  """Per-round scalars under ``<output_dir>/tensorboard`` (``tensorboard --logdir``)."""
+  import tensorflow as tf
+  with writer.as_default(step=step):
+    for key in TENSORBOARD_SCALARS:
+      value = row.get(key)
+      if isinstance(value, (int, float)) and math.isfinite(value):
+        tf.summary.scalar(key, float(value))
+  writer.flush()
 
 
 def _partition_words(cfg) -> str:

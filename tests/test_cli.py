@@ -166,3 +166,20 @@ def test_impossible_partition_is_reported(data_dir, tmp_path):
                      "--num_clients=600", "--clients_per_round=2"], timeout=300)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "error:" in proc.stderr
+
+
+def test_tensorboard_scalars_per_round(finished_run):
+  import glob
+  import tensorflow as tf
+  _, out, _ = finished_run
+  files = glob.glob(os.path.join(out, "tensorboard", "events.out.tfevents.*"))
+  assert files
+  seen = {}
+  for path in files:
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        seen.setdefault(value.tag, set()).add(event.step)
+  assert seen["train_loss"] == {1, 2, 3}
+  assert seen["uplink_bits_per_client"] == {1, 2, 3} and seen["train_flops_per_client"] == {1, 2, 3}
+  assert seen["accuracy"] == {2}  # --eval_every=2 of 3 rounds
+  assert "final_accuracy" in seen
