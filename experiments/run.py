@@ -48,6 +48,8 @@ flags.DEFINE_integer("lg_global_layers", _D.lg_global_layers, "lg_fedavg: how ma
                      "are global (averaged); the rest stay local.")
 flags.DEFINE_float("dropout_rate", _D.dropout_rate, "Share of each round's sampled clients that "
                    "fail (drop out) before training, in [0, 1).")
+flags.DEFINE_bool("secure_aggregation", _D.secure_aggregation, "fedmask: aggregate the two "
+                  "per-element counts with TFF's secure sum (the server sees only sums).")
 flags.DEFINE_string("partition_file", _D.partition_file, "Reuse a saved partition (a run's "
                     "partition.json): the same clients and train/test examples.")
 flags.DEFINE_float("prune_rate", _D.prune_rate, "Fraction p_r of elements one-shot pruning keeps in "

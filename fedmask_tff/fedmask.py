@@ -63,6 +63,11 @@ class FedMaskConfig:
     group_lasso: weight λ of the paper's structured-sparsity term added to the
       client loss: ``λ * regularizers.structured_penalty(model, normalize=True)``
       (group lasso over filters / rows / columns of σ(m_r) · keep); 0 = off.
+    secure_aggregation: sum the two per-element counts (``mask * keep`` and
+      ``keep``, integers) with ``tff.federated_secure_sum_bitwidth``, so the
+      server learns only the sums; each client applies the rule itself.
+    secure_bitwidth: bits of the secure sums (they count clients: 2^bits - 1
+      must exceed the clients per round).
   """
   local_epochs: int = 2
   learning_rate: float = 30.0
@@ -73,6 +78,8 @@ class FedMaskConfig:
   restart_eps: float = 0.01
   min_shared: int = 2
   group_lasso: float = 0.0
+  secure_aggregation: bool = False
+  secure_bitwidth: int = 16
 
   def validate(self, num_masked_layers: int | None = None) -> "FedMaskConfig":
     if int(self.local_epochs) < 1:
@@ -89,6 +96,8 @@ class FedMaskConfig:
                                     self.restart_eps)
     if not (math.isfinite(self.group_lasso) and self.group_lasso >= 0):
       raise ValueError(f"group_lasso must be a finite number >= 0, got {self.group_lasso}")
+    if not 2 <= int(self.secure_bitwidth) <= 31:
+      raise ValueError(f"secure_bitwidth must be in [2, 31], got {self.secure_bitwidth}")
     if int(self.min_shared) < 1:
       raise ValueError(f"min_shared must be >= 1, got {self.min_shared}")
     return self
@@ -372,6 +381,20 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
       correct, n, loss_sum = run(dataset)
     return collections.OrderedDict(correct=correct, examples=n, loss_sum=loss_sum)
 
+  int_sums_type = tff.types.to_type(collections.OrderedDict(
+      total=tuple(tff.TensorType(np.int32, s.shape) for s in specs),
+      count=tuple(tff.TensorType(np.int32, s.shape) for s in specs)))
+
+  @tff.tensorflow.computation(sums_type)
+  def sums_to_int(sums):
+    return collections.OrderedDict(total=tuple(tf.cast(tf.round(t), tf.int32) for t in sums["total"]),
+                                   count=tuple(tf.cast(tf.round(c), tf.int32) for c in sums["count"]))
+
+  @tff.tensorflow.computation(int_sums_type)
+  def sums_to_float(sums):
+    return collections.OrderedDict(total=tuple(tf.cast(t, tf.float32) for t in sums["total"]),
+                                   count=tuple(tf.cast(c, tf.float32) for c in sums["count"]))
+
   @tff.tensorflow.computation(tff.TensorType(np.int32))
   def increment(r):
     return r + 1
@@ -387,7 +410,14 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
   def next_fn(server_state, client_data, client_states):
     trained, upload, metrics = tff.federated_map(client_update, (client_data, client_states))
     decoded, valid = tff.federated_map(decode_upload, (upload, trained.keep))
-    sums = tff.federated_sum(decoded)
+    if config.secure_aggregation:
+      counts = tff.federated_map(sums_to_int, decoded)
+      secure = tff.federated_secure_sum_bitwidth(
+          counts, collections.OrderedDict(total=tuple(config.secure_bitwidth for _ in specs),
+                                          count=tuple(config.secure_bitwidth for _ in specs)))
+      sums = tff.federated_map(sums_to_float, secure)
+    else:
+      sums = tff.federated_sum(decoded)
     new_states, downlink_bits = tff.federated_map(
         download_and_apply, (tff.federated_broadcast(sums), trained))
     client_metrics = tff.federated_zip(collections.OrderedDict(

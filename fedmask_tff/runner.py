@@ -68,6 +68,7 @@ class RunConfig:
   dropout_rate: float = 0.0
   group_lasso: float = 0.0
   examples_per_client: int = 0
+  secure_aggregation: bool = False
   output_dir: str = "runs/fedmask"
   eval_every: int = 0
   eval_batch_size: int = 256
@@ -87,6 +88,8 @@ class RunConfig:
     need(self.model is None or self.model in MODELS, f"--model must be one of {MODELS}, got {self.model!r}")
     need(math.isfinite(self.group_lasso) and self.group_lasso >= 0,
          f"--group_lasso must be a finite number >= 0, got {self.group_lasso}")
+    need(not self.secure_aggregation or self.algorithm == "fedmask",
+         "--secure_aggregation is implemented for --algorithm=fedmask (its rule needs only two sums)")
     need(self.examples_per_client >= 0, f"--examples_per_client must be >= 0, got {self.examples_per_client}")
     need(self.partition_file is None or self.dataset in POOLED_DATASETS,
          f"--partition_file is supported for {POOLED_DATASETS}; {self.dataset}'s split is fixed by "

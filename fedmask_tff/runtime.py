@@ -96,6 +96,19 @@ def _on_sigterm(signum, frame):
 _installed = False
 
 
+def _compile(comp):
+  """TFF's native compilation, after replacing secure-sum intrinsics by their simulation.
+
+  The local C++ worker does not implement secure aggregation; TFF's own test
+  compiler (``tff.backends.test``) lowers ``federated_secure_sum_bitwidth`` and
+  friends to plain TensorFlow sums, which is what a simulation can do. The
+  computation's structure (the server only receives sums) is unchanged.
+  """
+  from tensorflow_federated.python.core.backends.test import compiler as test_compiler
+  comp = test_compiler.replace_secure_intrinsics_with_bodies(comp)
+  return tff.backends.native.desugar_and_transform_to_native(comp)
+
+
 def install_local_context(max_concurrent_computation_calls: int = -1,
                           log_path: Optional[str] = None, ready_timeout_s: float = 60.0) -> None:
   """Installs a TFF sync context on one local worker started by this process.
@@ -132,7 +145,7 @@ def install_local_context(max_concurrent_computation_calls: int = -1,
 
   context = tff.framework.SyncExecutionContext(
       executor_fn=tff.framework.ResourceManagingExecutorFactory(stack_fn),
-      compiler_fn=tff.backends.native.desugar_and_transform_to_native,
+      compiler_fn=_compile,
       transform_args=tff.tensorflow.transform_args,
       transform_result=tff.tensorflow.transform_result)
   tff.framework.set_default_context(context)

@@ -28,7 +28,7 @@ def build_algorithm(name: str, context, config):
         local_epochs=config.local_epochs, learning_rate=context.learning_rate,
         prune_rate=config.prune_rate, prune_last_layers=config.prune_last_layers,
         score_restart=config.score_restart, restart_scale=config.restart_scale,
-        group_lasso=config.group_lasso))
+        group_lasso=config.group_lasso, secure_aggregation=config.secure_aggregation))
   if name == "standalone":
     from fedmask_tff.algorithms.standalone import build_standalone
     return build_standalone(context, learning_rate=context.learning_rate)
