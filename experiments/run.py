@@ -50,6 +50,9 @@ flags.DEFINE_float("dropout_rate", _D.dropout_rate, "Share of each round's sampl
                    "fail (drop out) before training, in [0, 1).")
 flags.DEFINE_bool("secure_aggregation", _D.secure_aggregation, "fedmask: aggregate the two "
                   "per-element counts with TFF's secure sum (the server sees only sums).")
+flags.DEFINE_float("unseen_clients", _D.unseen_clients, "Share of clients held out of training; "
+                   "they join after the last round, personalize with one round of client work, and "
+                   "are reported as final.accuracy_unseen.")
 flags.DEFINE_string("partition_file", _D.partition_file, "Reuse a saved partition (a run's "
                     "partition.json): the same clients and train/test examples.")
 flags.DEFINE_float("prune_rate", _D.prune_rate, "Fraction p_r of elements one-shot pruning keeps in "

@@ -69,6 +69,7 @@ class RunConfig:
   group_lasso: float = 0.0
   examples_per_client: int = 0
   secure_aggregation: bool = False
+  unseen_clients: float = 0.0
   output_dir: str = "runs/fedmask"
   eval_every: int = 0
   eval_batch_size: int = 256
@@ -90,6 +91,7 @@ class RunConfig:
          f"--group_lasso must be a finite number >= 0, got {self.group_lasso}")
     need(not self.secure_aggregation or self.algorithm == "fedmask",
          "--secure_aggregation is implemented for --algorithm=fedmask (its rule needs only two sums)")
+    need(0.0 <= self.unseen_clients < 1.0, f"--unseen_clients must be in [0, 1), got {self.unseen_clients}")
     need(self.examples_per_client >= 0, f"--examples_per_client must be >= 0, got {self.examples_per_client}")
     need(self.partition_file is None or self.dataset in POOLED_DATASETS,
          f"--partition_file is supported for {POOLED_DATASETS}; {self.dataset}'s split is fixed by "
@@ -178,6 +180,15 @@ def resume_state(config: RunConfig) -> str:
   return "resume"
 
 
+def _unseen_clients(client_ids: list, fraction: float, seed: int) -> set:
+  """``--unseen_clients``: ``round(fraction * N)`` clients held out of training (late joiners)."""
+  count = int(math.floor(fraction * len(client_ids) + 0.5))
+  if count <= 0:
+    return set()
+  rng = np.random.default_rng([seed, 104729])
+  return set(rng.choice(sorted(client_ids), size=count, replace=False).tolist())
+
+
 def _dropped_clients(sampled: list, rate: float, seed: int, round_num: int) -> set:
   """``--dropout_rate``: the sampled clients that fail this round (never all of them).
 
@@ -243,9 +254,12 @@ def run(config: RunConfig) -> dict[str, Any]:
   partition_path = os.path.join(config.output_dir, "partition.json")
   reuse = resuming and config.dataset in POOLED_DATASETS
   split = load_split(dataclasses.replace(config, partition_file=partition_path) if reuse else config)
-  if config.clients_per_round > len(split.client_ids):
+  unseen = _unseen_clients(split.client_ids, config.unseen_clients, config.seed)
+  training_ids = [c for c in split.client_ids if c not in unseen]
+  if config.clients_per_round > len(training_ids):
     raise ConfigError(f"--clients_per_round={config.clients_per_round} but {config.dataset} has "
-                      f"only {len(split.client_ids)} clients here")
+                      f"only {len(training_ids)} training clients here"
+                      + (f" ({len(unseen)} held out by --unseen_clients)" if unseen else ""))
   from fedmask_tff import paper_models
   model_name = config.model or paper_models.DEFAULT_MODEL_FOR_DATASET.get(config.dataset, "cnn")
   prune_last = (config.prune_last_layers if config.prune_last_layers is not None
@@ -371,7 +385,7 @@ def run(config: RunConfig) -> dict[str, Any]:
   try:
     for round_num in range(first_round, config.rounds + 1):
       t0 = time.perf_counter()
-      sampled = sorted(rng.choice(split.client_ids, size=config.clients_per_round, replace=False).tolist())
+      sampled = sorted(rng.choice(training_ids, size=config.clients_per_round, replace=False).tolist())
       dropped = _dropped_clients(sampled, config.dropout_rate, config.seed, round_num)
       sampled = [c for c in sampled if c not in dropped]
       states = [store.get(c) for c in sampled] if store is not None else None
@@ -436,7 +450,25 @@ def run(config: RunConfig) -> dict[str, Any]:
       other = summarize(per_client)
       final[f"accuracy_{kind}"] = other["accuracy"]
       final[f"accuracy_{kind}_client_mean"] = other["accuracy_client_mean"]
-  final["never_sampled_clients"] = len(split.client_ids) - len(participated)
+  final["never_sampled_clients"] = len(training_ids) - len(participated)
+  if unseen:
+    _log(f"[fedmask_tff] {len(unseen)} unseen clients join late: one round of local client work "
+         "from the server's current view, then evaluation ...")
+    per_client = {}
+    ids = sorted(unseen)
+    for i in range(0, len(ids), 20):
+      chunk = ids[i:i + 20]
+      trains = [train_dataset(c, config.rounds + 1) for c in chunk]
+      states = algorithm.late_joiner_states(server_state, store, len(chunk))
+      _, new_states, _ = algorithm.next(server_state, trains, states)
+      tests = [split.test.create_tf_dataset_for_client(c).batch(config.eval_batch_size) for c in chunk]
+      for c, m in zip(chunk, algorithm.evaluate(server_state, tests, new_states, trains)):
+        per_client[c] = (float(m["correct"]), float(m["examples"]), float(m["loss_sum"]))
+    late = summarize(per_client)
+    final["accuracy_unseen"] = late["accuracy"]
+    final["accuracy_unseen_client_mean"] = late["accuracy_client_mean"]
+    final["accuracy_unseen_per_client"] = late["accuracy_per_client"]
+    final["unseen_clients"] = ids
   rounds = outputs.results["rounds"]
   outputs.results["final"] = final
   outputs.results["totals"] = {

@@ -183,3 +183,22 @@ def test_tensorboard_scalars_per_round(finished_run):
   assert seen["uplink_bits_per_client"] == {1, 2, 3} and seen["train_flops_per_client"] == {1, 2, 3}
   assert seen["accuracy"] == {2}  # --eval_every=2 of 3 rounds
   assert "final_accuracy" in seen
+
+
+@pytest.mark.parametrize("algorithm", ["fedmask", "lg_fedavg"])
+def test_unseen_clients_join_late_and_are_reported_apart(data_dir, tmp_path, algorithm):
+  out = str(tmp_path / "run")
+  proc, _ = run_cli([f"--data_dir={data_dir}", f"--output_dir={out}", f"--algorithm={algorithm}",
+                     "--model=mlp", "--model_width=0.25", "--num_clients=6", "--clients_per_round=2",
+                     "--rounds=3", "--local_epochs=1", "--batch_size=16", "--progress=false",
+                     "--unseen_clients=0.34"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(out, "results.json")) as f:
+    results = json.load(f)
+  unseen = results["final"]["unseen_clients"]
+  assert len(unseen) == 2
+  sampled = {c for r in results["rounds"] for c in r["sampled_clients"]}
+  assert not sampled & set(unseen)  # never trained
+  assert set(results["final"]["accuracy_unseen_per_client"]) == set(unseen)
+  assert 0.0 <= results["final"]["accuracy_unseen"] <= 1.0
+  assert not set(results["final"]["accuracy_per_client"]) & set(unseen)

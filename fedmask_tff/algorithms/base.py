@@ -119,6 +119,16 @@ class FederatedAlgorithm(abc.ABC):
                train_datasets: list) -> list[dict]:
     """Personalized metrics per client; see the module docstring."""
 
+  def late_joiner_states(self, server_state, store, count: int):
+    """Client states for ``count`` clients that join after training (``--unseen_clients``).
+
+    Default: the initial state (``None`` for stateless algorithms). FedMask
+    starts them from the server's view of the masks instead.
+    """
+    if self.initial_client_state() is None:
+      return None
+    return [self.initial_client_state() for _ in range(count)]
+
   def global_model(self, server_state):
     """``(model_fn, weights)`` of the final global model (weights in
     :func:`fedmask_tff.evaluation.model_weights` order), or ``None`` when the

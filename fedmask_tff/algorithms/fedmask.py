@@ -41,6 +41,32 @@ class FedMask(FederatedAlgorithm):
     from fedmask_tff.client_state import ClientStateStore
     return ClientStateStore(directory, [s.shape for s in self.specs], self.process.initial_client_state)
 
+  def late_joiner_states(self, server_state, store, count):
+    """The server's view for a newcomer: per element, the mean of the personal masks of every
+    client that keeps it (clients with a stored state); the newcomer restarts its scores from
+    it with the run's restart rule, keeps everything, and prunes at its first round."""
+    import numpy as np
+    from fedmask_tff import masking
+    totals = [np.zeros(s.shape, np.float64) for s in self.specs]
+    counts = [np.zeros(s.shape, np.float64) for s in self.specs]
+    for cid in store.client_ids():
+      state = store.get(cid)
+      for i in range(len(self.specs)):
+        totals[i] += state["personal"][i] * state["keep"][i]
+        counts[i] += state["keep"][i]
+    config = self.process.config
+    scores = []
+    init = self.process.initial_client_state()
+    for i, (t, c) in enumerate(zip(totals, counts)):
+      mean = np.where(c > 0, t / np.maximum(c, 1), 0.5)
+      restarted = masking.scores_from_mask_values(
+          np.clip(mean, 0.0, 1.0), config.score_restart, config.restart_scale, config.restart_eps)
+      scores.append(np.where(c > 0, restarted, init["scores"][i]).astype(np.float32))
+    state = dict(init)
+    state["scores"] = tuple(scores)
+    state["personal"] = tuple((s >= 0).astype(np.float32) for s in scores)
+    return [type(init)(state) for _ in range(count)]
+
   def next(self, server_state, train_datasets, client_states):
     server_state, new_states, metrics = self.process.next(server_state, train_datasets, client_states)
     out = []
