@@ -23,7 +23,6 @@ exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -31,22 +30,13 @@ from typing import Any, Optional
 
 import numpy as np
 
+from fedmask_tff.client_state import digest
+
 FORMAT = "fedmask_tff.checkpoint/v1"
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint is unreadable, corrupt or of another run."""
-
-
-def _digest(arrays: dict) -> str:
-  h = hashlib.sha256()
-  for key in sorted(arrays):
-    a = np.ascontiguousarray(arrays[key])
-    h.update(key.encode())
-    h.update(str(a.dtype).encode())
-    h.update(str(a.shape).encode())
-    h.update(a.tobytes())
-  return h.hexdigest()
 
 
 def save(path: str, round_num: int, server_state, rng_state: dict, participated,
@@ -64,7 +54,7 @@ def save(path: str, round_num: int, server_state, rng_state: dict, participated,
           "participated": sorted(participated), "round_clients": list(round_clients),
           "has_client_states": encoded_client_states is not None}
   arrays["meta"] = np.array(json.dumps(meta))
-  arrays["sha256"] = np.array(_digest(arrays))
+  arrays["sha256"] = np.array(digest(arrays))
   buf = io.BytesIO()
   np.savez(buf, **arrays)
   tmp = f"{path}.tmp"
@@ -87,7 +77,7 @@ def load(path: str, server_template) -> dict:
   except Exception as e:
     raise CheckpointError(f"checkpoint {path} is unreadable: {e}") from e
   stored = str(arrays.pop("sha256", np.array("")))
-  if stored != _digest(arrays):
+  if stored != digest(arrays):
     raise CheckpointError(f"checkpoint {path} fails its checksum (corrupt or edited); "
                           "rerun with --overwrite to start again")
   try:

@@ -41,7 +41,8 @@ class ClientStateError(RuntimeError):
   """A stored client state is missing parts, corrupt or of the wrong model."""
 
 
-def _digest(arrays: dict) -> str:
+def digest(arrays: dict) -> str:
+  """SHA-256 over the names, dtypes, shapes and bytes of ``arrays`` (sorted by name)."""
   h = hashlib.sha256()
   for key in sorted(arrays):
     a = np.ascontiguousarray(arrays[key])
@@ -88,11 +89,7 @@ class ClientStateStore:
 
   def decode(self, arrays: dict, where: str = "client state"):
     """The state that :meth:`encode` made ``arrays`` from (checksum checked)."""
-    arrays = dict(arrays)
-    path = where
-    stored = str(arrays.pop("sha256", np.array("")))
-    if stored != _digest(arrays):
-      raise ClientStateError(f"client state file {path} fails its checksum (corrupt or edited)")
+    arrays, path = _checked(arrays, where), where
     if "rounds" not in arrays:
       raise ClientStateError(f"client state file {path} lacks rounds")
     scores, keeps, personal = [], [], []
@@ -138,8 +135,17 @@ class ClientStateStore:
       arrays[f"keep_{i}"] = bitpack.pack_bits_np(k)
       arrays[f"scores_{i}"] = s[k > 0]
       arrays[f"personal_{i}"] = bitpack.pack_bits_np(p[k > 0])
-    arrays["sha256"] = np.array(_digest(arrays))
+    arrays["sha256"] = np.array(digest(arrays))
     return arrays
+
+
+def _checked(arrays: dict, path: str) -> dict:
+  """``arrays`` without its ``sha256`` entry, after checking it."""
+  arrays = dict(arrays)
+  stored = str(arrays.pop("sha256", np.array("")))
+  if stored != digest(arrays):
+    raise ClientStateError(f"client state file {path} fails its checksum (corrupt or edited)")
+  return arrays
 
 
 def _read_npz(path: str) -> dict:
@@ -182,19 +188,9 @@ class ArrayStateStore(ClientStateStore):
     self.shapes = [x.shape for x in self._leaves]
     os.makedirs(directory, exist_ok=True)
 
-  def get(self, client_id: str):
-    path = self.path(client_id)
-    if not os.path.exists(path):
-      return self._initial_state_fn()
-    return self.decode(_read_npz(path), path)
-
   def decode(self, arrays: dict, where: str = "client state"):
     """The state that :meth:`encode` made ``arrays`` from (checksum checked)."""
-    arrays = dict(arrays)
-    path = where
-    stored = str(arrays.pop("sha256", np.array("")))
-    if stored != _digest(arrays):
-      raise ClientStateError(f"client state file {path} fails its checksum (corrupt or edited)")
+    arrays, path = _checked(arrays, where), where
     leaves = []
     for i, ref in enumerate(self._leaves):
       a = arrays.get(f"leaf_{i}")
@@ -225,5 +221,5 @@ class ArrayStateStore(ClientStateStore):
       if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
         raise ValueError(f"client {client_id}: leaf {i} has non-finite values")
       arrays[f"leaf_{i}"] = a
-    arrays["sha256"] = np.array(_digest(arrays))
+    arrays["sha256"] = np.array(digest(arrays))
     return arrays

@@ -39,7 +39,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedmask_tff import bitpack, costs, masking, pruning, regularizers
+from fedmask_tff import bitpack, costs, evaluation, masking, pruning, regularizers
 from fedmask_tff.layers import mask_variables, masked_layers
 
 DOWNLINK_UNCHANGED = -1.0
@@ -367,19 +367,8 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
                for v, m, masking_offset in zip(score_vars, masks, logit_thresholds)]
     assigns += [v.assign(tf.ones_like(v)) for v in keep_vars]
 
-    @tf.function
-    def run(dataset):
-      def step(acc, batch):
-        logits = model(batch["x"], training=False)
-        y = tf.cast(batch["y"], tf.int64)
-        n = tf.cast(tf.shape(y)[0], tf.float32)
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), y), tf.float32))
-        return acc[0] + correct, acc[1] + n, acc[2] + loss_fn(batch["y"], logits) * n
-      return dataset.reduce((tf.constant(0.0), tf.constant(0.0), tf.constant(0.0)), step)
-
     with tf.control_dependencies(assigns):
-      correct, n, loss_sum = run(dataset)
-    return collections.OrderedDict(correct=correct, examples=n, loss_sum=loss_sum)
+      return tf.function(lambda d: evaluation.dataset_metrics(model, d))(dataset)
 
   int_sums_type = tff.types.to_type(collections.OrderedDict(
       total=tuple(tff.TensorType(np.int32, s.shape) for s in specs),

@@ -219,7 +219,7 @@ def test_checksum_mismatch(tmp_path):
 
 @pytest.mark.parametrize("missing", ["keep_2", "scores_0", "personal_1", "rounds"])
 def test_missing_part_with_valid_checksum(tmp_path, missing):
-  from fedmask_tff.client_state import _digest
+  from fedmask_tff.client_state import digest as _digest
   store = make_store(tmp_path)
   store.put("m", random_state(9))
   path = store.path("m")
@@ -243,7 +243,7 @@ def test_wrong_shapes_on_load(tmp_path):
   assert path in str(e.value)
   fewer_scores = ClientStateStore(store.directory, [(4, 5), (7,), (2, 3, 2)], lambda: None)
   arrays = _read(path)
-  from fedmask_tff.client_state import _digest
+  from fedmask_tff.client_state import digest as _digest
   del arrays["sha256"]
   arrays["scores_1"] = arrays["scores_1"][:-1]  # one kept score missing
   arrays["sha256"] = np.array(_digest(arrays))

@@ -1,0 +1,154 @@
+"""`python -m experiments.studies`: one command per study of the paper (tiny settings here)."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from test_cli import ROOT, _workers, write_learnable_fashion_dir
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _studies(args, timeout=300):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  return subprocess.run([sys.executable, "-m", "experiments.studies", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def _is_png(path):
+  with open(path, "rb") as f:
+    return f.read(8) == PNG_SIGNATURE
+
+
+@pytest.fixture(scope="module")
+def model_size(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("model_size"))
+  return _studies(["--study=model_size", f"--output_dir={out}"], timeout=300), out
+
+
+def test_model_size_counts_equal_the_models(model_size):
+  proc, out = model_size
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for name in ("table.md", "study.json", "study.csv", "figure.png"):
+    assert os.path.exists(os.path.join(out, name)), name
+  assert _is_png(os.path.join(out, "figure.png"))
+  with open(os.path.join(out, "study.json")) as f:
+    study = json.load(f)
+  rows = {r["model"]: r for r in study["models"]}
+  assert study["width"] == 1.0 and study["prune_rate"] == 0.2
+  # The masked-element counts of fedmask_tff.paper_models (asserted in test_paper_models.py too).
+  assert rows["vgg16 (CIFAR-10)"]["mask_parameters"] == 15_239_872
+  assert rows["har_mlp (HAR)"]["mask_parameters"] == 722_432
+  assert rows["shakespeare_lstm (Shakespeare)"]["mask_parameters"] == 904_448
+  # LSTM: + 720 embedding weights + 2 x 4 x 256 frozen LSTM biases outside the masks.
+  assert rows["shakespeare_lstm (Shakespeare)"]["parameters"] == 904_448 + 720 + 2 * 4 * 256
+  assert rows["cnn (Fashion-MNIST)"]["mask_parameters"] == 421_408  # models.build_cnn's docstring
+  # And against the models themselves, built here (the small ones; no TFF).
+  import tensorflow as tf
+  from fedmask_tff import models
+  from fedmask_tff.layers import mask_variables
+  from fedmask_tff.pruning import kept_count
+  for label, name, shape, classes in (("har_mlp (HAR)", "har_mlp", (128, 9), 6),
+                                      ("cnn (Fashion-MNIST)", "cnn", (28, 28, 1), 10)):
+    model = models.masked_builder(name)(shape, classes, width=1.0, seed=0)
+    kernels = mask_variables(model)[0]  # the frozen W of each masked layer, in order
+    row = rows[label]
+    assert row["parameters"] == sum(int(tf.size(w)) for w in kernels)  # no biases in these
+    assert row["float32_mb"] == pytest.approx(4 * row["parameters"] / 1e6)
+    assert row["mask_mb"] == pytest.approx(sum((int(tf.size(w)) + 7) // 8 for w in kernels) / 1e6)
+    last2 = [int(tf.size(w)) for w in kernels[-2:]]  # pruned: the last two layers
+    assert row["removed_parameters"] == sum(n - kept_count(n, 0.2) for n in last2)
+    assert row["pruning_mask_mb_once"] == pytest.approx(sum((n + 7) // 8 for n in last2) / 1e6)
+  vgg = rows["vgg16 (CIFAR-10)"]
+  assert vgg["pruned_layers"].split(",") == ["conv9", "conv10", "conv11", "conv12", "conv13",
+                                             "fc1", "fc2", "fc3"]
+  assert vgg["pruned_mask_mb"] < vgg["mask_mb"] < vgg["pruned_float32_mb"] < vgg["float32_mb"]
+  with open(os.path.join(out, "study.csv")) as f:
+    assert len(list(csv.DictReader(f))) == len(rows)
+  with open(os.path.join(out, "table.md")) as f:
+    text = f.read()
+  assert "| vgg16 (CIFAR-10) |" in text and "15,239,872" in text
+  assert "not reproduced here" in text
+
+
+@pytest.fixture(scope="module")
+def devices(tmp_path_factory):
+  data = str(tmp_path_factory.mktemp("fm_studies"))
+  write_learnable_fashion_dir(data)
+  out = str(tmp_path_factory.mktemp("devices"))
+  args = ["--study=devices", f"--data_dir={data}", f"--output_dir={out}", "--algorithms=fedmask",
+          "--devices=2,3", "--num_clients=6", "--rounds=2", "--eval_every=1", "--model=mlp",
+          "--model_width=0.25", "--batch_size=16", "--progress=false"]
+  before = _workers()
+  return _studies(args), out, args, before
+
+
+def test_training_study_end_to_end(devices):
+  proc, out, _, before = devices
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "run 1/2 fedmask_devices2" in proc.stderr and "run 2/2 fedmask_devices3" in proc.stderr
+  assert _workers() <= before  # no TFF worker outlives the command
+  for name in ("table.md", "study.json", "study.csv", "figure.png", "partition.json"):
+    assert os.path.exists(os.path.join(out, name)), name
+  assert _is_png(os.path.join(out, "figure.png"))
+  with open(os.path.join(out, "study.json")) as f:
+    study = json.load(f)
+  assert study["study"] == "devices" and [r["run"] for r in study["runs"]] == [
+      "fedmask_devices2", "fedmask_devices3"]
+  partition = os.path.join(out, "partition.json")
+  for rec, devices_per_round in zip(study["runs"], (2, 3)):
+    with open(os.path.join(out, rec["run"], "results.json")) as f:
+      results = json.load(f)
+    assert results["complete"] and results["config"]["partition_file"] == partition
+    assert results["config"]["clients_per_round"] == devices_per_round == rec["clients_per_round"]
+    assert rec["accuracy"] == results["final"]["accuracy"]
+    # Per-round accuracy: round 1 from --eval_every, the last round from the final evaluation.
+    assert [s["round"] for s in rec["series"]] == [1, 2]
+    assert all(s["accuracy"] is not None for s in rec["series"])
+    assert rec["series"][-1]["accuracy"] == results["final"]["accuracy"]
+    bits = sum(r["uplink_bits_per_client"] + r["downlink_bits_per_client"] for r in results["rounds"])
+    assert rec["cumulative_bits_per_client"] == pytest.approx(bits)
+  with open(os.path.join(out, "study.csv")) as f:
+    assert len(list(csv.DictReader(f))) == 4  # 2 runs x 2 rounds
+  with open(os.path.join(out, "table.md")) as f:
+    text = f.read()
+  assert "| fedmask | 2 |" in text and "| fedmask | 3 |" in text
+
+
+def test_rerun_skips_finished_runs(devices):
+  proc0, out, args, _ = devices
+  assert proc0.returncode == 0
+  os.remove(os.path.join(out, "figure.png"))
+  proc = _studies(args, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stderr.count("complete, skipped") == 2
+  assert "starting" not in proc.stderr
+  assert _is_png(os.path.join(out, "figure.png"))  # outputs written again from the results
+
+
+def test_changed_settings_are_refused_not_mixed(devices):
+  proc0, out, args, _ = devices
+  assert proc0.returncode == 0
+  proc = _studies([a if not a.startswith("--num_clients") else "--num_clients=7" for a in args],
+                  timeout=120)
+  assert proc.returncode == 2
+  assert "error:" in proc.stderr and "--num_clients" in proc.stderr and "--overwrite" in proc.stderr
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--study=nonsense"], "--study must be one of"),
+    ([], "--study must be one of"),
+    (["--study=epochs", "--preset=huge"], "--preset must be one of"),
+    (["--study=devices", "--devices=2,x"], "--devices"),
+    (["--study=devices", "--clients_per_round=4"], "--devices"),
+    (["--study=devices", "--num_clients=4", "--devices=5"], "--devices"),
+])
+def test_bad_study_or_preset_exits_2(tmp_path, flags, message):
+  proc = _studies([f"--output_dir={tmp_path}/out", *flags], timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "error:" in proc.stderr and message in proc.stderr
+  assert not os.path.exists(f"{tmp_path}/out/partition.json")
