@@ -53,6 +53,15 @@ flags.DEFINE_bool("secure_aggregation", _D.secure_aggregation, "fedmask: aggrega
 flags.DEFINE_float("unseen_clients", _D.unseen_clients, "Share of clients held out of training; "
                    "they join after the last round, personalize with one round of client work, and "
                    "are reported as final.accuracy_unseen.")
+flags.DEFINE_enum("uplink_coding", _D.uplink_coding, ["none", "entropy"], "fedmask: 'entropy' "
+                  "codes each upload at the kept positions against the client's previous upload "
+                  "(adaptive range coder; bits counted from the coded stream).")
+flags.DEFINE_integer("downlink_bits", _D.downlink_bits, "fedmask: bits per kept element on the "
+                     "downlink (0 = float32; 2..16 = quantized).")
+flags.DEFINE_bool("downlink_stochastic", _D.downlink_stochastic, "fedmask: stochastic rounding "
+                  "of the quantized downlink.")
+flags.DEFINE_float("ldp_epsilon", _D.ldp_epsilon, "fedmask: epsilon of randomized response on the "
+                   "uploaded mask bits (unset = off).")
 flags.DEFINE_string("partition_file", _D.partition_file, "Reuse a saved partition (a run's "
                     "partition.json): the same clients and train/test examples.")
 flags.DEFINE_float("prune_rate", _D.prune_rate, "Fraction p_r of elements one-shot pruning keeps in "

@@ -39,7 +39,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedmask_tff import bitpack, costs, evaluation, masking, pruning, regularizers
+from fedmask_tff import bitpack, costs, evaluation, ldp, masking, pruning, quantization, regularizers
 from fedmask_tff.layers import mask_variables, masked_layers
 
 DOWNLINK_UNCHANGED = -1.0
@@ -68,6 +68,17 @@ class FedMaskConfig:
       server learns only the sums; each client applies the rule itself.
     secure_bitwidth: bits of the secure sums (they count clients: 2^bits - 1
       must exceed the clients per round).
+    downlink_bits: 0 sends one float32 per kept element; ``b`` in [2, 16]
+      quantizes each to ``b`` bits (:mod:`fedmask_tff.quantization`: levels
+      ``i / (2^b - 2)``, the top code means "keep yours").
+    downlink_stochastic: stochastic (unbiased) instead of nearest rounding.
+    ldp_epsilon: > 0 turns on randomized response on the uploaded mask bits
+      (:mod:`fedmask_tff.ldp`; each bit kept with probability
+      e^eps / (1 + e^eps)); the server debiases the sums. 0 = off. The
+      client's own (personalized) mask is not randomized.
+    seed: the run's seed, from which per-client, per-round seeds of the
+      stochastic rounding and randomized response are derived (together with
+      the round and the client's pruning mask).
   """
   local_epochs: int = 2
   learning_rate: float = 30.0
@@ -80,6 +91,10 @@ class FedMaskConfig:
   group_lasso: float = 0.0
   secure_aggregation: bool = False
   secure_bitwidth: int = 16
+  downlink_bits: int = 0
+  downlink_stochastic: bool = False
+  ldp_epsilon: float = 0.0
+  seed: int = 0
 
   def validate(self, num_masked_layers: int | None = None) -> "FedMaskConfig":
     if int(self.local_epochs) < 1:
@@ -96,6 +111,10 @@ class FedMaskConfig:
                                     self.restart_eps)
     if not (math.isfinite(self.group_lasso) and self.group_lasso >= 0):
       raise ValueError(f"group_lasso must be a finite number >= 0, got {self.group_lasso}")
+    if int(self.downlink_bits) != 0:
+      quantization.check_bits(self.downlink_bits)
+    if self.ldp_epsilon != 0:
+      ldp.check_epsilon(self.ldp_epsilon)
     if not 2 <= int(self.secure_bitwidth) <= 31:
       raise ValueError(f"secure_bitwidth must be in [2, 31], got {self.secure_bitwidth}")
     if int(self.min_shared) < 1:
@@ -201,6 +220,14 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
                 lambda: tf.zeros([0], tf.uint8)) for i in prunable_idx)
     return collections.OrderedDict(mask=packed_masks, keep=packed_keeps)
 
+  def client_seed(keeps, rounds, salt):
+    """A shape-[2] int32 seed per client, round and use: from the run's seed, the round and a
+    fingerprint of the client's pruning mask (the simulation keeps no client ids in TF)."""
+    fingerprint = tf.add_n([tf.reduce_sum(tf.where(tf.reshape(k, [-1]) > 0)[:, 0] % 65521)
+                            for k in keeps]) % 2147483647
+    return tf.stack([tf.constant(int(config.seed) % 100003 * 7919 + salt, tf.int64)
+                     + tf.cast(rounds, tf.int64) * 31, fingerprint])
+
   # --- Client work -------------------------------------------------------------
   @tff.tensorflow.computation(data_type, state_type)
   def client_update(dataset, state):
@@ -265,7 +292,12 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     # personalized model; `scores` will be restarted from the aggregate.
     new_state = collections.OrderedDict(scores=scores, keep=keeps, personal=masks,
                                         rounds=state["rounds"] + tf.where(diverged, 0, 1))
-    upload = encode_upload_fn(masks, new_state["keep"], pruned_now)
+    sent = masks
+    if config.ldp_epsilon > 0:  # Randomized response on what leaves the device, not on `personal`.
+      seed = client_seed(new_state["keep"], state["rounds"], 1)
+      sent = tuple(ldp.randomized_response_tf(m, config.ldp_epsilon, seed + j) * k
+                   for j, (m, k) in enumerate(zip(masks, keeps)))
+    upload = encode_upload_fn(sent, new_state["keep"], pruned_now)
     upload = collections.OrderedDict(
         mask=tuple(tf.cond(diverged, lambda: tf.zeros([0], tf.uint8), lambda m=m: m)
                    for m in upload["mask"]),
@@ -340,10 +372,20 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
       keep = state["keep"][i]
       count = sums["count"][i]
       shared = tf.logical_and(keep > 0, count >= config.min_shared)
-      mean = tf.math.divide_no_nan(sums["total"][i], count)
+      total = sums["total"][i]
+      if config.ldp_epsilon > 0:  # Unbiased estimate of the true count of ones.
+        total = ldp.debias_sum_tf(total, count, config.ldp_epsilon)
+      mean = tf.clip_by_value(tf.math.divide_no_nan(total, count), 0.0, 1.0)
       message = tf.boolean_mask(tf.reshape(tf.where(shared, mean, DOWNLINK_UNCHANGED), [-1]),
                                 tf.reshape(keep > 0, [-1]))  # float32, one per kept element
-      bits.append(tf.size(message) * 32)
+      if config.downlink_bits:
+        packed, _ = quantization.quantize_tf(
+            message, config.downlink_bits, config.downlink_stochastic,
+            client_seed(state["keep"], state["rounds"], 100 + i))
+        bits.append(tf.size(packed) * 8)
+        message = quantization.dequantize_tf(packed, tf.size(message), config.downlink_bits)
+      else:
+        bits.append(tf.size(message) * 32)
       # Client: scatter the message back to its kept positions and restart.
       positions = tf.where(tf.reshape(keep > 0, [-1]))
       received = tf.reshape(tf.scatter_nd(positions, message, [tf.size(keep, tf.int64)])

@@ -70,6 +70,10 @@ class RunConfig:
   examples_per_client: int = 0
   secure_aggregation: bool = False
   unseen_clients: float = 0.0
+  uplink_coding: str = "none"
+  downlink_bits: int = 0
+  downlink_stochastic: bool = False
+  ldp_epsilon: Optional[float] = None
   output_dir: str = "runs/fedmask"
   eval_every: int = 0
   eval_batch_size: int = 256
@@ -91,6 +95,23 @@ class RunConfig:
          f"--group_lasso must be a finite number >= 0, got {self.group_lasso}")
     need(not self.secure_aggregation or self.algorithm == "fedmask",
          "--secure_aggregation is implemented for --algorithm=fedmask (its rule needs only two sums)")
+    fedmask_only = [name for name, on in (("uplink_coding", self.uplink_coding != "none"),
+                                          ("downlink_bits", self.downlink_bits != 0),
+                                          ("downlink_stochastic", self.downlink_stochastic),
+                                          ("ldp_epsilon", self.ldp_epsilon is not None)) if on]
+    need(not fedmask_only or self.algorithm == "fedmask",
+         f"--{', --'.join(fedmask_only)} apply to --algorithm=fedmask only")
+    need(self.uplink_coding in ("none", "entropy"),
+         f"--uplink_coding must be 'none' or 'entropy', got {self.uplink_coding!r}")
+    need(self.downlink_bits == 0 or 2 <= self.downlink_bits <= 16,
+         f"--downlink_bits must be 0 (float32) or in [2, 16], got {self.downlink_bits}")
+    need(not self.downlink_stochastic or self.downlink_bits,
+         "--downlink_stochastic needs --downlink_bits")
+    need(self.ldp_epsilon is None or (self.ldp_epsilon > 0 and not math.isnan(self.ldp_epsilon)),
+         f"--ldp_epsilon must be > 0 (leave it unset for no LDP), got {self.ldp_epsilon}")
+    need(not (self.uplink_coding == "entropy" and self.ldp_epsilon is not None),
+         "--uplink_coding=entropy codes against the previous upload, which --ldp_epsilon hides "
+         "from the server: use one of them")
     need(0.0 <= self.unseen_clients < 1.0, f"--unseen_clients must be in [0, 1), got {self.unseen_clients}")
     need(self.examples_per_client >= 0, f"--examples_per_client must be >= 0, got {self.examples_per_client}")
     need(self.partition_file is None or self.dataset in POOLED_DATASETS,
@@ -417,7 +438,11 @@ def run(config: RunConfig) -> dict[str, Any]:
              "rejected_uploads": int(sum(1 - m.get("upload_valid", 1) for m in train)),
              "diverged_clients": int(sum(m.get("diverged", 0) for m in train)),
              "uplink_bits_by_client": dict(zip(sampled, up)),
+             "uplink_bits_per_param": sum(up) / len(up) / num_params,
+             "downlink_bits_per_param": sum(down) / len(down) / num_params,
              "downlink_bits_by_client": dict(zip(sampled, down))}
+      if "uplink_bits_packed" in train[0]:
+        row["uplink_bits_packed_per_client"] = sum(m["uplink_bits_packed"] for m in train) / len(train)
       if "pruned" in train[0]:
         row["pruned_clients"] = int(sum(m["pruned"] for m in train))
         row["mask_density"] = (sum(m["mask_ones"] for m in train)
@@ -451,6 +476,18 @@ def run(config: RunConfig) -> dict[str, Any]:
       final[f"accuracy_{kind}"] = other["accuracy"]
       final[f"accuracy_{kind}_client_mean"] = other["accuracy_client_mean"]
   final["never_sampled_clients"] = len(training_ids) - len(participated)
+  if config.ldp_epsilon is not None:  # Basic composition over a client's rounds (fedmask_tff.ldp).
+    times = {}
+    for r in outputs.results["rounds"]:
+      for c in r["sampled_clients"]:
+        times[c] = times.get(c, 0) + 1
+    final["ldp"] = {
+        "mechanism": "randomized response on every uploaded mask bit",
+        "epsilon_per_element_per_round": config.ldp_epsilon,
+        "epsilon_per_element_by_client": {c: n * config.ldp_epsilon for c, n in sorted(times.items())},
+        "epsilon_per_element_max": max(times.values(), default=0) * config.ldp_epsilon,
+        "note": "basic composition over the rounds a client took part in, per mask element; "
+                "correlated bits, the pruning mask and participation are not protected"}
   if unseen:
     _log(f"[fedmask_tff] {len(unseen)} unseen clients join late: one round of local client work "
          "from the server's current view, then evaluation ...")
@@ -479,6 +516,8 @@ def run(config: RunConfig) -> dict[str, Any]:
       "uplink_bits_per_client_round": float(np.mean([r["uplink_bits_per_client"] for r in rounds])),
       "downlink_bits_per_client_round": float(np.mean([r["downlink_bits_per_client"] for r in rounds])),
       "train_flops_per_client_round": float(np.mean([r["train_flops_per_client"] for r in rounds])),
+      "uplink_bits_per_param": float(np.mean([r["uplink_bits_per_client"] for r in rounds])) / num_params,
+      "downlink_bits_per_param": float(np.mean([r["downlink_bits_per_client"] for r in rounds])) / num_params,
       "dense_fedavg_bits_per_client_round_each_way": dense_bits,
   }
   _tensorboard_scalars(tensorboard, len(rounds), {"final_accuracy": final["accuracy"]})

@@ -405,3 +405,48 @@ def test_secure_aggregation_gives_identical_results(tff_context, data):
         for x, y in zip(a[key], b[key]):
           np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert [int(m["downlink_bits"]) for m in ma] == [int(m["downlink_bits"]) for m in mb]
+
+
+def _run(config, data, rounds=2):
+  proc = fedmask.build_fedmask_process(model_fn, ELEMENT_SPEC, config)
+  server, states = proc.initialize(), [proc.initial_client_state() for _ in range(NUM_CLIENTS)]
+  for _ in range(rounds):
+    server, states, metrics = proc.next(server, to_datasets(data), states)
+  return states, metrics
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_quantized_downlink_counts_its_bits_and_stays_close(tff_context, data, bits):
+  import dataclasses
+  from fedmask_tff import quantization
+  plain_states, plain = _run(CONFIG, data)
+  q_states, q = _run(dataclasses.replace(CONFIG, downlink_bits=bits), data)
+  for m in q:  # b bits per kept element, whole bytes per masked weight
+    assert int(m["downlink_bits"]) == sum(8 * quantization.packed_size_bytes(k, bits) for k in KEPT)
+  assert [int(m["downlink_bits"]) for m in plain] == [32 * sum(KEPT)] * NUM_CLIENTS
+  # Restarted scores differ at most by the quantization error of the averaged value.
+  if bits == 8:
+    diffs = [np.max(np.abs(a - b)) for sa, sb in zip(plain_states, q_states)
+             for a, b in zip(sa["scores"], sb["scores"])]
+    assert max(diffs) < 0.1
+
+
+def test_ldp_randomizes_the_upload_not_the_personal_mask(tff_context, data):
+  import dataclasses
+  proc = fedmask.build_fedmask_process(model_fn, ELEMENT_SPEC,
+                                       dataclasses.replace(CONFIG, ldp_epsilon=1.0))
+  state = proc.initial_client_state()
+  new_state, upload, _ = proc.client_update(to_datasets(data)[0], state)
+  flipped, total = 0, 0
+  for j, shape in enumerate(SHAPES):
+    sent = bitpack.unpack_bits_np(np.asarray(upload["mask"][j]), shape)
+    personal = np.asarray(new_state["personal"][j])
+    keep = np.asarray(new_state["keep"][j])
+    assert np.all(sent[keep == 0] == 0)
+    flipped += int(np.sum((sent != personal)[keep > 0]))
+    total += int(keep.sum())
+  p = np.exp(1.0) / (1 + np.exp(1.0))
+  assert abs(flipped / total - (1 - p)) < 5 * np.sqrt(p * (1 - p) / total)
+  bad = dataclasses.replace(CONFIG, ldp_epsilon=-1.0)
+  with pytest.raises(ValueError):
+    bad.validate()

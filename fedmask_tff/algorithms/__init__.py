@@ -28,7 +28,10 @@ def build_algorithm(name: str, context, config):
         local_epochs=config.local_epochs, learning_rate=context.learning_rate,
         prune_rate=config.prune_rate, prune_last_layers=config.prune_last_layers,
         score_restart=config.score_restart, restart_scale=config.restart_scale,
-        group_lasso=config.group_lasso, secure_aggregation=config.secure_aggregation))
+        group_lasso=config.group_lasso, secure_aggregation=config.secure_aggregation,
+        downlink_bits=config.downlink_bits, downlink_stochastic=config.downlink_stochastic,
+        ldp_epsilon=config.ldp_epsilon or 0.0, seed=config.seed),
+        uplink_coding=config.uplink_coding)
   if name == "standalone":
     from fedmask_tff.algorithms.standalone import build_standalone
     return build_standalone(context, learning_rate=context.learning_rate)

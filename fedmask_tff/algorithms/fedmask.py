@@ -12,7 +12,8 @@ class FedMask(FederatedAlgorithm):
   """Binary masks over a frozen random model; 1-bit uploads; personalized by pruning."""
   name = "fedmask"
 
-  def __init__(self, context: BuildContext, config: fedmask_process.FedMaskConfig):
+  def __init__(self, context: BuildContext, config: fedmask_process.FedMaskConfig,
+               uplink_coding: str = "none"):
     from fedmask_tff import models
     builder = models.masked_builder(context.model)
 
@@ -31,6 +32,14 @@ class FedMask(FederatedAlgorithm):
                          pruned_parameters=sum(s.size for s in self.specs if s.prunable),
                          masks=[{"name": s.name, "shape": list(s.shape), "prunable": s.prunable}
                                 for s in self.specs])
+    if uplink_coding not in ("none", "entropy"):
+      raise ValueError(f"uplink_coding must be 'none' or 'entropy', got {uplink_coding!r}")
+    if uplink_coding == "entropy" and config.ldp_epsilon > 0:
+      raise ValueError("uplink_coding='entropy' codes a mask against the client's previous upload, "
+                       "which randomized response (ldp_epsilon) hides from the server; use one")
+    self.uplink_coding = uplink_coding
+    self.settings["uplink_coding"] = uplink_coding
+    self._packed_mask_bits = sum(8 * ((s.size + 7) // 8) for s in self.specs)
     self.description = ("W frozen; each client trains binary masks (mask_mode="
                         f"{context.mask_mode}); personalized model = its mask after local training")
 
@@ -77,7 +86,33 @@ class FedMask(FederatedAlgorithm):
                   "train_flops": float(t["train_flops"]), "pruned": int(t["pruned"]),
                   "mask_ones": float(t["mask_ones"]), "mask_kept": float(t["mask_kept"]),
                   "diverged": int(t["diverged"]), "upload_valid": int(m["upload_valid"])})
+    if self.uplink_coding == "entropy":
+      for old, new, m in zip(client_states, new_states, out):
+        self._code_upload(old, new, m)
     return server_state, list(new_states), out
+
+  def _code_upload(self, old_state, new_state, metrics):
+    """Uplink coding, measured exactly: the client's mask at its kept positions, entropy-coded
+    against its previous upload (which the server has), encoded and decoded here in the driver.
+
+    TFF still carries the packed mask (what the server computation decodes); the bits reported
+    as ``uplink_bits`` are those of the coded stream, plus the packed pruning masks a client
+    sends once at its first round. ``uplink_bits_packed`` keeps the uncoded figure.
+    """
+    import numpy as np
+    from fedmask_tff import coding
+    metrics["uplink_bits_packed"] = metrics["uplink_bits"]
+    if not metrics["upload_valid"]:
+      return
+    keeps = [np.asarray(k) > 0 for k in new_state["keep"]]
+    bits = np.concatenate([np.asarray(p)[k] for p, k in zip(new_state["personal"], keeps)])
+    ref = np.concatenate([np.asarray(p)[k] for p, k in zip(old_state["personal"], keeps)])
+    bits, ref = bits.astype(np.uint8), ref.astype(np.uint8)
+    stream = coding.encode_mask(bits, ref)
+    if not np.array_equal(coding.decode_mask(stream, ref, bits.size), bits):
+      raise RuntimeError("uplink coding did not decode exactly")  # never expected
+    keep_bits = metrics["uplink_bits"] - self._packed_mask_bits
+    metrics["uplink_bits"] = 8 * len(stream) + keep_bits
 
   def _evaluate(self, test_datasets, masks):
     return [{"correct": float(m["correct"]), "examples": float(m["examples"]),
@@ -92,5 +127,6 @@ class FedMask(FederatedAlgorithm):
         test_datasets, [self.process.received_masks(s) for s in client_states])}
 
 
-def build_fedmask(context: BuildContext, config: fedmask_process.FedMaskConfig) -> FedMask:
-  return FedMask(context, config)
+def build_fedmask(context: BuildContext, config: fedmask_process.FedMaskConfig,
+                  uplink_coding: str = "none") -> FedMask:
+  return FedMask(context, config, uplink_coding)
