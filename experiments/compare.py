@@ -6,7 +6,8 @@ uses, via ``--partition_file``), runs each algorithm into
 and ``comparison.json``: personalized accuracy, uplink and downlink bits per
 client per round, training FLOPs per client per round, each also as a ratio to
 FedAvg. Rerunning the same command skips the algorithms whose run is complete
-(``results.json`` with ``"complete": true`` and the same settings).
+(``results.json`` with ``"complete": true`` and the same settings) and
+resumes an unfinished one from its checkpoint.
 
 Every flag of ``experiments.run`` is accepted and applies to every algorithm,
 except ``--learning_rate`` (each algorithm has its own documented default; set
@@ -48,6 +49,9 @@ def _parse_rates(items):
 
 
 def _complete(results_path, config):
+  """The finished results at ``results_path`` if they were made with exactly ``config``'s
+  settings (those that change results), else ``None``."""
+  from fedmask_tff import runner
   if not os.path.exists(results_path):
     return None
   try:
@@ -57,10 +61,39 @@ def _complete(results_path, config):
     return None
   if not results.get("complete"):
     return None
-  keep = ("rounds", "local_epochs", "batch_size", "clients_per_round", "model", "model_width", "seed",
-          "learning_rate", "partition_file")
-  same = all(results["config"].get(k) == getattr(config, k) for k in keep)
+  stored = results.get("config", {})
+  same = all(stored.get(f.name) == getattr(config, f.name)
+             for f in dataclasses.fields(config) if f.name not in runner.RESUME_FREE)
   return results if same else None
+
+
+def run_variants(base, variants: dict, out: str, log=None) -> dict:
+  """Runs ``{name: {RunConfig field: value}}`` into ``out/<name>``; returns ``{name: results}``.
+
+  Finished runs with the same settings are skipped; an unfinished one resumes
+  (the runner's checkpoint); one with other settings is replaced.
+  """
+  from fedmask_tff import runner
+  log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+  all_results = {}
+  for i, (name, overrides) in enumerate(variants.items()):
+    config = dataclasses.replace(base, output_dir=os.path.join(out, name), overwrite=False,
+                                 **overrides)
+    done = _complete(os.path.join(config.output_dir, "results.json"), config)
+    if done is not None:
+      log(f"[compare] {i + 1}/{len(variants)} {name}: complete, skipped")
+      all_results[name] = done
+      continue
+    try:
+      state = runner.resume_state(config)
+    except runner.ConfigError:
+      state = "other settings"
+    if state not in ("fresh", "resume"):
+      config = dataclasses.replace(config, overwrite=True)
+    log(f"[compare] {i + 1}/{len(variants)} {name}"
+        + (": resuming ..." if state == "resume" else " ..."))
+    all_results[name] = runner.run(config)
+  return all_results
 
 
 def table_rows(all_results: dict) -> list[dict]:
@@ -134,18 +167,10 @@ def main(argv):
       source, n = runner._source_description(base.dataset, split)  # pylint: disable=protected-access
       partition_file_lib.save_partition(partition_path, split, base.dataset, source, n)
       print(f"[compare] partition written to {partition_path}", file=sys.stderr)
-    all_results = {}
-    for i, name in enumerate(FLAGS.algorithms):
-      config = dataclasses.replace(base, algorithm=name, output_dir=os.path.join(out, name),
-                                   partition_file=partition_path, learning_rate=rates.get(name),
-                                   overwrite=True)
-      done = _complete(os.path.join(config.output_dir, "results.json"), config)
-      if done is not None:
-        print(f"[compare] {i + 1}/{len(FLAGS.algorithms)} {name}: complete, skipped", file=sys.stderr)
-        all_results[name] = done
-        continue
-      print(f"[compare] {i + 1}/{len(FLAGS.algorithms)} {name} ...", file=sys.stderr, flush=True)
-      all_results[name] = runner.run(config)
+    all_results = run_variants(
+        dataclasses.replace(base, partition_file=partition_path),
+        {name: {"algorithm": name, "learning_rate": rates.get(name)} for name in FLAGS.algorithms},
+        out)
     header = (f"Comparison on {base.dataset}, partition {partition_path}, {base.rounds} rounds x "
               f"{base.clients_per_round} clients, {base.local_epochs} local epochs, batch "
               f"{base.batch_size}, model {base.model} (width {base.model_width}), seed {base.seed}. "

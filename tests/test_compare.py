@@ -85,3 +85,30 @@ def test_rerun_skips_finished_runs(compared):
 def test_one_learning_rate_for_all_is_refused(tmp_path):
   proc = _compare([f"--output_dir={tmp_path}", "--learning_rate=0.1"], timeout=120)
   assert proc.returncode == 2 and "--learning_rates" in proc.stderr
+
+
+def test_coding_options_table(tmp_path):
+  data = str(tmp_path / "fm")
+  write_learnable_fashion_dir(data)
+  out = str(tmp_path / "coding")
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.compare_coding", f"--data_dir={data}", f"--output_dir={out}",
+       "--model=mlp", "--model_width=0.25", "--num_clients=6", "--clients_per_round=3", "--rounds=3",
+       "--local_epochs=1", "--batch_size=16", "--progress=false", "--ldp_epsilons=2"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  with open(os.path.join(out, "coding.csv")) as f:
+    rows = {r["variant"]: r for r in csv.DictReader(f)}
+  assert set(rows) == {"plain", "entropy", "entropy_down8", "entropy_down4", "entropy_down4_stochastic",
+                       "secure_aggregation", "ldp_eps2"}
+  up = {k: float(r["uplink_bits_per_param"]) for k, r in rows.items()}
+  down = {k: float(r["downlink_bits_per_param"]) for k, r in rows.items()}
+  assert up["entropy"] < up["plain"]
+  assert down["entropy_down4"] < down["entropy_down8"] < down["plain"]
+  # Secure aggregation changes who sees what, not the numbers.
+  assert float(rows["secure_aggregation"]["accuracy"]) == float(rows["plain"]["accuracy"])
+  assert up["secure_aggregation"] == up["plain"]
+  with open(os.path.join(out, "ldp_eps2", "results.json")) as f:
+    ldp = json.load(f)["final"]["ldp"]
+  assert ldp["epsilon_per_element_per_round"] == 2.0 and ldp["epsilon_per_element_max"] >= 2.0
