@@ -414,7 +414,11 @@ def run(config: RunConfig) -> dict[str, Any]:
       server_state, new_states, train = algorithm.next(server_state, datasets, states)
       examples = sum(m["examples"] for m in train)
       loss = sum(m["loss_sum"] for m in train) / examples if examples else float("nan")
-      if not math.isfinite(loss):  # Checked before storing: finished rounds stay intact.
+      diverged = sum(m.get("diverged", 0) for m in train)
+      if not examples and diverged:  # Checked before storing: finished rounds stay intact.
+        raise FloatingPointError(f"round {round_num}: every client's training diverged "
+                                 f"({diverged} of {len(train)}); lower --learning_rate")
+      if not math.isfinite(loss):
         raise FloatingPointError(f"round {round_num}: training loss is {loss}; lower --learning_rate")
       participated.update(sampled)
       # Checkpoint first, then the client files (see fedmask_tff.checkpoint).

@@ -233,3 +233,61 @@ def test_algorithm_trains_and_evaluates(tff_context):
   result = alg.evaluate(state, test, None, train)
   assert [e["examples"] for e in result] == list(test_sizes)
   assert sum(e["correct"] for e in result) / sum(test_sizes) > 0.8
+
+
+# --- Misbehaving clients: a diverged client contributes nothing; malformed uploads are dropped ---
+
+
+def nan_data(seed, n):
+  x, y = client_data(seed, n)
+  x[0, 0] = np.nan  # one NaN feature: the loss and the latent weights are NaN
+  return x, y
+
+
+def test_a_diverged_client_is_dropped_from_the_round(process):
+  latent = process.initialize()
+  good = [client_data(41, 12), client_data(42, 8)]
+  with_bad, metrics = process.next(latent, [dataset(x, y) for x, y in good + [nan_data(43, 8)]])
+  without, _ = process.next(latent, [dataset(x, y) for x, y in good])
+  assert np.all(np.isfinite(flat(with_bad)))
+  np.testing.assert_allclose(flat(with_bad), flat(without), rtol=1e-6, atol=1e-7)
+  assert np.abs(flat(without) - flat(latent)).max() > 1e-4  # the round did move the model
+  assert [int(m["diverged"]) for m in metrics] == [0, 0, 1]
+  assert [int(m["upload_valid"]) for m in metrics] == [1, 1, 1]  # zero bytes of the right size
+  bad = metrics[2]
+  assert float(bad["examples"]) == 0 and float(bad["loss_sum"]) == 0
+  assert float(bad["trained_examples"]) == 8 and int(bad["uplink_bits"]) == 56
+  # Only the diverged client: the global latent weights are unchanged.
+  alone, metrics = process.next(latent, [dataset(*nan_data(44, 8))])
+  np.testing.assert_array_equal(flat(alone), flat(latent))
+  assert int(metrics[0]["diverged"]) == 1
+
+
+def test_server_rejects_malformed_uploads(process):
+  signs = np.where(np.arange(N_WEIGHTS) % 2 == 0, 1.0, -1.0)
+  packed = bitpack.pack_bits_np((signs > 0).astype(np.uint8))
+  weighted, weight, valid = process.decode_and_validate(packed, np.float32(2))
+  assert int(valid) == 1 and float(weight) == 2
+  np.testing.assert_allclose(flat(weighted), 2 * signs)
+  padding_set = packed.copy()
+  padding_set[-1] |= 0x80  # bit 55: past the 55 weights
+  for upload, n in ((packed[:-1], 2.0), (np.concatenate([packed, packed[:1]]), 2.0),
+                    (np.zeros(0, np.uint8), 2.0), (padding_set, 2.0), (packed, np.nan),
+                    (packed, -3.0)):
+    weighted, weight = process.decode_upload(upload, np.float32(n))
+    assert float(weight) == 0 and not flat(weighted).any()
+    _, weight, valid = process.decode_and_validate(upload, np.float32(n))
+    assert int(valid) == 0 and float(weight) == 0
+
+
+def test_wrapper_passes_diverged_and_upload_valid_as_ints(process):
+  alg = bnn_fedavg.BnnFedAvg(process, tiny_model, {})
+  data = [dataset(*client_data(51, 8)), dataset(*nan_data(52, 8))]
+  state, states, metrics = alg.next(process.initialize(), data, None)
+  assert states is None
+  assert [m["diverged"] for m in metrics] == [0, 1]
+  assert [m["upload_valid"] for m in metrics] == [1, 1]
+  assert all(type(m["diverged"]) is int and type(m["upload_valid"]) is int for m in metrics)
+  assert metrics[1]["examples"] == 0 and metrics[1]["loss_sum"] == 0
+  assert metrics[1]["train_flops"] == costs.train_flops(costs.weight_costs(tiny_model()), 8)
+  assert all(np.all(np.isfinite(np.asarray(w))) for w in state)

@@ -163,3 +163,54 @@ def test_all_layers_global_is_allowed(tff_context):
   alg = lg_fedavg.build_lg_fedavg(context(local_epochs=1), global_layers=3)
   assert alg.initial_client_state() == ()
   assert alg.settings["global_layers"] == 3 and alg.local_parameters == 0
+
+
+# --- Misbehaving clients: a diverged client contributes nothing; malformed uploads are dropped ---
+
+
+def nan_dataset(seed, n, batch=8):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((n, 28, 28, 1)).astype(np.float32)
+  x[1, 5, 5, 0] = np.nan  # one NaN feature: the loss and the weights are NaN
+  y = rng.integers(0, 10, n).astype(np.int32)
+  return tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=x, y=y)).batch(batch)
+
+
+def test_a_diverged_client_keeps_its_local_layers_and_is_dropped(alg):
+  state = alg.initialize()
+  init = alg.initial_client_state()
+  own = (init[0] + np.float32(0.01),)  # the diverged client's own (non-initial) local layers
+  good = datasets(TRAIN_SIZES[:2], 30)
+  with_bad, locals_bad, metrics = alg.next(state, good + [nan_dataset(31, 24)], [init, init, own])
+  without, locals_ref, _ = alg.next(state, good, [init, init])
+  for got, want in zip(as_np(with_bad), as_np(without)):
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  for got, want in zip(locals_bad[:2], locals_ref):
+    assert np.all(np.isfinite(got[0]))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(locals_bad[2][0], own[0])  # kept as it was
+  assert [m["diverged"] for m in metrics] == [0, 0, 1]
+  assert [m["upload_valid"] for m in metrics] == [1, 1, 1]  # zeros are a valid upload
+  assert all(type(m["diverged"]) is int and type(m["upload_valid"]) is int for m in metrics)
+  assert metrics[2]["examples"] == 0 and metrics[2]["loss_sum"] == 0
+  assert metrics[2]["uplink_bits"] == 96_000
+  model = context().dense_model_fn()()
+  assert metrics[2]["train_flops"] == costs.train_flops(costs.weight_costs(model), LOCAL_EPOCHS * 24)
+  # Only the diverged client: the global layers are unchanged.
+  alone, locals_alone, metrics = alg.next(state, [nan_dataset(32, 16)], [init])
+  for got, want in zip(as_np(alone), as_np(state)):
+    np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(locals_alone[0][0], init[0])
+  assert metrics[0]["diverged"] == 1
+
+
+def test_server_rejects_non_finite_uploads(alg):
+  good = tuple(np.ones(s, np.float32) for s in SHAPES[1:])
+  weighted, examples, valid = alg.process.decode_upload(good, np.float32(3))
+  assert int(valid) == 1 and float(examples) == 3
+  bad = (good[0], np.where(np.eye(50, 10) > 0, np.nan, 1.0).astype(np.float32))
+  for upload, n in ((bad, 3.0), (good, np.inf), (good, -2.0)):
+    weighted, examples, valid = alg.process.decode_upload(upload, np.float32(n))
+    assert int(valid) == 0 and float(examples) == 0
+    assert not any(np.asarray(w).any() for w in weighted)

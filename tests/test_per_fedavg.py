@@ -301,3 +301,60 @@ def test_hf_client_update_in_tff_matches_the_eager_step(tff_context):
   assert float(examples) == 8 and metrics["example_passes"] == 8 + 2 * 3
   np.testing.assert_allclose(np.asarray(weighted[0]) / 8, want[0].numpy(), rtol=1e-4, atol=1e-6)
   assert float(metrics["loss_sum"]) == pytest.approx(float(loss_sum), rel=1e-5)
+
+
+# --- Misbehaving clients: a diverged client contributes nothing; malformed uploads are dropped ---
+
+
+def nan_data(seed, n):
+  x, y = lin_data(seed, n)
+  x[0, 0] = np.nan  # one NaN feature: the loss and the new weights are NaN
+  return x, y
+
+
+def test_a_diverged_client_is_dropped_from_the_round(lin_process):
+  state = lin_process.initialize()
+  good = [lin_dataset(*lin_data(51, 8), 2), lin_dataset(*lin_data(52, 12), 3)]
+  bad = lin_dataset(*nan_data(53, 8), 2)
+  with_bad, metrics = lin_process.next(state, good + [bad])
+  without, _ = lin_process.next(state, good)
+  assert np.all(np.isfinite(np.asarray(with_bad[0])))
+  np.testing.assert_allclose(np.asarray(with_bad[0]), np.asarray(without[0]), rtol=1e-6,
+                             atol=1e-7)
+  assert np.abs(np.asarray(without[0]) - W0).max() > 1e-4  # the round did move the model
+  assert [int(m["diverged"]) for m in metrics] == [0, 0, 1]
+  assert [int(m["upload_valid"]) for m in metrics] == [1, 1, 1]  # zeros are a valid upload
+  assert float(metrics[2]["examples"]) == 0 and float(metrics[2]["loss_sum"]) == 0
+  assert float(metrics[2]["example_passes"]) == 8  # the work it did is still counted
+  assert int(metrics[2]["uplink_bits"]) == 32 * 6
+  # Only the diverged client: the global model is unchanged.
+  alone, metrics = lin_process.next(state, [bad])
+  np.testing.assert_array_equal(np.asarray(alone[0]), W0)
+  assert int(metrics[0]["diverged"]) == 1
+
+
+def test_server_rejects_non_finite_uploads(lin_process):
+  good = (np.full((3, 2), 2.0, np.float32),)
+  weighted, examples, valid = lin_process.decode_upload(good, np.float32(4))
+  assert int(valid) == 1 and float(examples) == 4
+  np.testing.assert_array_equal(np.asarray(weighted[0]), good[0])
+  inf = (np.where(np.eye(3, 2) > 0, np.inf, 1.0).astype(np.float32),)
+  for upload, n in ((inf, 4.0), (good, np.nan), (good, -1.0)):
+    weighted, examples, valid = lin_process.decode_upload(upload, np.float32(n))
+    assert int(valid) == 0 and float(examples) == 0 and not np.asarray(weighted[0]).any()
+
+
+def test_wrapper_passes_diverged_and_upload_valid_as_ints(tff_context):
+  alg = per_fedavg.build_per_fedavg(context(local_epochs=1))
+  data = img_datasets((16, 16), 7)
+  rng = np.random.default_rng(8)
+  x = rng.standard_normal((16, 28, 28, 1)).astype(np.float32)
+  x[3, 0, 0, 0] = np.nan
+  y = rng.integers(0, 10, 16).astype(np.int32)
+  data.append(tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=x, y=y)).batch(8))
+  state, _, metrics = alg.next(alg.initialize(), data, None)
+  assert [m["diverged"] for m in metrics] == [0, 0, 1]
+  assert [m["upload_valid"] for m in metrics] == [1, 1, 1]
+  assert all(type(m["diverged"]) is int and type(m["upload_valid"]) is int for m in metrics)
+  assert metrics[2]["examples"] == 0 and metrics[2]["loss_sum"] == 0
+  assert all(np.all(np.isfinite(np.asarray(w))) for w in state)

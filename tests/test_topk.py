@@ -209,3 +209,94 @@ def test_algorithm_trains_and_evaluates(tff_context, error_feedback):
   accuracy = sum(e["correct"] for e in after) / sum(test_sizes)
   assert accuracy > 0.8
   assert sum(e["loss_sum"] for e in after) < sum(e["loss_sum"] for e in before)
+
+
+# --- Misbehaving clients: a diverged client contributes nothing; malformed uploads are dropped ---
+
+
+def nan_data(seed, n):
+  x, y = client_data(seed, n)
+  x[0, 0] = np.nan  # one NaN feature: the loss, the gradient and the update are NaN
+  return x, y
+
+
+def test_a_diverged_client_is_dropped_from_the_round(process):
+  (w0,) = process.initialize()
+  good = [client_data(s, n) for s, n in ((21, 10), (22, 6))]
+  (with_bad,), metrics = process.next((w0,), [dataset(x, y) for x, y in good + [nan_data(23, 8)]])
+  (without,), metrics_ref = process.next((w0,), [dataset(x, y) for x, y in good])
+  assert np.all(np.isfinite(with_bad))
+  np.testing.assert_allclose(with_bad, without, rtol=1e-6, atol=1e-7)
+  assert np.abs(np.asarray(without) - w0).max() > 1e-4  # the round did move the model
+  assert [int(m["diverged"]) for m in metrics] == [0, 0, 1]
+  assert [int(m["upload_valid"]) for m in metrics] == [1, 1, 1]  # zeros of the right shapes
+  bad = metrics[2]
+  assert float(bad["examples"]) == 0 and float(bad["loss_sum"]) == 0
+  assert float(bad["trained_examples"]) == 8
+  assert int(bad["uplink_bits"]) == 64 * K  # the payload keeps its shapes
+  # Only the diverged client: the global model is unchanged (no division by 0).
+  (alone,), metrics = process.next((w0,), [dataset(*nan_data(24, 8))])
+  np.testing.assert_array_equal(alone, w0)
+  assert int(metrics[0]["diverged"]) == 1
+
+
+def test_a_diverged_client_keeps_its_residual(ef_process):
+  (w0,) = ef_process.initialize()
+  rng = np.random.default_rng(11)
+  residuals = [(rng.standard_normal((8, 3)).astype(np.float32) * 0.05,) for _ in range(3)]
+  data = [client_data(31, 6), client_data(32, 9), nan_data(33, 7)]
+  (w1,), new_res, metrics = ef_process.next((w0,), [dataset(x, y) for x, y in data], residuals)
+  (w_ref,), res_ref, _ = ef_process.next((w0,), [dataset(x, y) for x, y in data[:2]],
+                                         residuals[:2])
+  np.testing.assert_allclose(w1, w_ref, rtol=1e-6, atol=1e-7)
+  for (got,), (want,) in zip(new_res[:2], res_ref):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert np.all(np.isfinite(got))
+  np.testing.assert_array_equal(np.asarray(new_res[2][0]), residuals[2][0])  # kept as it was
+  assert [int(m["diverged"]) for m in metrics] == [0, 0, 1]
+
+
+def test_server_rejects_malformed_uploads(process):
+  good_idx = np.arange(K, dtype=np.int32) * 3
+  values = np.linspace(-1, 1, K).astype(np.float32)
+  weighted, weight = process.decode_upload(
+      collections.OrderedDict(values=values, indices=good_idx), np.float32(5))
+  assert float(weight) == 5
+  dense = np.zeros(N_WEIGHTS, np.float32)
+  dense[good_idx] = values * 5
+  np.testing.assert_allclose(np.asarray(weighted[0]).reshape(-1), dense, rtol=1e-6)
+  _, _, valid = process.decode_and_validate(
+      collections.OrderedDict(values=values, indices=good_idx), np.float32(5))
+  assert int(valid) == 1
+  out_of_range = good_idx.copy()
+  out_of_range[-1] = N_WEIGHTS  # index n: outside [0, n)
+  negative = good_idx.copy()
+  negative[0] = -1
+  duplicate = good_idx.copy()
+  duplicate[1] = duplicate[0]
+  nan_values = values.copy()
+  nan_values[2] = np.nan
+  bad_uploads = [(values, out_of_range, 5.0), (values, negative, 5.0), (values, duplicate, 5.0),
+                 (nan_values, good_idx, 5.0), (values, good_idx, np.nan),
+                 (values, good_idx, -1.0)]
+  for v, i, n in bad_uploads:
+    upload = collections.OrderedDict(values=v, indices=i)
+    weighted, weight = process.decode_upload(upload, np.float32(n))
+    assert float(weight) == 0
+    assert not np.asarray(weighted[0]).any()
+    _, weight, valid = process.decode_and_validate(upload, np.float32(n))
+    assert int(valid) == 0 and float(weight) == 0
+
+
+def test_wrapper_passes_diverged_and_upload_valid_as_ints(process):
+  alg = topk.TopKFedAvg(process, linear_model, {})
+  data = [dataset(*client_data(61, 8)), dataset(*nan_data(62, 8))]
+  state, states, metrics = alg.next(process.initialize(), data, None)
+  assert states is None
+  assert [m["diverged"] for m in metrics] == [0, 1]
+  assert [m["upload_valid"] for m in metrics] == [1, 1]
+  assert all(type(m["diverged"]) is int and type(m["upload_valid"]) is int for m in metrics)
+  assert metrics[1]["examples"] == 0 and metrics[1]["loss_sum"] == 0
+  # FLOPs count the examples the diverged client did process.
+  assert metrics[1]["train_flops"] == costs.train_flops(costs.weight_costs(linear_model()), 8)
+  assert all(np.all(np.isfinite(np.asarray(w))) for w in state)

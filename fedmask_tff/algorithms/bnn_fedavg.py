@@ -46,6 +46,14 @@ One round, for the sampled clients (all TFF computations):
 
    Nothing changes if no client trained on any example.
 
+Misbehaving clients: a client whose training diverged (non-finite loss or
+latent weights) sends zero bytes of the usual size with weight 0 and reports
+``diverged = 1`` (``examples`` and ``loss_sum`` 0; ``trained_examples`` keeps
+the count processed, for FLOPs). The server (``decode_and_validate``) drops an
+upload that is not exactly ``ceil(n / 8)`` bytes, has a padding bit set, or
+comes with a non-finite or negative example count (weight 0,
+``upload_valid = 0``).
+
 Server state: the global latent weights (tuple of float32 tensors). Clients
 are stateless. Evaluation: the global binarized model (signs of the global
 latent weights times the scales) on each client's test data.
@@ -136,7 +144,8 @@ class BnnProcess(tff.templates.IterativeProcess):
   ``server_update`` (TF computations of steps 2-4) and ``evaluate_global``.
 
   ``next(latent@SERVER, data@CLIENTS)`` returns ``(latent@SERVER, metrics@CLIENTS)``
-  where ``metrics`` is ``OrderedDict(loss_sum, examples, uplink_bits, downlink_bits)``.
+  where ``metrics`` is ``OrderedDict(loss_sum, examples, uplink_bits, downlink_bits, diverged,
+  trained_examples, upload_valid)``.
   """
 
 
@@ -193,7 +202,8 @@ def build_bnn_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
 
   w_type = evaluation.weights_type(model_fn)
   data_type = tff.SequenceType(tff.types.tensorflow_to_type(element_spec))
-  upload_type = tff.TensorType(np.uint8, [packed_bytes])
+  # Variable length: the server checks the size of what arrives (a malformed upload is dropped).
+  upload_type = tff.TensorType(np.uint8, [None])
 
   @tff.tensorflow.computation(data_type, w_type)
   def client_update(dataset, latent):
@@ -204,16 +214,44 @@ def build_bnn_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
           model, model.trainable_variables, dataset, epochs, lr, post_step=binarized.clip_latent)
     with tf.control_dependencies([loss_sum, examples]):
       trained = tuple(tf.identity(v) for v in variables)
-    upload = bitpack.pack_bits_tf(binarized.sign_bits(_flatten(trained)))
+    flat = _flatten(trained)
+    # A client whose training diverged (non-finite loss or latent weights) sends zero bytes
+    # of the usual size (bits still counted from the tensor) with weight 0.
+    diverged = tf.logical_not(tf.logical_and(tf.math.is_finite(loss_sum),
+                                             tf.reduce_all(tf.math.is_finite(flat))))
+    upload = bitpack.pack_bits_tf(binarized.sign_bits(flat))
+    upload = tf.where(diverged, tf.zeros_like(upload), upload)
     metrics = collections.OrderedDict(
-        loss_sum=loss_sum, examples=examples, uplink_bits=tensor_bits(upload),
-        downlink_bits=tensor_bits(latent))
+        loss_sum=tf.where(diverged, 0.0, loss_sum), examples=tf.where(diverged, 0.0, examples),
+        uplink_bits=tensor_bits(upload), downlink_bits=tensor_bits(latent),
+        diverged=tf.cast(diverged, tf.int32), trained_examples=examples)
     return upload, metrics
+
+  def check_and_decode(upload, examples):
+    """``(weighted signs, weight, valid)``: an upload is valid when it has exactly
+    ``ceil(n / 8)`` bytes, its padding bits are 0 and the example count is finite and >= 0;
+    an invalid one adds nothing (zeros, weight 0)."""
+    size_ok = tf.equal(tf.size(upload), packed_bytes)
+    bits = tf.cond(size_ok, lambda: bitpack.unpack_bits_tf(upload, packed_bytes * 8),
+                   lambda: tf.zeros([packed_bytes * 8]))
+    valid = tf.reduce_all(tf.stack([
+        size_ok, tf.equal(tf.reduce_sum(bits[num_elements:]), 0.0),
+        tf.math.is_finite(examples), examples >= 0.0]))
+    weight = tf.where(valid, examples, 0.0)
+    signs = 2.0 * bits[:num_elements] - 1.0
+    return _unflatten(signs * weight, shapes), weight, tf.cast(valid, tf.int32)
 
   @tff.tensorflow.computation(upload_type, tff.TensorType(np.float32))
   def decode_upload(upload, examples):
-    """The client's +-1 signs times its example count (summed, then divided by the total)."""
-    return _unflatten(decode_signs(upload, num_elements) * examples, shapes), examples
+    """The client's +-1 signs times its example count (summed, then divided by the total);
+    an invalid upload (see ``check_and_decode``) gives zeros and weight 0."""
+    weighted, weight, _ = check_and_decode(upload, examples)
+    return weighted, weight
+
+  @tff.tensorflow.computation(upload_type, tff.TensorType(np.float32))
+  def decode_and_validate(upload, examples):
+    """``decode_upload`` plus ``valid`` (int32 0/1)."""
+    return check_and_decode(upload, examples)
 
   @tff.tensorflow.computation(w_type, w_type, tff.TensorType(np.float32))
   def server_update(latent, weighted_sum, total_examples):
@@ -235,15 +273,24 @@ def build_bnn_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
   def initialize_fn():
     return tff.federated_eval(initial_weights, tff.SERVER)
 
+  metrics_type = client_update.type_signature.result[1]
+  metric_names = [name for name, _ in tff.structure.iter_elements(metrics_type)]
+
+  @tff.tensorflow.computation(metrics_type, tff.TensorType(np.int32))
+  def with_upload_valid(metrics, valid):
+    out = collections.OrderedDict((name, metrics[name]) for name in metric_names)
+    out["upload_valid"] = valid
+    return out
+
   @tff.federated_computation(tff.FederatedType(w_type, tff.SERVER),
                              tff.FederatedType(data_type, tff.CLIENTS))
   def next_fn(server_state, client_data):
     upload, metrics = tff.federated_map(
         client_update, (client_data, tff.federated_broadcast(server_state)))
-    weighted, examples = tff.federated_map(decode_upload, (upload, metrics.examples))
+    weighted, examples, valid = tff.federated_map(decode_and_validate, (upload, metrics.examples))
     new_state = tff.federated_map(
         server_update, (server_state, tff.federated_sum(weighted), tff.federated_sum(examples)))
-    return new_state, metrics
+    return new_state, tff.federated_map(with_upload_valid, (metrics, valid))
 
   process = BnnProcess(initialize_fn, next_fn)
   process.num_elements = num_elements
@@ -251,6 +298,7 @@ def build_bnn_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
   process.weights_type = w_type
   process.client_update = client_update
   process.decode_upload = decode_upload
+  process.decode_and_validate = decode_and_validate
   process.server_update = server_update
   process.restart_multipliers = multipliers
   process.server_rate = eta
@@ -285,10 +333,11 @@ class BnnFedAvg(FederatedAlgorithm):
     out = []
     for m in metrics:
       examples = float(m["examples"])
+      trained = float(m["trained_examples"])  # processed, even by a client that diverged
       out.append(dict(loss_sum=float(m["loss_sum"]), examples=examples,
                       uplink_bits=int(m["uplink_bits"]), downlink_bits=int(m["downlink_bits"]),
-                      train_flops=int(costs.train_flops(self._weight_costs,
-                                                        int(round(examples))))))
+                      train_flops=int(costs.train_flops(self._weight_costs, int(round(trained)))),
+                      diverged=int(m["diverged"]), upload_valid=int(m["upload_valid"])))
     return server_state, None, out
 
   def evaluate(self, server_state, test_datasets: list, client_states: Optional[list],

@@ -18,6 +18,12 @@ layers only, dense float32 each way, counted from the tensors (32 bits per
 element). Evaluation: a client's own local layers with the current global
 layers on its own test data.
 
+Misbehaving clients: a client whose training diverged (non-finite loss or
+weights) keeps its previous local layers, uploads zeros with weight 0 and
+reports ``diverged = 1`` (``examples``, ``loss_sum`` 0; FLOPs still count the
+examples it processed); the server's ``decode_upload`` drops an upload with a
+non-finite value or example count (weight 0, ``upload_valid = 0``).
+
 Client state: the tuple of local-layer weights (numpy float32, layer order,
 each layer's ``weights`` order); :meth:`LGFedAvg.initial_client_state` is
 the freshly initialised local layers of ``model_fn()`` (the same for every
@@ -155,10 +161,19 @@ def build_lg_fedavg_process(model_fn: Callable[[], tf.keras.Model], element_spec
     with tf.control_dependencies([loss_sum, examples]):
       new_local = tuple(tf.identity(v) for v in lv)
       new_global = tuple(tf.identity(v) for v in gv)
+    # A client whose training diverged (non-finite loss or weights) keeps its previous local
+    # layers and uploads zeros (same shapes) with weight 0.
+    diverged = tf.logical_not(tf.reduce_all(tf.stack(
+        [tf.math.is_finite(loss_sum)]
+        + [tf.reduce_all(tf.math.is_finite(w)) for w in new_local + new_global])))
+    new_local = tuple(tf.where(diverged, old, new) for old, new in zip(local_w, new_local))
+    weight = tf.where(diverged, 0.0, examples)
     metrics = collections.OrderedDict(
-        loss_sum=loss_sum, examples=examples,
-        uplink_bits=_float32_bits(new_global), downlink_bits=_float32_bits(global_w))
-    return new_local, tuple(w * examples for w in new_global), examples, metrics
+        loss_sum=tf.where(diverged, 0.0, loss_sum), examples=weight,
+        uplink_bits=_float32_bits(new_global), downlink_bits=_float32_bits(global_w),
+        diverged=tf.cast(diverged, tf.int32), trained_examples=examples)
+    weighted = tuple(tf.where(diverged, tf.zeros_like(w), w * weight) for w in new_global)
+    return new_local, weighted, weight, metrics
 
   @tff.tensorflow.computation(eval_data_type, global_type, local_type)
   def evaluate_client(dataset, global_w, local_w):
@@ -175,6 +190,26 @@ def build_lg_fedavg_process(model_fn: Callable[[], tf.keras.Model], element_spec
     return tuple(tf.cond(total > 0, lambda s=s: s / total, lambda o=o: tf.identity(o))
                  for s, o in zip(sums, old))
 
+  @tff.tensorflow.computation(global_type, tff.TensorType(np.float32))
+  def decode_upload(weighted, examples):
+    """Server-side check of one upload: ``(weighted, examples) -> (weighted, examples, valid)``;
+    valid when every value and the example count are finite (count >= 0), else zeros, weight 0."""
+    weighted = tuple(weighted)
+    valid = tf.reduce_all(tf.stack(
+        [tf.math.is_finite(examples), examples >= 0.0]
+        + [tf.reduce_all(tf.math.is_finite(w)) for w in weighted]))
+    return (tuple(tf.where(valid, w, tf.zeros_like(w)) for w in weighted),
+            tf.where(valid, examples, 0.0), tf.cast(valid, tf.int32))
+
+  metrics_type = client_update.type_signature.result[3]
+  metric_names = [name for name, _ in tff.structure.iter_elements(metrics_type)]
+
+  @tff.tensorflow.computation(metrics_type, tff.TensorType(np.int32))
+  def with_upload_valid(metrics, valid):
+    out = collections.OrderedDict((name, metrics[name]) for name in metric_names)
+    out["upload_valid"] = valid
+    return out
+
   @tff.federated_computation()
   def initialize_fn():
     return tff.federated_eval(initial_global, tff.SERVER)
@@ -186,9 +221,10 @@ def build_lg_fedavg_process(model_fn: Callable[[], tf.keras.Model], element_spec
   def next_fn(global_w, data, local_w):
     new_local, weighted, examples, metrics = tff.federated_map(
         client_update, (data, tff.federated_broadcast(global_w), local_w))
+    weighted, examples, valid = tff.federated_map(decode_upload, (weighted, examples))
     new_global = tff.federated_map(
         server_update, (tff.federated_sum(weighted), tff.federated_sum(examples), global_w))
-    return new_global, new_local, metrics
+    return new_global, new_local, tff.federated_map(with_upload_valid, (metrics, valid))
 
   @tff.federated_computation(server_type, tff.FederatedType(local_type, tff.CLIENTS),
                              tff.FederatedType(eval_data_type, tff.CLIENTS))
@@ -198,6 +234,7 @@ def build_lg_fedavg_process(model_fn: Callable[[], tf.keras.Model], element_spec
   process = LGFedAvgProcess(initialize_fn, next_fn)
   process.evaluate = evaluate_fn
   process.client_update = client_update
+  process.decode_upload = decode_upload
   process.evaluate_client = evaluate_client
   process.local_type, process.global_type = local_type, global_type
   process.initial_local_weights, process.initial_global_weights = init_local, init_global
@@ -250,7 +287,8 @@ class LGFedAvg(FederatedAlgorithm):
     metrics = []
     for m in outputs:
       m = _to_python(m)
-      m["train_flops"] = costs.train_flops(self._costs, m["examples"])
+      # FLOPs of the examples processed, even by a client whose training diverged.
+      m["train_flops"] = costs.train_flops(self._costs, m.pop("trained_examples"))
       metrics.append(m)
     return _as_state(new_global), [_as_state(s) for s in new_local], metrics
 

@@ -21,6 +21,12 @@ the examples of ``D`` and ``D'`` each client processed); a round in which no
 client processed an example keeps the old model. The global model travels
 dense, float32, both ways: bits are counted from the tensors (32 per element).
 
+**Misbehaving clients**: a client whose training diverged (non-finite loss or
+weights) uploads zeros with weight 0 and reports ``diverged = 1``
+(``examples``, ``loss_sum`` 0; ``example_passes`` still counts its work); the
+server's ``decode_upload`` drops an upload with a non-finite value or example
+count (weight 0, ``upload_valid = 0`` in the client's metrics).
+
 **Evaluation** (``adapt_and_evaluate``): every client first adapts the global
 model with ``adapt_steps`` SGD step(s) of size ``alpha`` on its own training
 data (one batch per step, the first batches of the dataset it is given,
@@ -242,10 +248,17 @@ def build_per_fedavg_process(model_fn: Callable[[], tf.keras.Model], element_spe
     with tf.control_dependencies(fixed):
       new_w, loss_sum, examples, passes = train(dataset, weights[:n_train])
     new_weights = tuple(new_w) + tuple(weights[n_train:])
+    # A client whose training diverged (non-finite loss or weights) uploads zeros with
+    # weight 0 (``example_passes`` still counts the work it did).
+    diverged = tf.logical_not(tf.reduce_all(tf.stack(
+        [tf.math.is_finite(loss_sum)]
+        + [tf.reduce_all(tf.math.is_finite(w)) for w in new_weights])))
+    examples = tf.where(diverged, 0.0, examples)
     metrics = collections.OrderedDict(
-        loss_sum=loss_sum, examples=examples, example_passes=passes,
-        uplink_bits=_float32_bits(new_weights), downlink_bits=_float32_bits(weights))
-    weighted = tuple(w * examples for w in new_weights)
+        loss_sum=tf.where(diverged, 0.0, loss_sum), examples=examples, example_passes=passes,
+        uplink_bits=_float32_bits(new_weights), downlink_bits=_float32_bits(weights),
+        diverged=tf.cast(diverged, tf.int32))
+    weighted = tuple(tf.where(diverged, tf.zeros_like(w), w * examples) for w in new_weights)
     return weighted, examples, metrics
 
   @tff.tensorflow.computation(eval_data_type, data_type, w_type)
@@ -264,16 +277,19 @@ def build_per_fedavg_process(model_fn: Callable[[], tf.keras.Model], element_spe
       return tf.function(lambda d: dataset_metrics(model, d))(test_data)
 
   initialize_fn, server_update = _server_computations(init, w_type)
+  decode_upload = _decode_upload_computation(w_type)
+  with_upload_valid = _with_upload_valid_computation(client_update.type_signature.result[2])
   server_type = tff.FederatedType(w_type, tff.SERVER)
 
   @tff.federated_computation(server_type, tff.FederatedType(data_type, tff.CLIENTS))
   def next_fn(weights, data):
     weighted, examples, metrics = tff.federated_map(
         client_update, (data, tff.federated_broadcast(weights)))
+    weighted, examples, valid = tff.federated_map(decode_upload, (weighted, examples))
     sums = tff.federated_sum(weighted)
     total = tff.federated_sum(examples)
     new_weights = tff.federated_map(server_update, (sums, total, weights))
-    return new_weights, metrics
+    return new_weights, tff.federated_map(with_upload_valid, (metrics, valid))
 
   @tff.federated_computation(server_type, tff.FederatedType(eval_data_type, tff.CLIENTS),
                              tff.FederatedType(data_type, tff.CLIENTS))
@@ -287,6 +303,7 @@ def build_per_fedavg_process(model_fn: Callable[[], tf.keras.Model], element_spe
 
   process = PerFedAvgProcess(initialize_fn, next_fn)
   process.client_update = client_update
+  process.decode_upload = decode_upload
   process.adapt_and_evaluate_client = adapt_and_evaluate_client
   process.adapt_and_evaluate = adapt_and_evaluate
   process.evaluate_global = evaluate_global
@@ -313,6 +330,37 @@ def _float32_bits(tensors) -> tf.Tensor:
     if t.dtype != tf.float32:
       raise TypeError(f"expected float32 payload tensors, got {t.dtype}")
   return tf.add_n([tf.size(t, out_type=tf.int64) for t in flat]) * 32
+
+
+def _decode_upload_computation(w_type):
+  """Server-side check of one upload: ``(weighted, examples) -> (weighted, examples, valid)``.
+
+  Valid when every uploaded value and the example count are finite (count >= 0);
+  an invalid upload becomes zeros with weight 0 (``valid`` int32 0/1).
+  """
+  @tff.tensorflow.computation(w_type, tff.TensorType(np.float32))
+  def decode_upload(weighted, examples):
+    weighted = tuple(weighted)
+    valid = tf.reduce_all(tf.stack(
+        [tf.math.is_finite(examples), examples >= 0.0]
+        + [tf.reduce_all(tf.math.is_finite(w)) for w in weighted]))
+    return (tuple(tf.where(valid, w, tf.zeros_like(w)) for w in weighted),
+            tf.where(valid, examples, 0.0), tf.cast(valid, tf.int32))
+
+  return decode_upload
+
+
+def _with_upload_valid_computation(metrics_type):
+  """``(metrics, valid) -> metrics`` with ``upload_valid`` appended (a flat OrderedDict)."""
+  names = [name for name, _ in tff.structure.iter_elements(metrics_type)]
+
+  @tff.tensorflow.computation(metrics_type, tff.TensorType(np.int32))
+  def with_upload_valid(metrics, valid):
+    out = collections.OrderedDict((name, metrics[name]) for name in names)
+    out["upload_valid"] = valid
+    return out
+
+  return with_upload_valid
 
 
 def _server_computations(init: Sequence[np.ndarray], w_type):

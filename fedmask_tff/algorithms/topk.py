@@ -23,6 +23,15 @@ One round, for the sampled clients (all TFF computations):
    on any example), and add it times ``server_learning_rate`` to the
    global weights.
 
+Misbehaving clients: a client whose training diverged (non-finite loss or
+update) sends ``k`` zero values (same shapes and bits) with weight 0, keeps its
+previous residual and reports ``diverged = 1`` (``examples`` and ``loss_sum``
+0; ``trained_examples`` keeps the count processed, for FLOPs). The server
+(``decode_and_validate``) drops an upload whose values or example count are
+not finite, or whose indices are not distinct and in ``[0, n)`` (weight 0,
+``upload_valid = 0``). A round in which every client is dropped leaves the
+global weights unchanged.
+
 Server state: the global weights, a tuple of float32 tensors in
 :func:`fedmask_tff.evaluation.model_weights` order. Client state: the residual
 (same tuple of shapes) with error feedback, else none. Evaluation: the global
@@ -104,7 +113,8 @@ class TopKProcess(tff.templates.IterativeProcess):
 
   ``next(weights@SERVER, data@CLIENTS[, residuals@CLIENTS])`` returns
   ``(weights@SERVER, residuals@CLIENTS or (), metrics@CLIENTS)`` where
-  ``metrics`` is ``OrderedDict(loss_sum, examples, uplink_bits, downlink_bits)``.
+  ``metrics`` is ``OrderedDict(loss_sum, examples, uplink_bits, downlink_bits, diverged,
+  trained_examples, upload_valid)``.
   """
 
 
@@ -157,14 +167,23 @@ def build_topk_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
     update = _flatten(local) - _flatten(weights)
     if residual is not None:
       update = update + _flatten(residual)
+    # A client whose training diverged (non-finite loss, weights or update) sends k zero
+    # values (same shapes, so the bits are still counted from the tensors) with weight 0,
+    # and keeps its previous residual.
+    diverged = tf.logical_not(tf.logical_and(tf.math.is_finite(loss_sum),
+                                             tf.reduce_all(tf.math.is_finite(update))))
     values, indices = select_topk(update, k)
+    values = tf.where(diverged, tf.zeros_like(values), values)
+    indices = tf.where(diverged, tf.range(k, dtype=tf.int32), indices)
     upload = collections.OrderedDict(values=values, indices=indices)
     metrics = collections.OrderedDict(
-        loss_sum=loss_sum, examples=examples, uplink_bits=tensor_bits(upload),
-        downlink_bits=tensor_bits(weights))
+        loss_sum=tf.where(diverged, 0.0, loss_sum), examples=tf.where(diverged, 0.0, examples),
+        uplink_bits=tensor_bits(upload), downlink_bits=tensor_bits(weights),
+        diverged=tf.cast(diverged, tf.int32), trained_examples=examples)
     new_residual = None
     if residual is not None:
-      new_residual = _unflatten(update - densify(values, indices, num_elements), shapes)
+      kept = tf.where(diverged, _flatten(residual), update - densify(values, indices, num_elements))
+      new_residual = _unflatten(kept, shapes)
     return upload, new_residual, metrics
 
   if error_feedback:
@@ -177,11 +196,33 @@ def build_topk_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
       upload, _, metrics = client_work(dataset, weights, None)
       return upload, metrics
 
+  def check_and_decode(upload, examples):
+    """``(weighted update, weight, valid)``: an upload is valid when its ``k`` values and the
+    example count are finite (count >= 0) and its indices are distinct and in ``[0, n)``; an
+    invalid one adds nothing (zeros, weight 0)."""
+    values, indices = upload["values"], upload["indices"]
+    ordered = tf.sort(indices)
+    valid = tf.reduce_all(tf.stack([
+        tf.reduce_all(tf.logical_and(indices >= 0, indices < num_elements)),
+        tf.reduce_all(ordered[1:] > ordered[:-1]),
+        tf.reduce_all(tf.math.is_finite(values)),
+        tf.math.is_finite(examples), examples >= 0.0]))
+    weight = tf.where(valid, examples, 0.0)
+    dense = densify(tf.where(valid, values, tf.zeros_like(values)),
+                    tf.where(valid, indices, tf.range(k, dtype=tf.int32)), num_elements)
+    return _unflatten(dense * weight, shapes), weight, tf.cast(valid, tf.int32)
+
   @tff.tensorflow.computation(upload_type, tff.TensorType(np.float32))
   def decode_upload(upload, examples):
-    """Densified update times the client's example count (summed, then divided by the total)."""
-    dense = densify(upload["values"], upload["indices"], num_elements)
-    return _unflatten(dense * examples, shapes), examples
+    """Densified update times the client's example count (summed, then divided by the total);
+    an invalid upload (see ``check_and_decode``) gives zeros and weight 0."""
+    weighted, weight, _ = check_and_decode(upload, examples)
+    return weighted, weight
+
+  @tff.tensorflow.computation(upload_type, tff.TensorType(np.float32))
+  def decode_and_validate(upload, examples):
+    """``decode_upload`` plus ``valid`` (int32 0/1)."""
+    return check_and_decode(upload, examples)
 
   @tff.tensorflow.computation(w_type, w_type, tff.TensorType(np.float32))
   def server_update(weights, weighted_sum, total_examples):
@@ -199,11 +240,22 @@ def build_topk_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
   server_type = tff.FederatedType(w_type, tff.SERVER)
   clients_data_type = tff.FederatedType(data_type, tff.CLIENTS)
 
+  result_type = client_update.type_signature.result
+  metrics_type = result_type[len(result_type) - 1]
+  metric_names = [name for name, _ in tff.structure.iter_elements(metrics_type)]
+
+  @tff.tensorflow.computation(metrics_type, tff.TensorType(np.int32))
+  def with_upload_valid(metrics, valid):
+    out = collections.OrderedDict((name, metrics[name]) for name in metric_names)
+    out["upload_valid"] = valid
+    return out
+
   def aggregate(server_state, upload, metrics):
-    weighted, examples = tff.federated_map(decode_upload, (upload, metrics.examples))
+    weighted, examples, valid = tff.federated_map(decode_and_validate, (upload, metrics.examples))
     sums = tff.federated_sum(weighted)
     total = tff.federated_sum(examples)
-    return tff.federated_map(server_update, (server_state, sums, total))
+    return (tff.federated_map(server_update, (server_state, sums, total)),
+            tff.federated_map(with_upload_valid, (metrics, valid)))
 
   if error_feedback:
     @tff.federated_computation(server_type, clients_data_type,
@@ -211,13 +263,14 @@ def build_topk_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
     def next_fn(server_state, client_data, residuals):
       upload, new_residuals, metrics = tff.federated_map(
           client_update, (client_data, tff.federated_broadcast(server_state), residuals))
-      return aggregate(server_state, upload, metrics), new_residuals, metrics
+      new_state, metrics = aggregate(server_state, upload, metrics)
+      return new_state, new_residuals, metrics
   else:
     @tff.federated_computation(server_type, clients_data_type)
     def next_fn(server_state, client_data):
       upload, metrics = tff.federated_map(
           client_update, (client_data, tff.federated_broadcast(server_state)))
-      return aggregate(server_state, upload, metrics), metrics
+      return aggregate(server_state, upload, metrics)
 
   process = TopKProcess(initialize_fn, next_fn)
   process.k = k
@@ -227,6 +280,7 @@ def build_topk_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
   process.error_feedback = bool(error_feedback)
   process.client_update = client_update
   process.decode_upload = decode_upload
+  process.decode_and_validate = decode_and_validate
   process.server_update = server_update
   evaluate_global, _, _ = evaluation.build_weights_evaluation(
       model_fn, eval_element_spec or element_spec)
@@ -238,9 +292,11 @@ def _metrics_dicts(metrics: list, weight_costs) -> list[dict]:
   out = []
   for m in metrics:
     examples = float(m["examples"])
+    trained = float(m["trained_examples"])  # processed, even by a client that diverged
     out.append(dict(loss_sum=float(m["loss_sum"]), examples=examples,
                     uplink_bits=int(m["uplink_bits"]), downlink_bits=int(m["downlink_bits"]),
-                    train_flops=int(costs.train_flops(weight_costs, int(round(examples))))))
+                    train_flops=int(costs.train_flops(weight_costs, int(round(trained)))),
+                    diverged=int(m["diverged"]), upload_valid=int(m["upload_valid"])))
   return out
 
 
