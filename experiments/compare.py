@@ -48,7 +48,7 @@ def _parse_rates(items):
   return rates
 
 
-def _complete(results_path, config):
+def complete_results(results_path, config):
   """The finished results at ``results_path`` if they were made with exactly ``config``'s
   settings (those that change results), else ``None``."""
   from fedmask_tff import runner
@@ -61,10 +61,7 @@ def _complete(results_path, config):
     return None
   if not results.get("complete"):
     return None
-  stored = results.get("config", {})
-  same = all(stored.get(f.name) == getattr(config, f.name)
-             for f in dataclasses.fields(config) if f.name not in runner.RESUME_FREE)
-  return results if same else None
+  return None if runner.differing_settings(results.get("config", {}), config) else results
 
 
 def run_variants(base, variants: dict, out: str, log=None) -> dict:
@@ -79,7 +76,7 @@ def run_variants(base, variants: dict, out: str, log=None) -> dict:
   for i, (name, overrides) in enumerate(variants.items()):
     config = dataclasses.replace(base, output_dir=os.path.join(out, name), overwrite=False,
                                  **overrides)
-    done = _complete(os.path.join(config.output_dir, "results.json"), config)
+    done = complete_results(os.path.join(config.output_dir, "results.json"), config)
     if done is not None:
       log(f"[compare] {i + 1}/{len(variants)} {name}: complete, skipped")
       all_results[name] = done

@@ -194,22 +194,9 @@ def plan_runs(study: str, preset: str, base, out: str) -> list[tuple[str, dict, 
   return runs
 
 
-def _differing_settings(results: dict, config) -> list[str]:
-  from fedmask_tff.runner import RESUME_FREE
-  stored = results.get("config", {})
-  default = type(config)()
-  # A setting the stored results predate counts as its default (results of older versions).
-  return [f.name for f in dataclasses.fields(config)
-          if f.name not in RESUME_FREE
-          and stored.get(f.name, getattr(default, f.name)) != getattr(config, f.name)]
-
-
 def finished_results(config):
   """The run's results when its ``results.json`` is complete with the same settings, else None."""
-  results = compare._complete(os.path.join(config.output_dir, "results.json"), config)  # pylint: disable=protected-access
-  if results is not None and not _differing_settings(results, config):
-    return results
-  return None
+  return compare.complete_results(os.path.join(config.output_dir, "results.json"), config)
 
 
 PARTITION_KEYS = ("dataset", "data_dir", "partition", "classes_per_client", "dirichlet_alpha",
@@ -280,7 +267,7 @@ def execute(runs) -> dict:
         why = "an unreadable or unresumable run"
         try:
           with open(results_path) as f:
-            differ = _differing_settings(json.load(f), config)
+            differ = runner.differing_settings(json.load(f).get("config", {}), config)
           why = f"a run with other settings ({', '.join('--' + d for d in differ)})" if differ else why
         except (OSError, ValueError):
           pass

@@ -39,7 +39,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedmask_tff import bitpack, costs, evaluation, ldp, masking, pruning, quantization, regularizers
+from fedmask_tff import (bitpack, costs, evaluation, ldp, masking, payloads, pruning, quantization,
+                         regularizers)
 from fedmask_tff.layers import mask_variables, masked_layers
 
 DOWNLINK_UNCHANGED = -1.0
@@ -305,7 +306,7 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     metrics = collections.OrderedDict(
         loss_sum=tf.where(diverged, 0.0, loss_sum), examples=tf.where(diverged, 0.0, count),
         diverged=tf.cast(diverged, tf.int32), train_flops=flops, pruned=pruned_now,
-        uplink_bits=_payload_bits(upload),
+        uplink_bits=payloads.tensor_bits(upload),
         mask_ones=tf.add_n([tf.reduce_sum(m) for m in masks]),
         mask_kept=tf.add_n([tf.reduce_sum(k) for k in new_state["keep"]]))
     return new_state, upload, metrics
@@ -487,9 +488,3 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
 
   process.received_masks = received_masks
   return process
-
-
-def _payload_bits(payload) -> tf.Tensor:
-  """Bits in a structure of uint8 tensors: 8 per byte, counted from the tensors themselves."""
-  sizes = [tf.size(t, out_type=tf.int64) for t in tf.nest.flatten(payload)]
-  return tf.add_n(sizes) * 8 if sizes else tf.constant(0, tf.int64)

@@ -172,6 +172,15 @@ class RunConfig:
 RESUME_FREE = ("overwrite", "progress", "max_concurrent_clients", "output_dir")
 
 
+def differing_settings(stored: dict, config: RunConfig) -> list[str]:
+  """Names of the settings (those that change results) where a stored ``results.json``
+  config differs from ``config``; a setting the stored results predate counts as its default."""
+  default = RunConfig()
+  return [f.name for f in dataclasses.fields(config)
+          if f.name not in RESUME_FREE
+          and stored.get(f.name, getattr(default, f.name)) != getattr(config, f.name)]
+
+
 def resume_state(config: RunConfig) -> str:
   """``"fresh"``, ``"resume"``, ``"complete"`` or ``"no_checkpoint"`` for ``config.output_dir``.
 
@@ -191,9 +200,7 @@ def resume_state(config: RunConfig) -> str:
     return "complete"
   if not os.path.exists(os.path.join(config.output_dir, "checkpoint.npz")):
     return "no_checkpoint"
-  stored = results.get("config", {})
-  differ = [f.name for f in dataclasses.fields(config)
-            if f.name not in RESUME_FREE and stored.get(f.name) != getattr(config, f.name)]
+  differ = differing_settings(results.get("config", {}), config)
   if differ:
     raise ConfigError(f"{config.output_dir} holds an unfinished run with other settings "
                       f"({', '.join('--' + d for d in differ)}): rerun with the same flags to "

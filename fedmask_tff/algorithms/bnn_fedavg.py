@@ -108,10 +108,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedmask_tff import binarized, bitpack, costs, evaluation, models
+from fedmask_tff import binarized, bitpack, costs, evaluation, models, payloads
 from fedmask_tff.algorithms import local_training
 from fedmask_tff.algorithms.base import BuildContext, FederatedAlgorithm
-from fedmask_tff.algorithms.topk import _flatten, _unflatten, eval_dicts, tensor_bits
+from fedmask_tff.payloads import eval_dicts, tensor_bits
 
 # SGD step size on the latent weights. dL/dlatent = scale * dL/dw_eff, with
 # scale = sqrt(2 / fan_in) (0.03-0.5 in the CNN), so useful step sizes are far
@@ -214,7 +214,7 @@ def build_bnn_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
           model, model.trainable_variables, dataset, epochs, lr, post_step=binarized.clip_latent)
     with tf.control_dependencies([loss_sum, examples]):
       trained = tuple(tf.identity(v) for v in variables)
-    flat = _flatten(trained)
+    flat = payloads.flatten(trained)
     # A client whose training diverged (non-finite loss or latent weights) sends zero bytes
     # of the usual size (bits still counted from the tensor) with weight 0.
     diverged = tf.logical_not(tf.logical_and(tf.math.is_finite(loss_sum),
@@ -239,7 +239,7 @@ def build_bnn_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
         tf.math.is_finite(examples), examples >= 0.0]))
     weight = tf.where(valid, examples, 0.0)
     signs = 2.0 * bits[:num_elements] - 1.0
-    return _unflatten(signs * weight, shapes), weight, tf.cast(valid, tf.int32)
+    return payloads.unflatten(signs * weight, shapes), weight, tf.cast(valid, tf.int32)
 
   @tff.tensorflow.computation(upload_type, tff.TensorType(np.float32))
   def decode_upload(upload, examples):
@@ -274,13 +274,7 @@ def build_bnn_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
     return tff.federated_eval(initial_weights, tff.SERVER)
 
   metrics_type = client_update.type_signature.result[1]
-  metric_names = [name for name, _ in tff.structure.iter_elements(metrics_type)]
-
-  @tff.tensorflow.computation(metrics_type, tff.TensorType(np.int32))
-  def with_upload_valid(metrics, valid):
-    out = collections.OrderedDict((name, metrics[name]) for name in metric_names)
-    out["upload_valid"] = valid
-    return out
+  with_upload_valid = payloads.with_upload_valid(metrics_type)
 
   @tff.federated_computation(tff.FederatedType(w_type, tff.SERVER),
                              tff.FederatedType(data_type, tff.CLIENTS))

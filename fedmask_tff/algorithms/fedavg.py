@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from fedmask_tff import costs, evaluation
+from fedmask_tff import costs, evaluation, payloads
 from fedmask_tff.algorithms.base import BuildContext, FederatedAlgorithm
 
 DEFAULT_LEARNING_RATE = 0.05  # SGD, batch 32: McMahan et al. (2017) use 0.05-0.2 for their MNIST CNN.
@@ -93,7 +93,7 @@ class FedAvg(FederatedAlgorithm):
 
   def evaluate(self, server_state, test_datasets, client_states, train_datasets):
     metrics = self._evaluate_global(self.global_weights(server_state), test_datasets)
-    return [{k: float(m[k]) for k in ("correct", "examples", "loss_sum")} for m in metrics]
+    return payloads.eval_dicts(metrics)
 
 
 def build_fedavg(context: BuildContext, learning_rate: float = DEFAULT_LEARNING_RATE,

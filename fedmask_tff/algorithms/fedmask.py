@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from fedmask_tff import fedmask as fedmask_process
+from fedmask_tff import payloads
 from fedmask_tff.algorithms.base import BuildContext, FederatedAlgorithm
 
 
@@ -115,8 +116,7 @@ class FedMask(FederatedAlgorithm):
     metrics["uplink_bits"] = 8 * len(stream) + keep_bits
 
   def _evaluate(self, test_datasets, masks):
-    return [{"correct": float(m["correct"]), "examples": float(m["examples"]),
-             "loss_sum": float(m["loss_sum"])} for m in self.process.evaluate(test_datasets, masks)]
+    return payloads.eval_dicts(self.process.evaluate(test_datasets, masks))
 
   def evaluate(self, server_state, test_datasets, client_states, train_datasets):
     return self._evaluate(test_datasets, [s["personal"] for s in client_states])

@@ -50,7 +50,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedmask_tff import costs
+from fedmask_tff import costs, payloads
 from fedmask_tff.algorithms.base import BuildContext, FederatedAlgorithm
 from fedmask_tff.algorithms.local_training import sgd_epochs
 from fedmask_tff.evaluation import dataset_metrics
@@ -95,15 +95,6 @@ def split_layers(model: tf.keras.Model, global_layers: int) -> tuple[list, list]
 def _type_of(variables):
   return tff.types.to_type(tuple(tff.TensorType(v.dtype.as_numpy_dtype, v.shape.as_list())
                                  for v in variables))
-
-
-def _float32_bits(tensors) -> tf.Tensor:
-  """32 bits per element of a structure of float32 tensors, counted from the tensors (int64)."""
-  flat = tf.nest.flatten(tensors)
-  for t in flat:
-    if t.dtype != tf.float32:
-      raise TypeError(f"expected float32 payload tensors, got {t.dtype}")
-  return tf.add_n([tf.size(t, out_type=tf.int64) for t in flat]) * 32
 
 
 class LGFedAvgProcess(tff.templates.IterativeProcess):
@@ -170,7 +161,7 @@ def build_lg_fedavg_process(model_fn: Callable[[], tf.keras.Model], element_spec
     weight = tf.where(diverged, 0.0, examples)
     metrics = collections.OrderedDict(
         loss_sum=tf.where(diverged, 0.0, loss_sum), examples=weight,
-        uplink_bits=_float32_bits(new_global), downlink_bits=_float32_bits(global_w),
+        uplink_bits=payloads.tensor_bits(new_global), downlink_bits=payloads.tensor_bits(global_w),
         diverged=tf.cast(diverged, tf.int32), trained_examples=examples)
     weighted = tuple(tf.where(diverged, tf.zeros_like(w), w * weight) for w in new_global)
     return new_local, weighted, weight, metrics
@@ -202,13 +193,7 @@ def build_lg_fedavg_process(model_fn: Callable[[], tf.keras.Model], element_spec
             tf.where(valid, examples, 0.0), tf.cast(valid, tf.int32))
 
   metrics_type = client_update.type_signature.result[3]
-  metric_names = [name for name, _ in tff.structure.iter_elements(metrics_type)]
-
-  @tff.tensorflow.computation(metrics_type, tff.TensorType(np.int32))
-  def with_upload_valid(metrics, valid):
-    out = collections.OrderedDict((name, metrics[name]) for name in metric_names)
-    out["upload_valid"] = valid
-    return out
+  with_upload_valid = payloads.with_upload_valid(metrics_type)
 
   @tff.federated_computation()
   def initialize_fn():
@@ -239,10 +224,6 @@ def build_lg_fedavg_process(model_fn: Callable[[], tf.keras.Model], element_spec
   process.local_type, process.global_type = local_type, global_type
   process.initial_local_weights, process.initial_global_weights = init_local, init_global
   return process
-
-
-def _to_python(metrics) -> dict:
-  return {k: (int(v) if np.asarray(v).dtype.kind in "iu" else float(v)) for k, v in metrics.items()}
 
 
 def _as_state(weights) -> tuple:
@@ -286,7 +267,7 @@ class LGFedAvg(FederatedAlgorithm):
         server_state, list(train_datasets), [tuple(s) for s in client_states])
     metrics = []
     for m in outputs:
-      m = _to_python(m)
+      m = payloads.to_python(m)
       # FLOPs of the examples processed, even by a client whose training diverged.
       m["train_flops"] = costs.train_flops(self._costs, m.pop("trained_examples"))
       metrics.append(m)
@@ -296,7 +277,7 @@ class LGFedAvg(FederatedAlgorithm):
     if client_states is None or len(client_states) != len(test_datasets):
       raise ValueError("LG-FedAvg evaluation needs one client state per test dataset")
     out = self.process.evaluate(server_state, [tuple(s) for s in client_states], list(test_datasets))
-    return [_to_python(m) for m in out]
+    return [payloads.to_python(m) for m in out]
 
 
 def build_lg_fedavg(context: BuildContext, global_layers: int = DEFAULT_GLOBAL_LAYERS,

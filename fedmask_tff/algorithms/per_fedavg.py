@@ -66,7 +66,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedmask_tff import costs
+from fedmask_tff import costs, payloads
 from fedmask_tff.algorithms.base import BuildContext, FederatedAlgorithm
 from fedmask_tff.evaluation import assign_weights, dataset_metrics, loss_fn, model_weights
 
@@ -256,7 +256,7 @@ def build_per_fedavg_process(model_fn: Callable[[], tf.keras.Model], element_spe
     examples = tf.where(diverged, 0.0, examples)
     metrics = collections.OrderedDict(
         loss_sum=tf.where(diverged, 0.0, loss_sum), examples=examples, example_passes=passes,
-        uplink_bits=_float32_bits(new_weights), downlink_bits=_float32_bits(weights),
+        uplink_bits=payloads.tensor_bits(new_weights), downlink_bits=payloads.tensor_bits(weights),
         diverged=tf.cast(diverged, tf.int32))
     weighted = tuple(tf.where(diverged, tf.zeros_like(w), w * examples) for w in new_weights)
     return weighted, examples, metrics
@@ -278,7 +278,7 @@ def build_per_fedavg_process(model_fn: Callable[[], tf.keras.Model], element_spe
 
   initialize_fn, server_update = _server_computations(init, w_type)
   decode_upload = _decode_upload_computation(w_type)
-  with_upload_valid = _with_upload_valid_computation(client_update.type_signature.result[2])
+  with_upload_valid = payloads.with_upload_valid(client_update.type_signature.result[2])
   server_type = tff.FederatedType(w_type, tff.SERVER)
 
   @tff.federated_computation(server_type, tff.FederatedType(data_type, tff.CLIENTS))
@@ -323,15 +323,6 @@ def _validate(variant, alpha, beta, hf_delta, local_epochs, adapt_steps):
     raise ValueError(f"adapt_steps must be an integer >= 0, got {adapt_steps}")
 
 
-def _float32_bits(tensors) -> tf.Tensor:
-  """32 bits per element of a structure of float32 tensors, counted from the tensors (int64)."""
-  flat = tf.nest.flatten(tensors)
-  for t in flat:
-    if t.dtype != tf.float32:
-      raise TypeError(f"expected float32 payload tensors, got {t.dtype}")
-  return tf.add_n([tf.size(t, out_type=tf.int64) for t in flat]) * 32
-
-
 def _decode_upload_computation(w_type):
   """Server-side check of one upload: ``(weighted, examples) -> (weighted, examples, valid)``.
 
@@ -348,19 +339,6 @@ def _decode_upload_computation(w_type):
             tf.where(valid, examples, 0.0), tf.cast(valid, tf.int32))
 
   return decode_upload
-
-
-def _with_upload_valid_computation(metrics_type):
-  """``(metrics, valid) -> metrics`` with ``upload_valid`` appended (a flat OrderedDict)."""
-  names = [name for name, _ in tff.structure.iter_elements(metrics_type)]
-
-  @tff.tensorflow.computation(metrics_type, tff.TensorType(np.int32))
-  def with_upload_valid(metrics, valid):
-    out = collections.OrderedDict((name, metrics[name]) for name in names)
-    out["upload_valid"] = valid
-    return out
-
-  return with_upload_valid
 
 
 def _server_computations(init: Sequence[np.ndarray], w_type):
@@ -387,10 +365,6 @@ def _server_computations(init: Sequence[np.ndarray], w_type):
 
 
 # --- The runner's interface -----------------------------------------------------------------------
-
-
-def _to_python(metrics) -> dict:
-  return {k: (int(v) if np.asarray(v).dtype.kind in "iu" else float(v)) for k, v in metrics.items()}
 
 
 class PerFedAvg(FederatedAlgorithm):
@@ -423,7 +397,7 @@ class PerFedAvg(FederatedAlgorithm):
     new_state, outputs = self.process.next(server_state, list(train_datasets))
     metrics = []
     for m in outputs:
-      m = _to_python(m)
+      m = payloads.to_python(m)
       m["train_flops"] = costs.train_flops(self._costs, m["example_passes"])
       metrics.append(m)
     return tuple(np.asarray(w) for w in new_state), None, metrics
@@ -432,11 +406,11 @@ class PerFedAvg(FederatedAlgorithm):
     if len(test_datasets) != len(train_datasets):
       raise ValueError(f"{len(test_datasets)} test datasets but {len(train_datasets)} train datasets")
     out = self.process.adapt_and_evaluate(server_state, list(test_datasets), list(train_datasets))
-    return [_to_python(m) for m in out]
+    return [payloads.to_python(m) for m in out]
 
   def evaluate_extra(self, server_state, test_datasets, client_states, train_datasets):
     """``{"global": metrics}``: the global model without adaptation, for comparison."""
-    return {"global": [_to_python(m) for m in
+    return {"global": [payloads.to_python(m) for m in
                        self.process.evaluate_global(server_state, list(test_datasets))]}
 
 

@@ -20,7 +20,7 @@ import collections
 import numpy as np
 import tensorflow as tf
 
-from fedmask_tff import costs, evaluation
+from fedmask_tff import costs, evaluation, payloads
 from fedmask_tff.algorithms.base import BuildContext, FederatedAlgorithm
 from fedmask_tff.algorithms.local_training import sgd_epochs
 
@@ -97,7 +97,7 @@ class Standalone(FederatedAlgorithm):
 
   def evaluate(self, server_state, test_datasets, client_states, train_datasets):
     metrics = self._evaluate_personal([s["weights"] for s in client_states], test_datasets)
-    return [{k: float(m[k]) for k in ("correct", "examples", "loss_sum")} for m in metrics]
+    return payloads.eval_dicts(metrics)
 
 
 def build_standalone(context: BuildContext, learning_rate: float = DEFAULT_LEARNING_RATE) -> Standalone:

@@ -48,7 +48,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedmask_tff import costs, evaluation
+from fedmask_tff import costs, evaluation, payloads
+from fedmask_tff.payloads import eval_dicts, flatten, tensor_bits, unflatten  # noqa: F401  (re-exported)
 from fedmask_tff.algorithms import local_training
 from fedmask_tff.algorithms.base import BuildContext, FederatedAlgorithm
 
@@ -65,13 +66,6 @@ DEFAULT_LEARNING_RATE = 0.05
 DEFAULT_FRACTION = 0.1
 
 
-def tensor_bits(structure) -> tf.Tensor:
-  """int64 bits of a structure of tensors, from their sizes and dtypes (8 * dtype bytes each)."""
-  sizes = [tf.size(t, out_type=tf.int64) * (tf.as_dtype(t.dtype).size * 8)
-           for t in tf.nest.flatten(structure)]
-  return tf.add_n(sizes) if sizes else tf.constant(0, tf.int64)
-
-
 def topk_count(fraction: float, num_elements: int) -> int:
   """``k = max(1, round(fraction * num_elements))`` (Python's round)."""
   return max(1, int(round(float(fraction) * int(num_elements))))
@@ -82,16 +76,6 @@ def check_fraction(fraction: float) -> float:
   if not (0.0 < fraction <= 1.0):
     raise ValueError(f"top-k fraction must be in (0, 1], got {fraction}")
   return fraction
-
-
-def _flatten(tensors) -> tf.Tensor:
-  return tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
-
-
-def _unflatten(flat: tf.Tensor, shapes) -> tuple:
-  sizes = [int(np.prod(s)) for s in shapes]
-  parts = tf.split(flat, sizes) if len(sizes) > 1 else [flat]
-  return tuple(tf.reshape(p, s) for p, s in zip(parts, shapes))
 
 
 def select_topk(update: tf.Tensor, k: int):
@@ -164,9 +148,9 @@ def build_topk_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
                                                      epochs, lr)
     with tf.control_dependencies([loss_sum, examples]):
       local = tuple(tf.identity(v) for v in evaluation.model_weights(model))
-    update = _flatten(local) - _flatten(weights)
+    update = flatten(local) - flatten(weights)
     if residual is not None:
-      update = update + _flatten(residual)
+      update = update + flatten(residual)
     # A client whose training diverged (non-finite loss, weights or update) sends k zero
     # values (same shapes, so the bits are still counted from the tensors) with weight 0,
     # and keeps its previous residual.
@@ -182,8 +166,8 @@ def build_topk_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
         diverged=tf.cast(diverged, tf.int32), trained_examples=examples)
     new_residual = None
     if residual is not None:
-      kept = tf.where(diverged, _flatten(residual), update - densify(values, indices, num_elements))
-      new_residual = _unflatten(kept, shapes)
+      kept = tf.where(diverged, flatten(residual), update - densify(values, indices, num_elements))
+      new_residual = unflatten(kept, shapes)
     return upload, new_residual, metrics
 
   if error_feedback:
@@ -210,7 +194,7 @@ def build_topk_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
     weight = tf.where(valid, examples, 0.0)
     dense = densify(tf.where(valid, values, tf.zeros_like(values)),
                     tf.where(valid, indices, tf.range(k, dtype=tf.int32)), num_elements)
-    return _unflatten(dense * weight, shapes), weight, tf.cast(valid, tf.int32)
+    return unflatten(dense * weight, shapes), weight, tf.cast(valid, tf.int32)
 
   @tff.tensorflow.computation(upload_type, tff.TensorType(np.float32))
   def decode_upload(upload, examples):
@@ -242,13 +226,7 @@ def build_topk_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
 
   result_type = client_update.type_signature.result
   metrics_type = result_type[len(result_type) - 1]
-  metric_names = [name for name, _ in tff.structure.iter_elements(metrics_type)]
-
-  @tff.tensorflow.computation(metrics_type, tff.TensorType(np.int32))
-  def with_upload_valid(metrics, valid):
-    out = collections.OrderedDict((name, metrics[name]) for name in metric_names)
-    out["upload_valid"] = valid
-    return out
+  with_upload_valid = payloads.with_upload_valid(metrics_type)
 
   def aggregate(server_state, upload, metrics):
     weighted, examples, valid = tff.federated_map(decode_and_validate, (upload, metrics.examples))
@@ -298,11 +276,6 @@ def _metrics_dicts(metrics: list, weight_costs) -> list[dict]:
                     train_flops=int(costs.train_flops(weight_costs, int(round(trained)))),
                     diverged=int(m["diverged"]), upload_valid=int(m["upload_valid"])))
   return out
-
-
-def eval_dicts(metrics: list) -> list[dict]:
-  return [dict(correct=float(m["correct"]), examples=float(m["examples"]),
-               loss_sum=float(m["loss_sum"])) for m in metrics]
 
 
 class TopKFedAvg(FederatedAlgorithm):
