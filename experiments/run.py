@@ -2,7 +2,9 @@
 
 Runs one configuration and writes ``DIR/results.json`` and ``DIR/metrics.csv``.
 Every flag is validated before any data is loaded or any training starts; a bad
-value ends the program with a message naming it and exit code 2.
+value ends the program with a message naming it and exit code 2. A TFF worker
+of ``--workers`` that fails mid-run ends it with exit code 3; the finished
+rounds are saved and rerunning the same command resumes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import sys
 
 from absl import app, flags
 
+from fedmask_tff.worker import WorkerError
 from fedmask_tff.runner import ALGORITHMS, DATASETS, MODELS, PARTITIONS, ConfigError, RunConfig, run
 
 _D = RunConfig()
@@ -88,6 +91,9 @@ flags.DEFINE_integer("eval_every", _D.eval_every, "Also evaluate every N rounds 
 flags.DEFINE_integer("eval_batch_size", _D.eval_batch_size, "Batch size of evaluation.")
 flags.DEFINE_integer("max_concurrent_clients", _D.max_concurrent_clients,
                      "Cap on client computations run in parallel (-1: no cap).")
+flags.DEFINE_string("workers", None, "HOST:PORT,... of TFF workers started with `python -m "
+                    "fedmask_tff.worker --port=PORT`: each round's clients are split over them "
+                    "(default: one local worker). See docs/workers.md.")
 flags.DEFINE_bool("overwrite", _D.overwrite, "Replace the results in an existing --output_dir.")
 flags.DEFINE_bool("progress", _D.progress, "Show a progress bar over rounds.")
 
@@ -109,6 +115,10 @@ def main(argv):
     print(f"interrupted: every finished round is saved in {FLAGS.output_dir}; rerun the same "
           "command to resume", file=sys.stderr)
     sys.exit(130)
+  except WorkerError as e:
+    print(f"error: {e}; every finished round is saved in {FLAGS.output_dir}; restart the worker "
+          "and rerun the same command to resume", file=sys.stderr)
+    sys.exit(3)
   except FloatingPointError as e:  # Diverged training; results.json keeps the finished rounds.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

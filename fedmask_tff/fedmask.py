@@ -437,10 +437,23 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
   def initialize_fn():
     return tff.federated_value(np.int32(0), tff.SERVER)
 
+  clients_state_type = tff.FederatedType(state_type, tff.CLIENTS)
+
+  # A round is two federated computations, each with at most one aggregation, so that TFF's
+  # mergeable execution context can split either over several workers without computing
+  # anything twice: `client_work` (no aggregation) and `aggregate` (one sum, then each
+  # client's own rule). `next_fn` is their composition.
   @tff.federated_computation(server_state_type, tff.FederatedType(data_type, tff.CLIENTS),
-                             tff.FederatedType(state_type, tff.CLIENTS))
-  def next_fn(server_state, client_data, client_states):
+                             clients_state_type)
+  def client_work_fn(server_state, client_data, client_states):
+    del server_state  # The server state is only the round counter.
     trained, upload, metrics = tff.federated_map(client_update, (client_data, client_states))
+    return trained, upload, metrics
+
+  @tff.federated_computation(server_state_type, clients_state_type,
+                             tff.FederatedType(upload_type, tff.CLIENTS),
+                             tff.FederatedType(client_update.type_signature.result[2], tff.CLIENTS))
+  def aggregate_fn(server_state, trained, upload, metrics):
     decoded, valid = tff.federated_map(decode_upload, (upload, trained.keep))
     if config.secure_aggregation:
       counts = tff.federated_map(sums_to_int, decoded)
@@ -456,6 +469,12 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
         train=metrics, downlink_bits=downlink_bits, upload_valid=valid))
     return tff.federated_map(increment, server_state), new_states, client_metrics
 
+  @tff.federated_computation(server_state_type, tff.FederatedType(data_type, tff.CLIENTS),
+                             clients_state_type)
+  def next_fn(server_state, client_data, client_states):
+    trained, upload, metrics = client_work_fn(server_state, client_data, client_states)
+    return aggregate_fn(server_state, trained, upload, metrics)
+
   @tff.federated_computation(tff.FederatedType(eval_data_type, tff.CLIENTS),
                              tff.FederatedType(scores_type, tff.CLIENTS))
   def evaluate_fn(client_data, client_masks):
@@ -466,6 +485,8 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
   process.config = config
   process.client_state_type = state_type
   process.evaluate = evaluate_fn
+  process.client_work = client_work_fn
+  process.aggregate = aggregate_fn
   process.client_update = client_update
   process.decode_upload = decode_upload
   process.download_and_apply = download_and_apply

@@ -78,6 +78,7 @@ class RunConfig:
   eval_every: int = 0
   eval_batch_size: int = 256
   max_concurrent_clients: int = -1
+  workers: Optional[str] = None  # "host:port,...": TFF workers (python -m fedmask_tff.worker)
   overwrite: bool = False
   progress: bool = True
 
@@ -157,6 +158,15 @@ class RunConfig:
     need(self.eval_every >= 0, f"--eval_every must be >= 0, got {self.eval_every}")
     need(self.eval_batch_size >= 1, f"--eval_batch_size must be >= 1, got {self.eval_batch_size}")
     need(bool(self.output_dir), "--output_dir must be set")
+    if self.workers is not None:
+      from fedmask_tff.worker import parse_workers
+      try:
+        parse_workers(self.workers)
+      except ValueError as e:
+        raise ConfigError(str(e)) from e
+      need(self.max_concurrent_clients == -1,
+           "--max_concurrent_clients caps the local worker; with --workers give each worker "
+           "--max_concurrent_computation_calls instead")
     if self.data_dir is not None:
       need(os.path.isdir(self.data_dir), f"--data_dir {self.data_dir!r} is not a directory")
     if not self.overwrite:
@@ -169,7 +179,7 @@ class RunConfig:
 
 
 # Settings that may differ between a run and its resumption (they do not change results).
-RESUME_FREE = ("overwrite", "progress", "max_concurrent_clients", "output_dir")
+RESUME_FREE = ("overwrite", "progress", "max_concurrent_clients", "output_dir", "workers")
 
 
 def differing_settings(stored: dict, config: RunConfig) -> list[str]:
@@ -308,8 +318,15 @@ def run(config: RunConfig) -> dict[str, Any]:
   source, n_source = _source_description(config.dataset, split)
   if not resuming:
     partition_file_lib.save_partition(partition_path, split, config.dataset, source, n_source)
-  runtime.install_local_context(max_concurrent_computation_calls=config.max_concurrent_clients,
-                                log_path=os.path.join(config.output_dir, "tff_worker.log"))
+  if config.workers:
+    try:
+      addresses = runtime.install_remote_context(config.workers)
+    except runtime.WorkerError as e:
+      raise ConfigError(str(e)) from e
+    _log(f"[fedmask_tff] each round split over {len(addresses)} TFF workers: {', '.join(addresses)}")
+  else:
+    runtime.install_local_context(max_concurrent_computation_calls=config.max_concurrent_clients,
+                                  log_path=os.path.join(config.output_dir, "tff_worker.log"))
   sample_x = next(iter(split.train.create_tf_dataset_for_client(split.client_ids[0])))["x"]
   input_shape = tuple(sample_x.shape.as_list())
   element_spec = split.train.element_type_structure
@@ -329,6 +346,8 @@ def run(config: RunConfig) -> dict[str, Any]:
                                                        prune_last_layers=prune_last))
   except ValueError as e:
     raise ConfigError(str(e)) from e
+  # Several workers: rounds as two TFF calls, each split over the workers without recomputation.
+  algorithm.split_round = bool(config.workers)
   num_params = algorithm.model_parameters
   dense_bits = 32 * num_params
   store = algorithm.make_store(os.path.join(config.output_dir, "client_states"))

@@ -10,7 +10,10 @@ the worker ourselves, from the main thread, with
   ``SIGKILL``;
 * an ``atexit`` hook and SIGTERM handling that stop it on a normal exit.
 
-Call :func:`install_local_context` once before running computations.
+Call :func:`install_local_context` once before running computations, or
+:func:`install_remote_context` to run them on TFF workers started elsewhere
+(``python -m fedmask_tff.worker``), each round split over the workers by TFF's
+mergeable execution context.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from typing import Optional
 import grpc
 import portpicker
 import tensorflow_federated as tff
+
+from fedmask_tff.worker import WorkerError, parse_workers  # noqa: F401  (re-exported)
 
 _GRPC_OPTIONS = [
     ("grpc.max_message_length", 2_000_000_000),
@@ -152,3 +157,175 @@ def install_local_context(max_concurrent_computation_calls: int = -1,
   if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
     signal.signal(signal.SIGTERM, _on_sigterm)
   _installed = True
+
+
+def _fail_fast_stub(stub, address: str):
+  """Wraps a ``RemoteExecutorGrpcStub`` so that a gRPC failure raises :class:`WorkerError`.
+
+  TFF retries "retryable" gRPC errors (UNAVAILABLE, ...) forever, which turns a dead
+  worker into a hung run. Values created on a worker are lost with it, so a retry
+  cannot succeed anyway: fail the round with a clear error instead (finished rounds
+  are checkpointed; rerunning resumes).
+  """
+  from tensorflow_federated.python.core.impl.executors import executors_errors
+
+  class FailFast:
+    def __getattr__(self, name):
+      attr = getattr(stub, name)
+      if not callable(attr):
+        return attr
+
+      def call(*args, **kwargs):
+        try:
+          return attr(*args, **kwargs)
+        except (executors_errors.RetryableError, grpc.RpcError) as e:
+          cause = e.__cause__ or e.__context__ or e
+          detail = f"{cause.code().name}: {cause.details()}" if isinstance(cause, grpc.Call) else str(e)
+          raise WorkerError(f"TFF worker {address} failed during a computation ({detail})") from e
+      return call
+
+  return FailFast()
+
+
+def _ordered_mergeable_context_class():
+  """TFF's ``MergeableCompExecutionContext`` with results kept in client order.
+
+  TFF 0.87's context collects the subrounds' results in the order the workers
+  *finish* (``asyncio.wait(FIRST_COMPLETED)``) and concatenates CLIENTS-placed
+  results in that order, so when a later worker finishes first, per-client
+  outputs come back permuted (we measured it: client 0 got client 2's metrics),
+  and partial aggregates are merged in a varying order. This subclass keeps TFF's
+  compiler, argument splitting and remote executors, and only orders the work:
+  ``up_to_merge`` on every subround in parallel, ``merge`` of the partial results
+  in subround order (deterministic), then ``after_merge`` per subround in
+  parallel, concatenated in subround order.
+  """
+  import asyncio
+
+  from tensorflow_federated.python.common_libs import structure
+  from tensorflow_federated.python.core.impl.execution_contexts import (
+      mergeable_comp_execution_context as mc)
+  from tensorflow_federated.python.core.impl.types import (computation_types, placements,
+                                                            type_analysis, type_conversions)
+
+  def only_all_equal(type_spec):
+    return (not isinstance(type_spec, computation_types.FederatedType)) or type_spec.all_equal
+
+  async def run(comp, args, contexts):
+    partials = await asyncio.gather(*[ctx.invoke(comp.up_to_merge, a)
+                                      for a, ctx in zip(args, contexts)])
+    merged = partials[0]
+    for partial in partials[1:]:
+      merged = await contexts[0].invoke(comp.merge, structure.Struct.unnamed(merged, partial))
+
+    def after_arg(a):
+      return merged if a is None else structure.Struct.unnamed(a, merged)
+
+    result_type = comp.after_merge.type_signature.result
+    if type_analysis.contains_only(result_type, only_all_equal):
+      return await contexts[0].invoke(comp.after_merge, after_arg(args[0]))
+    results = await asyncio.gather(*[ctx.invoke(comp.after_merge, after_arg(a))
+                                     for a, ctx in zip(args, contexts)])
+    return mc._repackage_partitioned_values(list(results), result_type)  # pylint: disable=protected-access
+
+  class OrderedMergeableContext(mc.MergeableCompExecutionContext):
+    __doc__ = _ordered_mergeable_context_class.__doc__
+
+    def invoke(self, comp, arg=None):
+      contexts = self._async_execution_contexts
+      if not isinstance(comp, mc.MergeableCompForm) and not any(
+          isinstance(t, computation_types.FederatedType) and t.placement is placements.CLIENTS
+          and not t.all_equal for t in _leaf_types(comp.type_signature.parameter)):
+        # No per-client argument (initialize, reading weights out of a state): one worker
+        # runs the computation as it is.
+        return self._async_runner.run_coro_and_return_result(contexts[0].invoke(comp, arg))
+      result_type = comp.type_signature.result
+      if not isinstance(comp, mc.MergeableCompForm):
+        comp = self._compiler_pipeline.compile(comp)
+      args = mc.MergeableCompExecutionContextValue(
+          arg, comp.up_to_merge.type_signature.parameter, len(contexts)).value()
+      result = self._async_runner.run_coro_and_return_result(run(comp, args, contexts))
+      # The compiled parts return plain containers: rebuild the computation's own
+      # (e.g. `LearnedProcessOutput`, `LearningAlgorithmState`).
+      result = type_conversions.type_to_py_container(_as_struct(result, result_type), result_type)
+      return self._transform_result(result) if self._transform_result is not None else result
+
+  def _as_struct(value, type_spec):
+    """Python containers -> ``structure.Struct`` following ``type_spec`` (CLIENTS values stay lists)."""
+    if isinstance(type_spec, computation_types.FederatedType):
+      if type_spec.placement is placements.CLIENTS and not type_spec.all_equal:
+        return [_as_struct(v, type_spec.member) for v in value]
+      return _as_struct(value, type_spec.member)
+    if isinstance(type_spec, computation_types.StructType):
+      values = [v for _, v in structure.iter_elements(structure.from_container(value))]
+      return structure.Struct([(name, _as_struct(v, t)) for (name, t), v in
+                               zip(structure.iter_elements(type_spec), values)])
+    return value
+
+  return OrderedMergeableContext
+
+
+def _leaf_types(type_spec):
+  from tensorflow_federated.python.core.impl.types import computation_types
+  if isinstance(type_spec, computation_types.StructType):
+    for t in type_spec:
+      yield from _leaf_types(t)
+  elif type_spec is not None:
+    yield type_spec
+
+
+def install_remote_context(workers: str | list, ready_timeout_s: float = 30.0) -> list[str]:
+  """Runs every TFF computation of this process on the given workers.
+
+  ``workers`` is ``"host:port,..."`` or a list of ``(host, port)``. Each worker is
+  wrapped in its own asynchronous TFF context (the same remote executor the local
+  context uses), and TFF's ``MergeableCompExecutionContext`` splits the CLIENTS-placed
+  arguments of each call over them, runs the part before the aggregation on each,
+  merges the partial aggregates, and runs the rest. A computation must therefore have
+  at most one aggregation (see ``fedmask_tff.algorithms.base``). Returns the addresses.
+
+  Raises :class:`WorkerError` when a worker does not answer within ``ready_timeout_s``.
+  """
+  global _installed
+  from tensorflow_federated.python.core.backends.native import mergeable_comp_compiler
+  from tensorflow_federated.python.core.backends.test import compiler as test_compiler
+  from tensorflow_federated.python.core.impl.execution_contexts import async_execution_context
+
+  pairs = parse_workers(workers) if isinstance(workers, str) else list(workers)
+  addresses = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in pairs]
+  OrderedMergeableContext = _ordered_mergeable_context_class()
+  contexts = []
+  for address in addresses:
+    channel = grpc.insecure_channel(address, _GRPC_OPTIONS)
+    try:
+      grpc.channel_ready_future(channel).result(timeout=ready_timeout_s)
+    except grpc.FutureTimeoutError:
+      channel.close()
+      raise WorkerError(f"no TFF worker answers at {address} within {ready_timeout_s:.0f} s; start "
+                        f"one there with `python -m fedmask_tff.worker --port={address.rsplit(':', 1)[1]}`")
+    stub = _fail_fast_stub(tff.framework.RemoteExecutorGrpcStub(channel), address)
+
+    def stack_fn(cardinalities, stub=stub):
+      cardinalities = dict(cardinalities)
+      cardinalities.setdefault(tff.CLIENTS, 0)
+      executor = tff.framework.RemoteExecutor(stub)
+      executor.set_cardinalities(cardinalities)
+      return executor
+
+    contexts.append(async_execution_context.AsyncExecutionContext(
+        executor_fn=tff.framework.ResourceManagingExecutorFactory(stack_fn),
+        compiler_fn=_compile,
+        transform_args=tff.tensorflow.transform_args,
+        transform_result=tff.tensorflow.transform_result))
+
+  def to_mergeable_form(comp):
+    comp = test_compiler.replace_secure_intrinsics_with_bodies(comp)
+    return mergeable_comp_compiler.compile_to_mergeable_comp_form(comp)
+
+  context = OrderedMergeableContext(
+      contexts, compiler_fn=to_mergeable_form,
+      transform_args=tff.tensorflow.transform_args,
+      transform_result=tff.tensorflow.transform_result)
+  tff.framework.set_default_context(context)
+  _installed = True
+  return addresses

@@ -29,6 +29,18 @@ Conventions, for every algorithm:
   methods, the client's own model for personalized ones, after the adaptation
   step for Per-FedAvg (which uses ``train_datasets``).
 
+* Several TFF workers (``--workers``): TFF's mergeable execution context splits
+  a computation with one aggregation over workers, but it recomputes on the
+  clients, after the aggregation, every per-client value computed before it.
+  So a process whose ``next`` returns per-client outputs of local training
+  also has two computations, ``client_work(server_state, data[, states])``
+  (no aggregation; returns a tuple of CLIENTS-placed values) and
+  ``aggregate(server_state, *client_work_outputs)`` (one aggregation;
+  returns what ``next`` returns), with ``next`` their composition; the
+  adapter calls :meth:`FederatedAlgorithm.run_round` and sets
+  ``round_in_two_steps = True``. When ``split_round`` is set (the runner
+  does it for ``--workers``), the round runs as those two calls.
+
 * ``initial_client_state()`` is the numpy state of a client never seen, or
   ``None`` when the algorithm keeps no client state; ``make_store(directory)``
   returns the store the runner keeps states in.
@@ -97,8 +109,22 @@ class FederatedAlgorithm(abc.ABC):
   description: str = ""
   settings: dict = {}
 
+  # True when ``process`` has ``client_work`` and ``aggregate`` (see the module docstring).
+  round_in_two_steps: bool = False
+  # Set by the runner for ``--workers``: run rounds as ``client_work`` then ``aggregate``.
+  split_round: bool = False
+
   def initialize(self):
     return self.process.initialize()
+
+  def run_round(self, server_state, *clients_args):
+    """``process.next(server_state, *clients_args)``, or, when :attr:`split_round` is set,
+    ``process.aggregate(server_state, *process.client_work(server_state, *clients_args))``:
+    the same values, in two TFF calls that each split over workers without recomputation."""
+    if self.split_round and self.round_in_two_steps:
+      outputs = self.process.client_work(server_state, *clients_args)
+      return self.process.aggregate(server_state, *outputs)
+    return self.process.next(server_state, *clients_args)
 
   def initial_client_state(self) -> Optional[Any]:
     return None

@@ -8,7 +8,9 @@ by the architecture (every party computes it from the layer shapes), so it is
 never communicated. Training uses the hardtanh straight-through gradient and
 clips the latent weights to ``[-1, 1]`` after every step.
 
-One round, for the sampled clients (all TFF computations):
+One round, for the sampled clients (all TFF computations; steps 1-3 are the
+process's ``client_work``, step 4 its ``aggregate``, two calls when the round is
+split over TFF workers):
 
 1. **Download**: the server broadcasts the global latent weights, one float32
    per weight (``downlink_bits`` = 32 per element, counted from the received
@@ -145,7 +147,9 @@ class BnnProcess(tff.templates.IterativeProcess):
 
   ``next(latent@SERVER, data@CLIENTS)`` returns ``(latent@SERVER, metrics@CLIENTS)``
   where ``metrics`` is ``OrderedDict(loss_sum, examples, uplink_bits, downlink_bits, diverged,
-  trained_examples, upload_valid)``.
+  trained_examples, upload_valid)``. It is the composition of ``client_work`` (same
+  arguments; returns ``(upload, metrics)`` at CLIENTS, no aggregation) and
+  ``aggregate(latent@SERVER, upload, metrics)`` (decoding, sums, server update).
   """
 
 
@@ -275,16 +279,29 @@ def build_bnn_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
 
   metrics_type = client_update.type_signature.result[1]
   with_upload_valid = payloads.with_upload_valid(metrics_type)
+  server_type = tff.FederatedType(w_type, tff.SERVER)
+  clients_data_type = tff.FederatedType(data_type, tff.CLIENTS)
 
-  @tff.federated_computation(tff.FederatedType(w_type, tff.SERVER),
-                             tff.FederatedType(data_type, tff.CLIENTS))
-  def next_fn(server_state, client_data):
+  # A round is two federated computations (see fedmask_tff.algorithms.base, "Several TFF
+  # workers"): `client_work_fn` (broadcast and local training, no aggregation) and
+  # `aggregate_fn` (decoding, the sums, the server update); `next_fn` is their composition.
+  @tff.federated_computation(server_type, clients_data_type)
+  def client_work_fn(server_state, client_data):
     upload, metrics = tff.federated_map(
         client_update, (client_data, tff.federated_broadcast(server_state)))
+    return upload, metrics
+
+  @tff.federated_computation(server_type, *(tff.FederatedType(t, tff.CLIENTS)
+                                            for t in client_update.type_signature.result))
+  def aggregate_fn(server_state, upload, metrics):
     weighted, examples, valid = tff.federated_map(decode_and_validate, (upload, metrics.examples))
     new_state = tff.federated_map(
         server_update, (server_state, tff.federated_sum(weighted), tff.federated_sum(examples)))
     return new_state, tff.federated_map(with_upload_valid, (metrics, valid))
+
+  @tff.federated_computation(server_type, clients_data_type)
+  def next_fn(server_state, client_data):
+    return aggregate_fn(server_state, *client_work_fn(server_state, client_data))
 
   process = BnnProcess(initialize_fn, next_fn)
   process.num_elements = num_elements
@@ -294,6 +311,8 @@ def build_bnn_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
   process.decode_upload = decode_upload
   process.decode_and_validate = decode_and_validate
   process.server_update = server_update
+  process.client_work = client_work_fn
+  process.aggregate = aggregate_fn
   process.restart_multipliers = multipliers
   process.server_rate = eta
   process.server_rule = rule
@@ -305,6 +324,7 @@ def build_bnn_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
 
 class BnnFedAvg(FederatedAlgorithm):
   """:class:`FederatedAlgorithm` around :func:`build_bnn_process` (stateless clients)."""
+  round_in_two_steps = True
 
   def __init__(self, process: BnnProcess, model_fn, settings: dict):
     self.process = process
@@ -323,7 +343,7 @@ class BnnFedAvg(FederatedAlgorithm):
     return self._model_fn, tuple(server_state)
 
   def next(self, server_state, train_datasets: list, client_states: Optional[list]):
-    server_state, metrics = self.process.next(server_state, list(train_datasets))
+    server_state, metrics = self.run_round(server_state, list(train_datasets))
     out = []
     for m in metrics:
       examples = float(m["examples"])

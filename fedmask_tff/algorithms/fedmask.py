@@ -12,6 +12,7 @@ from fedmask_tff.algorithms.base import BuildContext, FederatedAlgorithm
 class FedMask(FederatedAlgorithm):
   """Binary masks over a frozen random model; 1-bit uploads; personalized by pruning."""
   name = "fedmask"
+  round_in_two_steps = True
 
   def __init__(self, context: BuildContext, config: fedmask_process.FedMaskConfig,
                uplink_coding: str = "none"):
@@ -78,7 +79,7 @@ class FedMask(FederatedAlgorithm):
     return [type(init)(state) for _ in range(count)]
 
   def next(self, server_state, train_datasets, client_states):
-    server_state, new_states, metrics = self.process.next(server_state, train_datasets, client_states)
+    server_state, new_states, metrics = self.run_round(server_state, train_datasets, client_states)
     out = []
     for m in metrics:
       t = m["train"]

@@ -15,8 +15,10 @@ layers into the model, train *all* of them with mini-batch SGD for
 ``local_epochs`` epochs (:func:`fedmask_tff.algorithms.local_training.sgd_epochs`),
 keep the local layers, upload the global ones. Communication: the global
 layers only, dense float32 each way, counted from the tensors (32 bits per
-element). Evaluation: a client's own local layers with the current global
-layers on its own test data.
+element). In TFF the round is two computations, the process's ``client_work``
+(broadcast and training) and ``aggregate`` (the server's mean), two calls when
+it is split over TFF workers. Evaluation: a client's own local layers with the
+current global layers on its own test data.
 
 Misbehaving clients: a client whose training diverged (non-finite loss or
 weights) keeps its previous local layers, uploads zeros with weight 0 and
@@ -99,7 +101,10 @@ def _type_of(variables):
 
 class LGFedAvgProcess(tff.templates.IterativeProcess):
   """``initialize() -> global layers@SERVER``;
-  ``next(global@SERVER, data@CLIENTS, local@CLIENTS) -> (global@SERVER, local@CLIENTS, metrics@CLIENTS)``.
+  ``next(global@SERVER, data@CLIENTS, local@CLIENTS) -> (global@SERVER, local@CLIENTS, metrics@CLIENTS)``,
+  the composition of ``client_work`` (same arguments; returns ``client_update``'s
+  ``(local, weighted, examples, metrics)`` at CLIENTS, no aggregation) and
+  ``aggregate(global@SERVER, *those)`` (checks, sums, server update).
 
   Extra attributes: ``evaluate`` (federated:
   ``(global@SERVER, local@CLIENTS, test@CLIENTS) -> metrics@CLIENTS``),
@@ -201,15 +206,29 @@ def build_lg_fedavg_process(model_fn: Callable[[], tf.keras.Model], element_spec
 
   server_type = tff.FederatedType(global_type, tff.SERVER)
 
-  @tff.federated_computation(server_type, tff.FederatedType(data_type, tff.CLIENTS),
-                             tff.FederatedType(local_type, tff.CLIENTS))
-  def next_fn(global_w, data, local_w):
+  client_args_types = (tff.FederatedType(data_type, tff.CLIENTS),
+                       tff.FederatedType(local_type, tff.CLIENTS))
+
+  # A round is two federated computations (see fedmask_tff.algorithms.base, "Several TFF
+  # workers"): `client_work_fn` (broadcast and local training, no aggregation) and
+  # `aggregate_fn` (checks, the sums, the server update); `next_fn` is their composition.
+  @tff.federated_computation(server_type, *client_args_types)
+  def client_work_fn(global_w, data, local_w):
     new_local, weighted, examples, metrics = tff.federated_map(
         client_update, (data, tff.federated_broadcast(global_w), local_w))
+    return new_local, weighted, examples, metrics
+
+  @tff.federated_computation(server_type, *(tff.FederatedType(t, tff.CLIENTS)
+                                            for t in client_update.type_signature.result))
+  def aggregate_fn(global_w, new_local, weighted, examples, metrics):
     weighted, examples, valid = tff.federated_map(decode_upload, (weighted, examples))
     new_global = tff.federated_map(
         server_update, (tff.federated_sum(weighted), tff.federated_sum(examples), global_w))
     return new_global, new_local, tff.federated_map(with_upload_valid, (metrics, valid))
+
+  @tff.federated_computation(server_type, *client_args_types)
+  def next_fn(global_w, data, local_w):
+    return aggregate_fn(global_w, *client_work_fn(global_w, data, local_w))
 
   @tff.federated_computation(server_type, tff.FederatedType(local_type, tff.CLIENTS),
                              tff.FederatedType(eval_data_type, tff.CLIENTS))
@@ -218,6 +237,8 @@ def build_lg_fedavg_process(model_fn: Callable[[], tf.keras.Model], element_spec
 
   process = LGFedAvgProcess(initialize_fn, next_fn)
   process.evaluate = evaluate_fn
+  process.client_work = client_work_fn
+  process.aggregate = aggregate_fn
   process.client_update = client_update
   process.decode_upload = decode_upload
   process.evaluate_client = evaluate_client
@@ -232,6 +253,7 @@ def _as_state(weights) -> tuple:
 
 class LGFedAvg(FederatedAlgorithm):
   """LG-FedAvg behind :class:`FederatedAlgorithm` (client state: the local layers)."""
+  round_in_two_steps = True
 
   def __init__(self, context: BuildContext, global_layers: int, learning_rate: float):
     model_fn = context.dense_model_fn()
@@ -263,7 +285,7 @@ class LGFedAvg(FederatedAlgorithm):
   def next(self, server_state, train_datasets, client_states):
     if client_states is None or len(client_states) != len(train_datasets):
       raise ValueError("LG-FedAvg needs one client state (local layers) per training dataset")
-    new_global, new_local, outputs = self.process.next(
+    new_global, new_local, outputs = self.run_round(
         server_state, list(train_datasets), [tuple(s) for s in client_states])
     metrics = []
     for m in outputs:

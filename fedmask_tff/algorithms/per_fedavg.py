@@ -20,6 +20,9 @@ batches is skipped (its examples are not processed and not counted). One step:
 the examples of ``D`` and ``D'`` each client processed); a round in which no
 client processed an example keeps the old model. The global model travels
 dense, float32, both ways: bits are counted from the tensors (32 per element).
+The process's ``client_work`` (broadcast and client work) and ``aggregate``
+(this step) are the round's two halves, two calls when it is split over TFF
+workers.
 
 **Misbehaving clients**: a client whose training diverged (non-finite loss or
 weights) uploads zeros with weight 0 and reports ``diverged = 1``
@@ -188,6 +191,10 @@ def sgd_adapt(model, variables, dataset, steps: int, learning_rate: float):
 class PerFedAvgProcess(tff.templates.IterativeProcess):
   """``initialize() -> weights@SERVER``; ``next(weights@SERVER, data@CLIENTS) -> (weights, metrics@CLIENTS)``.
 
+  ``next`` is the composition of ``client_work`` (same arguments; returns
+  ``client_update``'s ``(weighted, examples, metrics)`` at CLIENTS, no aggregation) and
+  ``aggregate(weights@SERVER, weighted, examples, metrics)`` (checks, sums, server update).
+
   Extra attributes: ``adapt_and_evaluate`` (federated:
   ``(weights@SERVER, test@CLIENTS, train@CLIENTS) -> metrics@CLIENTS``),
   ``evaluate_global`` (no adaptation), and the TF computations
@@ -281,15 +288,29 @@ def build_per_fedavg_process(model_fn: Callable[[], tf.keras.Model], element_spe
   with_upload_valid = payloads.with_upload_valid(client_update.type_signature.result[2])
   server_type = tff.FederatedType(w_type, tff.SERVER)
 
-  @tff.federated_computation(server_type, tff.FederatedType(data_type, tff.CLIENTS))
-  def next_fn(weights, data):
+  clients_data_type = tff.FederatedType(data_type, tff.CLIENTS)
+
+  # A round is two federated computations (see fedmask_tff.algorithms.base, "Several TFF
+  # workers"): `client_work_fn` (broadcast and local training, no aggregation) and
+  # `aggregate_fn` (checks, the sums, the server update); `next_fn` is their composition.
+  @tff.federated_computation(server_type, clients_data_type)
+  def client_work_fn(weights, data):
     weighted, examples, metrics = tff.federated_map(
         client_update, (data, tff.federated_broadcast(weights)))
+    return weighted, examples, metrics
+
+  @tff.federated_computation(server_type, *(tff.FederatedType(t, tff.CLIENTS)
+                                            for t in client_update.type_signature.result))
+  def aggregate_fn(weights, weighted, examples, metrics):
     weighted, examples, valid = tff.federated_map(decode_upload, (weighted, examples))
     sums = tff.federated_sum(weighted)
     total = tff.federated_sum(examples)
     new_weights = tff.federated_map(server_update, (sums, total, weights))
     return new_weights, tff.federated_map(with_upload_valid, (metrics, valid))
+
+  @tff.federated_computation(server_type, clients_data_type)
+  def next_fn(weights, data):
+    return aggregate_fn(weights, *client_work_fn(weights, data))
 
   @tff.federated_computation(server_type, tff.FederatedType(eval_data_type, tff.CLIENTS),
                              tff.FederatedType(data_type, tff.CLIENTS))
@@ -304,6 +325,8 @@ def build_per_fedavg_process(model_fn: Callable[[], tf.keras.Model], element_spe
   process = PerFedAvgProcess(initialize_fn, next_fn)
   process.client_update = client_update
   process.decode_upload = decode_upload
+  process.client_work = client_work_fn
+  process.aggregate = aggregate_fn
   process.adapt_and_evaluate_client = adapt_and_evaluate_client
   process.adapt_and_evaluate = adapt_and_evaluate
   process.evaluate_global = evaluate_global
@@ -369,6 +392,7 @@ def _server_computations(init: Sequence[np.ndarray], w_type):
 
 class PerFedAvg(FederatedAlgorithm):
   """Per-FedAvg behind :class:`FederatedAlgorithm` (stateless clients)."""
+  round_in_two_steps = True
 
   def __init__(self, context: BuildContext, variant: str, alpha: float, beta: float,
                hf_delta: float, adapt_steps: int):
@@ -394,7 +418,7 @@ class PerFedAvg(FederatedAlgorithm):
     return self._model_fn, tuple(server_state)
 
   def next(self, server_state, train_datasets, client_states=None):
-    new_state, outputs = self.process.next(server_state, list(train_datasets))
+    new_state, outputs = self.run_round(server_state, list(train_datasets))
     metrics = []
     for m in outputs:
       m = payloads.to_python(m)

@@ -1,6 +1,8 @@
 """Top-k sparsified FedAvg (``build_topk``), with optional error feedback.
 
-One round, for the sampled clients (all TFF computations):
+One round, for the sampled clients (all TFF computations; steps 1-3 are the
+process's ``client_work``, step 4 its ``aggregate``, two calls when the round is
+split over TFF workers):
 
 1. **Download**: the server broadcasts the dense float32 global weights
    (``downlink_bits`` = 32 per element, counted from the received tensors).
@@ -96,9 +98,11 @@ class TopKProcess(tff.templates.IterativeProcess):
   ``decode_upload`` (the TF computations of steps 2-4) and ``evaluate_global``.
 
   ``next(weights@SERVER, data@CLIENTS[, residuals@CLIENTS])`` returns
-  ``(weights@SERVER, residuals@CLIENTS or (), metrics@CLIENTS)`` where
+  ``(weights@SERVER[, residuals@CLIENTS], metrics@CLIENTS)`` where
   ``metrics`` is ``OrderedDict(loss_sum, examples, uplink_bits, downlink_bits, diverged,
-  trained_examples, upload_valid)``.
+  trained_examples, upload_valid)``. It is the composition of ``client_work`` (same
+  arguments; returns ``client_update``'s ``(upload[, residuals], metrics)`` at CLIENTS, no
+  aggregation) and ``aggregate(weights@SERVER, *those)`` (decoding, sums, server update).
   """
 
 
@@ -141,7 +145,7 @@ def build_topk_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
   upload_type = tff.types.to_type(collections.OrderedDict(
       values=tff.TensorType(np.float32, [k]), indices=tff.TensorType(np.int32, [k])))
 
-  def client_work(dataset, weights, residual):
+  def local_update(dataset, weights, residual):
     model = model_fn()
     with tf.control_dependencies(evaluation.assign_weights(model, weights)):
       loss_sum, examples = local_training.sgd_epochs(model, model.trainable_variables, dataset,
@@ -173,11 +177,11 @@ def build_topk_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
   if error_feedback:
     @tff.tensorflow.computation(data_type, w_type, w_type)
     def client_update(dataset, weights, residual):
-      return client_work(dataset, weights, residual)
+      return local_update(dataset, weights, residual)
   else:
     @tff.tensorflow.computation(data_type, w_type)
     def client_update(dataset, weights):
-      upload, _, metrics = client_work(dataset, weights, None)
+      upload, _, metrics = local_update(dataset, weights, None)
       return upload, metrics
 
   def check_and_decode(upload, examples):
@@ -223,10 +227,10 @@ def build_topk_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
 
   server_type = tff.FederatedType(w_type, tff.SERVER)
   clients_data_type = tff.FederatedType(data_type, tff.CLIENTS)
-
-  result_type = client_update.type_signature.result
-  metrics_type = result_type[len(result_type) - 1]
-  with_upload_valid = payloads.with_upload_valid(metrics_type)
+  residuals_type = tff.FederatedType(w_type, tff.CLIENTS)
+  # upload[, residual], metrics: what `client_update` returns, at CLIENTS.
+  client_types = [tff.FederatedType(t, tff.CLIENTS) for t in client_update.type_signature.result]
+  with_upload_valid = payloads.with_upload_valid(client_types[-1].member)
 
   def aggregate(server_state, upload, metrics):
     weighted, examples, valid = tff.federated_map(decode_and_validate, (upload, metrics.examples))
@@ -235,20 +239,36 @@ def build_topk_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
     return (tff.federated_map(server_update, (server_state, sums, total)),
             tff.federated_map(with_upload_valid, (metrics, valid)))
 
+  # A round is two federated computations (see fedmask_tff.algorithms.base, "Several TFF
+  # workers"): `client_work_fn` (broadcast and local training, no aggregation) and
+  # `aggregate_fn` (decoding, the sums, the server update); `next_fn` is their composition.
   if error_feedback:
-    @tff.federated_computation(server_type, clients_data_type,
-                               tff.FederatedType(w_type, tff.CLIENTS))
-    def next_fn(server_state, client_data, residuals):
+    @tff.federated_computation(server_type, clients_data_type, residuals_type)
+    def client_work_fn(server_state, client_data, residuals):
       upload, new_residuals, metrics = tff.federated_map(
           client_update, (client_data, tff.federated_broadcast(server_state), residuals))
+      return upload, new_residuals, metrics
+
+    @tff.federated_computation(server_type, *client_types)
+    def aggregate_fn(server_state, upload, new_residuals, metrics):
       new_state, metrics = aggregate(server_state, upload, metrics)
       return new_state, new_residuals, metrics
+
+    @tff.federated_computation(server_type, clients_data_type, residuals_type)
+    def next_fn(server_state, client_data, residuals):
+      return aggregate_fn(server_state, *client_work_fn(server_state, client_data, residuals))
   else:
     @tff.federated_computation(server_type, clients_data_type)
-    def next_fn(server_state, client_data):
+    def client_work_fn(server_state, client_data):
       upload, metrics = tff.federated_map(
           client_update, (client_data, tff.federated_broadcast(server_state)))
-      return aggregate(server_state, upload, metrics)
+      return upload, metrics
+
+    aggregate_fn = tff.federated_computation(server_type, *client_types)(aggregate)
+
+    @tff.federated_computation(server_type, clients_data_type)
+    def next_fn(server_state, client_data):
+      return aggregate_fn(server_state, *client_work_fn(server_state, client_data))
 
   process = TopKProcess(initialize_fn, next_fn)
   process.k = k
@@ -260,6 +280,8 @@ def build_topk_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
   process.decode_upload = decode_upload
   process.decode_and_validate = decode_and_validate
   process.server_update = server_update
+  process.client_work = client_work_fn
+  process.aggregate = aggregate_fn
   evaluate_global, _, _ = evaluation.build_weights_evaluation(
       model_fn, eval_element_spec or element_spec)
   process.evaluate_global = evaluate_global
@@ -280,6 +302,7 @@ def _metrics_dicts(metrics: list, weight_costs) -> list[dict]:
 
 class TopKFedAvg(FederatedAlgorithm):
   """:class:`FederatedAlgorithm` around :func:`build_topk_process` (see the module docstring)."""
+  round_in_two_steps = True
 
   def __init__(self, process: TopKProcess, model_fn, settings: dict):
     self.process = process
@@ -307,11 +330,11 @@ class TopKFedAvg(FederatedAlgorithm):
     if self.process.error_feedback:
       if client_states is None or len(client_states) != len(train_datasets):
         raise ValueError("top-k with error feedback needs one residual state per client")
-      server_state, new_states, metrics = self.process.next(
+      server_state, new_states, metrics = self.run_round(
           server_state, list(train_datasets), list(client_states))
       new_states = [tuple(np.asarray(r, np.float32) for r in s) for s in new_states]
     else:
-      server_state, metrics = self.process.next(server_state, list(train_datasets))
+      server_state, metrics = self.run_round(server_state, list(train_datasets))
       new_states = None
     return server_state, new_states, _metrics_dicts(metrics, self._weight_costs)
 
