@@ -94,6 +94,13 @@ flags.DEFINE_integer("max_concurrent_clients", _D.max_concurrent_clients,
 flags.DEFINE_string("workers", None, "HOST:PORT,... of TFF workers started with `python -m "
                     "fedmask_tff.worker --port=PORT`: each round's clients are split over them "
                     "(default: one local worker). See docs/workers.md.")
+flags.DEFINE_enum("client_datasets", _D.client_datasets, ["driver", "workers"],
+                  "Where each round's client datasets are built: driver (serialized into the "
+                  "request) or workers (inside the computation, from files written once; same "
+                  "results). See docs/workers.md.")
+flags.DEFINE_string("client_data_dir", None, "With --client_datasets=workers: where the client "
+                    "files go (default OUTPUT_DIR/client_data; on several hosts a path every "
+                    "worker can read).")
 flags.DEFINE_bool("overwrite", _D.overwrite, "Replace the results in an existing --output_dir.")
 flags.DEFINE_bool("progress", _D.progress, "Show a progress bar over rounds.")
 

@@ -79,6 +79,8 @@ class RunConfig:
   eval_batch_size: int = 256
   max_concurrent_clients: int = -1
   workers: Optional[str] = None  # "host:port,...": TFF workers (python -m fedmask_tff.worker)
+  client_datasets: str = "driver"  # "workers": built inside the round's computation from files
+  client_data_dir: Optional[str] = None  # where those files go (default OUTPUT_DIR/client_data)
   overwrite: bool = False
   progress: bool = True
 
@@ -158,6 +160,10 @@ class RunConfig:
     need(self.eval_every >= 0, f"--eval_every must be >= 0, got {self.eval_every}")
     need(self.eval_batch_size >= 1, f"--eval_batch_size must be >= 1, got {self.eval_batch_size}")
     need(bool(self.output_dir), "--output_dir must be set")
+    need(self.client_datasets in ("driver", "workers"),
+         f"--client_datasets must be 'driver' or 'workers', got {self.client_datasets!r}")
+    need(self.client_data_dir is None or self.client_datasets == "workers",
+         "--client_data_dir is where --client_datasets=workers writes client files; it needs that flag")
     if self.workers is not None:
       from fedmask_tff.worker import parse_workers
       try:
@@ -179,7 +185,8 @@ class RunConfig:
 
 
 # Settings that may differ between a run and its resumption (they do not change results).
-RESUME_FREE = ("overwrite", "progress", "max_concurrent_clients", "output_dir", "workers")
+RESUME_FREE = ("overwrite", "progress", "max_concurrent_clients", "output_dir", "workers",
+               "client_datasets", "client_data_dir")
 
 
 def differing_settings(stored: dict, config: RunConfig) -> list[str]:
@@ -307,7 +314,7 @@ def run(config: RunConfig) -> dict[str, Any]:
 
   if config.overwrite and os.path.isdir(config.output_dir):
     for name in ("client_states", "results.json", "metrics.csv", "partition.json", "checkpoint.npz",
-                 "tensorboard", "global_model.weights.h5"):
+                 "tensorboard", "global_model.weights.h5", "client_data"):
       target = os.path.join(config.output_dir, name)
       if os.path.isdir(target):
         shutil.rmtree(target)
@@ -388,6 +395,25 @@ def run(config: RunConfig) -> dict[str, Any]:
     return ds.shuffle(4096, seed=_client_seed(config.seed, round_num, client_index[cid]),
                       reshuffle_each_iteration=True).batch(config.batch_size)
 
+  client_files_by_id = None
+  if config.client_datasets == "workers":
+    from fedmask_tff.data import client_files
+    files_dir = config.client_data_dir or os.path.join(config.output_dir, "client_data")
+    _log(f"[fedmask_tff] writing client training files to {files_dir} (built inside each round's "
+         "computation) ...")
+    client_files_by_id = client_files.write_client_files(files_dir, split.train, split.client_ids)
+    algorithm.dataset_computation = client_files.dataset_computation(
+        split.train.element_type_structure, config.batch_size, graph_seed=config.seed,
+        repeats=algorithm.dataset_repeats)
+
+  def train_input(cid, round_num):
+    """What a round's computation receives for a client: its dataset, or (with
+    --client_datasets=workers) the source the computation builds the same dataset from."""
+    if client_files_by_id is None:
+      return train_dataset(cid, round_num)
+    path, examples = client_files_by_id[cid]
+    return client_files.source(path, _client_seed(config.seed, round_num, client_index[cid]), examples)
+
   def evaluate(server_state, client_ids, extra=False):
     """``{kind: {client: (correct, examples, loss_sum)}}`` on each client's own test data.
 
@@ -436,7 +462,7 @@ def run(config: RunConfig) -> dict[str, Any]:
       dropped = _dropped_clients(sampled, config.dropout_rate, config.seed, round_num)
       sampled = [c for c in sampled if c not in dropped]
       states = [store.get(c) for c in sampled] if store is not None else None
-      datasets = [train_dataset(c, round_num) for c in sampled]
+      datasets = [train_input(c, round_num) for c in sampled]
       server_state, new_states, train = algorithm.next(server_state, datasets, states)
       examples = sum(m["examples"] for m in train)
       loss = sum(m["loss_sum"] for m in train) / examples if examples else float("nan")
@@ -527,7 +553,8 @@ def run(config: RunConfig) -> dict[str, Any]:
       chunk = ids[i:i + 20]
       trains = [train_dataset(c, config.rounds + 1) for c in chunk]
       states = algorithm.late_joiner_states(server_state, store, len(chunk))
-      _, new_states, _ = algorithm.next(server_state, trains, states)
+      _, new_states, _ = algorithm.next(
+          server_state, [train_input(c, config.rounds + 1) for c in chunk], states)
       tests = [split.test.create_tf_dataset_for_client(c).batch(config.eval_batch_size) for c in chunk]
       for c, m in zip(chunk, algorithm.evaluate(server_state, tests, new_states, trains)):
         per_client[c] = (float(m["correct"]), float(m["examples"]), float(m["loss_sum"]))

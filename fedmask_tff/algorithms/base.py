@@ -117,14 +117,34 @@ class FederatedAlgorithm(abc.ABC):
   def initialize(self):
     return self.process.initialize()
 
+  # Set by the runner for ``--client_datasets=workers``: a TFF computation
+  # ``source -> batched dataset`` (:mod:`fedmask_tff.data.client_files`); rounds then take
+  # sources instead of datasets and build each dataset inside the computation.
+  dataset_computation: Any = None
+  # How often the dataset computation repeats a client's data (FedAvg: its local epochs).
+  dataset_repeats: int = 1
+
   def run_round(self, server_state, *clients_args):
     """``process.next(server_state, *clients_args)``, or, when :attr:`split_round` is set,
     ``process.aggregate(server_state, *process.client_work(server_state, *clients_args))``:
-    the same values, in two TFF calls that each split over workers without recomputation."""
+    the same values, in two TFF calls that each split over workers without recomputation.
+    With :attr:`dataset_computation` set, the first of ``clients_args`` holds sources and the
+    computation that receives the data is composed with the dataset computation."""
     if self.split_round and self.round_in_two_steps:
-      outputs = self.process.client_work(server_state, *clients_args)
+      outputs = self._with_datasets("client_work")(server_state, *clients_args)
       return self.process.aggregate(server_state, *outputs)
-    return self.process.next(server_state, *clients_args)
+    return self._with_datasets("next")(server_state, *clients_args)
+
+  def _with_datasets(self, name: str):
+    comp = getattr(self.process, name)
+    if self.dataset_computation is None:
+      return comp
+    cache = self.__dict__.setdefault("_composed", {})
+    if name not in cache:
+      import tensorflow_federated as tff
+      cache[name] = tff.simulation.compose_dataset_computation_with_computation(
+          self.dataset_computation, comp)
+    return cache[name]
 
   def initial_client_state(self) -> Optional[Any]:
     return None

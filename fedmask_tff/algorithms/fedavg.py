@@ -48,6 +48,7 @@ class FedAvg(FederatedAlgorithm):
     import tensorflow_federated as tff
     self.model_fn = context.dense_model_fn()
     self.local_epochs = int(context.local_epochs)
+    self.dataset_repeats = self.local_epochs
     probe = self.model_fn()
     self.weight_costs = costs.weight_costs(probe)
     self.model_parameters = int(sum(np.prod(v.shape) for v in probe.trainable_weights))
@@ -76,16 +77,20 @@ class FedAvg(FederatedAlgorithm):
     return self.model_fn, self.global_weights(server_state)
 
   def next(self, server_state, train_datasets, client_states):
-    datasets = [d.repeat(self.local_epochs) for d in train_datasets]
+    if self.dataset_computation is not None:  # Sources; the computation repeats the data.
+      datasets = list(train_datasets)
+      counts = [int(src["examples"]) * self.local_epochs for src in datasets]
+    else:
+      datasets = [d.repeat(self.local_epochs) for d in train_datasets]
+      counts = [_count_examples(d) for d in datasets]
     weights = self.process.get_model_weights(server_state)
     downlink = _nbits(weights.trainable) + _nbits(weights.non_trainable)
     uplink = _nbits(weights.trainable) + 32  # delta + its float32 aggregation weight
-    output = self.process.next(server_state, datasets)
+    output = self.run_round(server_state, datasets)
     train = output.metrics["client_work"]["train"]
     mean_loss = float(train["loss"])
     out = []
-    for d in datasets:
-      n = _count_examples(d)
+    for n in counts:
       out.append({"loss_sum": mean_loss * n, "examples": float(n), "uplink_bits": uplink,
                   "downlink_bits": downlink,
                   "train_flops": float(costs.train_flops(self.weight_costs, n))})

@@ -88,7 +88,7 @@ class Standalone(FederatedAlgorithm):
                                    rounds=np.int32(0))
 
   def next(self, server_state, train_datasets, client_states):
-    server_state, new_states, metrics = self.process.next(server_state, train_datasets, client_states)
+    server_state, new_states, metrics = self.run_round(server_state, train_datasets, client_states)
     out = [{"loss_sum": float(m["loss_sum"]), "examples": float(m["examples"]),
             "uplink_bits": int(m["uplink_bits"]), "downlink_bits": int(m["downlink_bits"]),
             "train_flops": float(costs.train_flops(self.weight_costs, float(m["examples"])))}
