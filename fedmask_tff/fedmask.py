@@ -25,7 +25,10 @@ client rebuilds it from the model's seed):
 ``next(server_state, client_data, client_states)`` returns
 ``(server_state, client_states, client_metrics)``; the states are
 CLIENTS-placed values, kept between rounds by
-:class:`fedmask_tff.client_state.ClientStateStore` in the driver.
+:class:`fedmask_tff.client_state.ClientStateStore` in the driver. ``next`` is the
+composition of ``process.client_work`` (steps 1-2, no aggregation) and
+``process.aggregate`` (steps 3-4, one sum), which ``--workers`` calls one after
+the other so that TFF's mergeable context can split each over several workers.
 """
 
 from __future__ import annotations

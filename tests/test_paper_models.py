@@ -139,7 +139,7 @@ def test_vgg16_layout_and_small_inputs():
 def test_parameter_counts_and_size_report():
   expected = {  # (width 1, width 0.125) mask elements = Dense/Conv2D/LSTM kernel elements
       "vgg16": (15_239_872, 238_872),
-      "har_mlp": (722_432, 75_968),
+      "har_mlp": (1_707_008, 156_032),
       "shakespeare_lstm": (904_448, 16_288),
   }
   for name, (full, ci) in expected.items():
@@ -148,8 +148,8 @@ def test_parameter_counts_and_size_report():
       report = model_size_report(PAPER_MODEL_BUILDERS[name](shape, classes, width=width))
       assert report["mask_parameters"] == count, (name, width)
   har = model_size_report(paper_models.build_har_mlp(width=CI_WIDTH))
-  assert har == {"parameters": 75_968, "float32_bytes": 303_872, "mask_parameters": 75_968,
-                 "mask_bytes": 9_496, "other_parameters": 0, "other_float32_bytes": 0,
+  assert har == {"parameters": 156_032, "float32_bytes": 624_128, "mask_parameters": 156_032,
+                 "mask_bytes": 19_504, "other_parameters": 0, "other_float32_bytes": 0,
                  "compression": 32.0}
   assert model_size_report(paper_models.build_reference_har_mlp(width=CI_WIDTH)) == har
   # Shakespeare: embedding (90 x 8) and the LSTM biases (4u each) are outside the masks.
