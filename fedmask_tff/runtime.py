@@ -50,12 +50,21 @@ def worker_binary_path() -> str:
   return path
 
 
-def _die_with_parent():  # Runs in the child between fork and exec.
+def _load_libc():
   try:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    return ctypes.CDLL("libc.so.6", use_errno=True)
   except OSError:
-    pass
+    return None
+
+
+# Loaded here, not in the child: code between fork and exec must not dlopen (a thread of this
+# multi-threaded process may hold the loader's lock at the fork, and the child would hang).
+_LIBC = _load_libc()
+
+
+def _die_with_parent():  # Runs in the child between fork and exec.
+  if _LIBC is not None:
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def start_worker(port: Optional[int] = None, max_concurrent_computation_calls: int = -1,

@@ -57,9 +57,15 @@ def parse_workers(spec: str) -> list[tuple[str, int]]:
   for item in (spec or "").split(","):
     item = item.strip()
     host, sep, port = item.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-      raise ValueError(f"--workers entry {item!r} is not HOST:PORT (port in 1..65535)")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    # ASCII digits only ("²".isdigit() is true); an IPv6 host must be bracketed, else
+    # "::1:5" would silently mean host "::1".
+    if (not sep or not host or not (port.isascii() and port.isdigit())
+        or not 1 <= int(port) <= 65535 or "[" in host or "]" in host
+        or (":" in host and not bracketed)):
+      raise ValueError(f"--workers entry {item!r} is not HOST:PORT (port in 1..65535; IPv6 as "
+                       "[ADDRESS]:PORT)")
     if (host, int(port)) in workers:
       raise ValueError(f"--workers lists {item} twice")
     workers.append((host, int(port)))
@@ -77,11 +83,25 @@ def _worker_binary_path() -> str:
   return path
 
 
+def _libc():
+  """libc, loaded in the parent: code run between fork and exec must not ``dlopen`` (another
+  thread of a multi-threaded parent, e.g. TensorFlow's, may hold the loader's lock at the fork,
+  and the child would then hang forever)."""
+  global _LIBC
+  if _LIBC is None:
+    _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
+  return _LIBC
+
+
+_LIBC = None
+
+
 def _enter_private_network(uid: int, gid: int):
   """Returns the function run in the relay's process between fork and exec: die with the
   parent, then enter a new network namespace (and a user namespace when not root)."""
+  libc = _libc()
+
   def enter():
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     flags = _CLONE_NEWNET if uid == 0 else _CLONE_NEWNET | _CLONE_NEWUSER
     if libc.unshare(flags) != 0:
@@ -138,11 +158,14 @@ def start(port: int, address: str = "127.0.0.1", isolation: str = "netns",
             "--isolation=none runs TFF's worker_binary directly, and it listens on every interface: "
             "pass --address=0.0.0.0 to accept that, or keep the default isolation")
       listen_socket(address, port).close()  # A clear error when the port is taken.
+      _libc()
       proc = subprocess.Popen([binary, f"--port={port}",
                                f"--max_concurrent_computation_calls={max_concurrent_computation_calls}"],
                               stdin=subprocess.DEVNULL, stdout=out, stderr=out, close_fds=True,
                               preexec_fn=_enter_private_network_none)
-      _wait_port(proc, "127.0.0.1" if address == "0.0.0.0" else "::1", port, ready_timeout_s)
+      # worker_binary listens on [::] (dual stack) or, where IPv6 is off, on 0.0.0.0: either
+      # way 127.0.0.1 reaches it (::1 would not in the second case, for "--address=::").
+      _wait_port(proc, "127.0.0.1", port, ready_timeout_s)
       return proc
     sock = listen_socket(address, port)
     relay = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker_relay.py")
@@ -165,6 +188,8 @@ def start(port: int, address: str = "127.0.0.1", isolation: str = "netns",
     line = _read_ready(proc, ready_timeout_s)
     if line != "ready":
       proc.kill()
+      proc.wait()
+      proc.stdout.close()
       raise WorkerStartError(f"the worker did not start (relay said {line!r})"
                              + (f"; see {log_file}" if log_file else ""))
     return proc
@@ -173,9 +198,8 @@ def start(port: int, address: str = "127.0.0.1", isolation: str = "netns",
       out.close()
 
 
-def _enter_private_network_none():
-  libc = ctypes.CDLL("libc.so.6", use_errno=True)
-  libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def _enter_private_network_none():  # Between fork and exec: see _libc.
+  _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _read_ready(proc: subprocess.Popen, timeout_s: float) -> str:
