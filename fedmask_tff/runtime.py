@@ -123,6 +123,20 @@ def _compile(comp):
   return tff.backends.native.desugar_and_transform_to_native(comp)
 
 
+def context_installed() -> bool:
+  """Whether :func:`install_local_context` or :func:`install_remote_context` has run (and not
+  been undone by :func:`reset_local_context`)."""
+  return _installed
+
+
+def reset_local_context() -> None:
+  """Stops this process's local worker (if any) and forgets the installed context, so the next
+  :func:`install_local_context` starts a fresh worker with none of the old one's memory."""
+  global _installed
+  stop_workers()
+  _installed = False
+
+
 def install_local_context(max_concurrent_computation_calls: int = -1,
                           log_path: Optional[str] = None, ready_timeout_s: float = 60.0) -> None:
   """Installs a TFF sync context on one local worker started by this process.

@@ -58,3 +58,45 @@ def test_worker_dies_when_python_is_killed():
   proc.send_signal(signal.SIGKILL)
   proc.wait(timeout=30)
   assert _wait_dead(pid)
+
+
+RUNS_SCRIPT = r"""
+import json, sys
+import psutil
+from fedmask_tff import runner, runtime
+data_dir, out = sys.argv[1], sys.argv[2]
+seen = []
+for i in range(2):
+  original = runtime.start_worker
+  def spy(*args, **kwargs):
+    proc, port = original(*args, **kwargs)
+    seen.append(proc.pid)
+    return proc, port
+  runtime.start_worker = spy
+  runner.run(runner.RunConfig(data_dir=data_dir, output_dir=f"{out}/run{i}", model="mlp",
+                              model_width=0.25, num_clients=4, clients_per_round=2, rounds=1,
+                              local_epochs=1, progress=False))
+  runtime.start_worker = original
+  alive = [c.pid for c in psutil.Process().children(recursive=True) if c.is_running()
+           and c.status() != psutil.STATUS_ZOMBIE]
+  print(json.dumps({"seen": seen, "alive": alive, "installed": runtime.context_installed()}),
+        flush=True)
+"""
+
+
+def test_runs_one_after_another_each_get_a_fresh_worker(tmp_path):
+  """A run stops the worker it started (a study's runs would otherwise pile up in one worker)."""
+  from test_cli import write_learnable_fashion_dir
+  data = tmp_path / "data"
+  write_learnable_fashion_dir(str(data))
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.run([sys.executable, "-c", RUNS_SCRIPT, str(data), str(tmp_path / "out")],
+                        capture_output=True, text=True, timeout=600, env=env,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  import json
+  first, second = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  assert len(first["seen"]) == 1 and len(second["seen"]) == 2
+  assert second["seen"][0] != second["seen"][1]  # a new worker for the second run
+  for after in (first, second):
+    assert after["alive"] == [] and after["installed"] is False
