@@ -101,6 +101,9 @@ flags.DEFINE_enum("client_datasets", _D.client_datasets, ["driver", "workers"],
 flags.DEFINE_string("client_data_dir", None, "With --client_datasets=workers: where the client "
                     "files go (default OUTPUT_DIR/client_data; on several hosts a path every "
                     "worker can read).")
+flags.DEFINE_float("worker_memory_limit_mb", _D.worker_memory_limit_mb,
+                   "Restart the local TFF worker after a round when its resident memory exceeds "
+                   "this (MB; 0: half the machine's memory). Results are unchanged.")
 flags.DEFINE_bool("overwrite", _D.overwrite, "Replace the results in an existing --output_dir.")
 flags.DEFINE_bool("progress", _D.progress, "Show a progress bar over rounds.")
 

@@ -123,6 +123,33 @@ def _compile(comp):
   return tff.backends.native.desugar_and_transform_to_native(comp)
 
 
+def local_worker_rss_mb() -> float:
+  """Resident memory (MB) of this process's local TFF worker; 0 when there is none."""
+  total = 0.0
+  for proc in _workers:
+    try:
+      with open(f"/proc/{proc.pid}/status") as f:
+        for line in f:
+          if line.startswith("VmRSS:"):
+            total += int(line.split()[1]) / 1024.0
+    except (OSError, ValueError):
+      pass
+  return total
+
+
+def restart_local_worker() -> None:
+  """Replaces this process's local worker by a fresh one (same settings); the TFF
+  computations need nothing else, since every value lives in the driver between calls."""
+  global _installed
+  settings = dict(_local_settings)
+  stop_workers()
+  _installed = False
+  install_local_context(**settings)
+
+
+_local_settings: dict = {}
+
+
 def context_installed() -> bool:
   """Whether :func:`install_local_context` or :func:`install_remote_context` has run (and not
   been undone by :func:`reset_local_context`)."""
@@ -147,6 +174,8 @@ def install_local_context(max_concurrent_computation_calls: int = -1,
   global _installed
   if _installed:
     return
+  _local_settings.update(max_concurrent_computation_calls=max_concurrent_computation_calls,
+                         log_path=log_path, ready_timeout_s=ready_timeout_s)
   proc, port = start_worker(max_concurrent_computation_calls=max_concurrent_computation_calls,
                             log_path=log_path)
   channel = grpc.insecure_channel(f"localhost:{port}", _GRPC_OPTIONS)

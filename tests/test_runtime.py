@@ -100,3 +100,25 @@ def test_runs_one_after_another_each_get_a_fresh_worker(tmp_path):
   assert second["seen"][0] != second["seen"][1]  # a new worker for the second run
   for after in (first, second):
     assert after["alive"] == [] and after["installed"] is False
+
+
+def test_worker_restarted_above_its_memory_limit_gives_identical_results(tmp_path):
+  """--worker_memory_limit_mb: a fresh worker after every round (limit 1 MB) changes nothing."""
+  import json
+  from test_cli import run_cli, write_learnable_fashion_dir
+  data = tmp_path / "data"
+  write_learnable_fashion_dir(str(data))
+  common = [f"--data_dir={data}", "--model=mlp", "--model_width=0.25", "--num_clients=6",
+            "--clients_per_round=3", "--rounds=3", "--local_epochs=1", "--progress=false"]
+  plain, _ = run_cli(common + [f"--output_dir={tmp_path / 'plain'}"])
+  assert plain.returncode == 0, plain.stderr[-3000:]
+  restarted, _ = run_cli(common + [f"--output_dir={tmp_path / 'restarted'}", "--worker_memory_limit_mb=1"])
+  assert restarted.returncode == 0, restarted.stderr[-3000:]
+  assert restarted.stderr.count("restarting it") == 3
+  a = json.load(open(tmp_path / "plain" / "results.json"))
+  b = json.load(open(tmp_path / "restarted" / "results.json"))
+  assert [r["worker_restarted"] for r in a["rounds"]] == [False] * 3
+  assert [r["worker_restarted"] for r in b["rounds"]] == [True] * 3
+  for key in ("train_loss", "uplink_bits", "downlink_bits", "train_flops", "sampled_clients"):
+    assert [r[key] for r in a["rounds"]] == [r[key] for r in b["rounds"]], key
+  assert a["final"]["accuracy_per_client"] == b["final"]["accuracy_per_client"]
