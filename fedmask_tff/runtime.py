@@ -110,6 +110,30 @@ def _on_sigterm(signum, frame):
 _installed = False
 
 
+def _executor_factory(stub, check_alive=None):
+  """TFF's executor factory for one worker reached through ``stub``: a ``RemoteExecutor``
+  per call, with the call's cardinalities (no CLIENTS value: 0 clients). ``check_alive``,
+  when given, runs first and raises if the worker is gone."""
+  def stack_fn(cardinalities):
+    if check_alive is not None:
+      check_alive()
+    cardinalities = dict(cardinalities)
+    cardinalities.setdefault(tff.CLIENTS, 0)
+    executor = tff.framework.RemoteExecutor(stub)
+    executor.set_cardinalities(cardinalities)
+    return executor
+  return tff.framework.ResourceManagingExecutorFactory(stack_fn)
+
+
+def async_remote_context(stub):
+  """An asynchronous TFF context running computations on the worker behind ``stub``."""
+  from tensorflow_federated.python.core.impl.execution_contexts import async_execution_context
+  return async_execution_context.AsyncExecutionContext(
+      executor_fn=_executor_factory(stub), compiler_fn=_compile,
+      transform_args=tff.tensorflow.transform_args,
+      transform_result=tff.tensorflow.transform_result)
+
+
 def _compile(comp):
   """TFF's native compilation, after replacing secure-sum intrinsics by their simulation.
 
@@ -140,10 +164,8 @@ def local_worker_rss_mb() -> float:
 def restart_local_worker() -> None:
   """Replaces this process's local worker by a fresh one (same settings); the TFF
   computations need nothing else, since every value lives in the driver between calls."""
-  global _installed
   settings = dict(_local_settings)
-  stop_workers()
-  _installed = False
+  reset_local_context()
   install_local_context(**settings)
 
 
@@ -190,18 +212,13 @@ def install_local_context(max_concurrent_computation_calls: int = -1,
       raise RuntimeError(f"TFF worker_binary did not become ready in {ready_timeout_s} s")
     time.sleep(0.05)
 
-  def stack_fn(cardinalities):
+  def check_alive():
     if proc.poll() is not None:
       raise RuntimeError(f"TFF worker_binary (pid {proc.pid}) died with code {proc.returncode}"
                          + (f"; see {log_path}" if log_path else ""))
-    cardinalities = dict(cardinalities)
-    cardinalities.setdefault(tff.CLIENTS, 0)
-    executor = tff.framework.RemoteExecutor(stub)
-    executor.set_cardinalities(cardinalities)
-    return executor
 
   context = tff.framework.SyncExecutionContext(
-      executor_fn=tff.framework.ResourceManagingExecutorFactory(stack_fn),
+      executor_fn=_executor_factory(stub, check_alive),
       compiler_fn=_compile,
       transform_args=tff.tensorflow.transform_args,
       transform_result=tff.tensorflow.transform_result)
@@ -341,7 +358,6 @@ def install_remote_context(workers: str | list, ready_timeout_s: float = 30.0) -
   global _installed
   from tensorflow_federated.python.core.backends.native import mergeable_comp_compiler
   from tensorflow_federated.python.core.backends.test import compiler as test_compiler
-  from tensorflow_federated.python.core.impl.execution_contexts import async_execution_context
 
   pairs = parse_workers(workers) if isinstance(workers, str) else list(workers)
   addresses = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in pairs]
@@ -355,20 +371,8 @@ def install_remote_context(workers: str | list, ready_timeout_s: float = 30.0) -
       channel.close()
       raise WorkerError(f"no TFF worker answers at {address} within {ready_timeout_s:.0f} s; start "
                         f"one there with `python -m fedmask_tff.worker --port={address.rsplit(':', 1)[1]}`")
-    stub = _fail_fast_stub(tff.framework.RemoteExecutorGrpcStub(channel), address)
-
-    def stack_fn(cardinalities, stub=stub):
-      cardinalities = dict(cardinalities)
-      cardinalities.setdefault(tff.CLIENTS, 0)
-      executor = tff.framework.RemoteExecutor(stub)
-      executor.set_cardinalities(cardinalities)
-      return executor
-
-    contexts.append(async_execution_context.AsyncExecutionContext(
-        executor_fn=tff.framework.ResourceManagingExecutorFactory(stack_fn),
-        compiler_fn=_compile,
-        transform_args=tff.tensorflow.transform_args,
-        transform_result=tff.tensorflow.transform_result))
+    contexts.append(async_remote_context(
+        _fail_fast_stub(tff.framework.RemoteExecutorGrpcStub(channel), address)))
 
   def to_mergeable_form(comp):
     comp = test_compiler.replace_secure_intrinsics_with_bodies(comp)

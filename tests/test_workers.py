@@ -370,7 +370,7 @@ def test_ordered_context_keeps_client_order_when_the_first_subround_is_slowest()
   from tensorflow_federated.python.core.backends.native import mergeable_comp_compiler
   from tensorflow_federated.python.core.impl.context_stack import context_base
   from tensorflow_federated.python.core.impl.execution_contexts import (
-      async_execution_context, mergeable_comp_execution_context as mc)
+      mergeable_comp_execution_context as mc)
 
   from fedmask_tff import runtime
 
@@ -397,18 +397,7 @@ def test_ordered_context_keeps_client_order_when_the_first_subround_is_slowest()
         channel = grpc.insecure_channel(f"127.0.0.1:{port}", runtime._GRPC_OPTIONS)
         grpc.channel_ready_future(channel).result(timeout=60)
         stub = tff.framework.RemoteExecutorGrpcStub(channel)
-
-        def stack_fn(cardinalities, stub=stub):
-          cardinalities = dict(cardinalities)
-          cardinalities.setdefault(tff.CLIENTS, 0)
-          executor = tff.framework.RemoteExecutor(stub)
-          executor.set_cardinalities(cardinalities)
-          return executor
-
-        out.append(Delayed(async_execution_context.AsyncExecutionContext(
-            executor_fn=tff.framework.ResourceManagingExecutorFactory(stack_fn),
-            compiler_fn=runtime._compile, transform_args=tff.tensorflow.transform_args,
-            transform_result=tff.tensorflow.transform_result), delay=1.0 if i == 0 else 0.0))
+        out.append(Delayed(runtime.async_remote_context(stub), delay=1.0 if i == 0 else 0.0))
       return out
 
     @tff.tensorflow.computation(np.int32)
