@@ -14,6 +14,7 @@ import sys
 
 from absl import app, flags
 
+from fedmask_tff.vote_rules import RESTART_RULES
 from fedmask_tff.worker import WorkerError
 from fedmask_tff.runner import ALGORITHMS, DATASETS, MODELS, PARTITIONS, ConfigError, RunConfig, run
 
@@ -78,13 +79,28 @@ flags.DEFINE_integer("examples_per_client", _D.examples_per_client, "cifar10: ca
 flags.DEFINE_enum("mask_mode", _D.mask_mode, ["ste", "soft"], "Training forward mask: 'ste' (binary "
                   "forward, sigmoid' backward) or 'soft' (sigmoid(m_r) forward).")
 flags.DEFINE_float("score_init", _D.score_init, "Initial value of every mask score m_r.")
-flags.DEFINE_enum("score_restart", _D.score_restart, ["scaled_logit", "linear"], "How a client "
-                  "restarts m_r from an aggregated mask value.")
-flags.DEFINE_float("restart_scale", _D.restart_scale, "Scale of the restart rule.")
+flags.DEFINE_float("score_init_noise", _D.score_init_noise, "fedmask: add uniform noise in [-a, a] "
+                   "(seeded, the same for every client) to score_init: a random initial mask "
+                   "around the threshold instead of all ones.")
+flags.DEFINE_enum("score_restart", _D.score_restart, list(RESTART_RULES), "How the aggregated "
+                  "vote moves a client's scores m_r: scaled_logit/linear overwrite them; vote_shift, "
+                  "disagree_shift, disagree_restart keep them between rounds and move them "
+                  "(fedmask_tff.masking.apply_vote).")
+flags.DEFINE_float("restart_scale", _D.restart_scale, "Scale of the rule (restart scale or shift "
+                   "step; default: the rule's own, fedmask_tff.vote_rules).")
+flags.DEFINE_enum("upload", _D.upload, ["mask", "score_sign"], "fedmask: what the 1 bit per "
+                  "element says: 'mask' (the paper: the binary mask, averaged by the server) or "
+                  "'score_sign' (the server keeps real-valued global scores G; a client starts from G "
+                  "where it keeps the element and sends the direction its score moved; the server "
+                  "steps G by --server_score_step times the majority).")
+flags.DEFINE_float("server_score_step", _D.server_score_step, "fedmask, --upload=score_sign: the "
+                   "server's step on its global scores per round.")
 flags.DEFINE_enum("model", _D.model, list(MODELS), "Model architecture (default: the data set's: "
                   "cnn for images, vgg16 for cifar10, har_mlp for har, shakespeare_lstm for text).")
 flags.DEFINE_float("model_width", _D.model_width, "Width multiplier of the model's hidden layers.")
 flags.DEFINE_float("test_fraction", _D.test_fraction, "Share of each client's examples held out for its test.")
+flags.DEFINE_float("validation_fraction", _D.validation_fraction, "Share of each client's training "
+                   "examples held out and evaluated instead of its test data (for tuning; 0 = off).")
 flags.DEFINE_integer("seed", _D.seed, "Seed of W, the partition, sampling and shuffling.")
 flags.DEFINE_string("output_dir", _D.output_dir, "Where results.json, metrics.csv and client states go.")
 flags.DEFINE_integer("eval_every", _D.eval_every, "Also evaluate every N rounds (0: only at the end).")

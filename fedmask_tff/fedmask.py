@@ -47,6 +47,7 @@ from fedmask_tff import (bitpack, costs, evaluation, ldp, masking, payloads, pru
 from fedmask_tff.layers import mask_variables, masked_layers
 
 DOWNLINK_UNCHANGED = -1.0
+UPLOADS = ("mask", "score_sign")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +62,12 @@ class FedMaskConfig:
       are far larger than for weight training.
     prune_rate: fraction of elements one-shot pruning keeps, in (0, 1].
     prune_last_layers: how many of the last masked layers are pruned.
-    score_restart: ``"scaled_logit"`` or ``"linear"`` (see ``masking``).
-    restart_scale, restart_eps: parameters of the restart rule.
+    score_restart: how the vote moves a client's scores (``masking.apply_vote``):
+      ``"scaled_logit"`` or ``"linear"`` overwrite every averaged element's
+      score; ``"vote_shift"``, ``"disagree_shift"`` and ``"disagree_restart"``
+      keep the client's scores between rounds and only move them.
+    restart_scale, restart_eps: the rule's scale (restart scale, or shift step)
+      and logit clip.
     min_shared: clients that must keep an element for it to be averaged.
     group_lasso: weight λ of the paper's structured-sparsity term added to the
       client loss: ``λ * regularizers.structured_penalty(model, normalize=True)``
@@ -72,14 +77,29 @@ class FedMaskConfig:
       server learns only the sums; each client applies the rule itself.
     secure_bitwidth: bits of the secure sums (they count clients: 2^bits - 1
       must exceed the clients per round).
-    downlink_bits: 0 sends one float32 per kept element; ``b`` in [2, 16]
-      quantizes each to ``b`` bits (:mod:`fedmask_tff.quantization`: levels
+    downlink_bits: 0 sends one float32 per kept element; 1 sends the vote's
+      decision ``1[v >= tau]`` (the client's own bit where not averaged), as the
+      paper's "updated binary masks"; ``b`` in [2, 16] quantizes each to ``b`` bits (:mod:`fedmask_tff.quantization`: levels
       ``i / (2^b - 2)``, the top code means "keep yours").
     downlink_stochastic: stochastic (unbiased) instead of nearest rounding.
     ldp_epsilon: > 0 turns on randomized response on the uploaded mask bits
       (:mod:`fedmask_tff.ldp`; each bit kept with probability
       e^eps / (1 + e^eps)); the server debiases the sums. 0 = off. The
       client's own (personalized) mask is not randomized.
+    score_init_noise: > 0 adds uniform noise in [-a, a] (seeded by ``seed``, the
+      same for every client) to the layers' constant ``score_init``, so that the
+      initial mask is random around the threshold instead of all ones.
+    upload: what the 1 bit per element says. ``"mask"`` (the paper): the
+      client's binary mask ``1[sigmoid(m_r) >= tau] * keep``; the server averages
+      it and each client moves its scores by the vote (``score_restart``).
+      ``"score_sign"`` (beyond the paper; Algorithm 1 with a real-valued global
+      mask): the server holds global scores ``G`` (its m^T), a selected client
+      starts from ``G`` at the positions it keeps (line 11: m^T ⊙ m_k), trains,
+      and uploads ``1[m_r(after) > m_r(start)]``, the direction its evidence
+      moved; the server steps ``G += server_score_step * (2v - 1)`` where at
+      least ``min_shared`` clients keep the element (a majority-vote sign step).
+      The downlink is ``G`` at the client's kept positions (float32).
+    server_score_step: the server's step on ``G`` per round (``score_sign``).
     seed: the run's seed, from which per-client, per-round seeds of the
       stochastic rounding and randomized response are derived (together with
       the round and the client's pruning mask).
@@ -98,6 +118,9 @@ class FedMaskConfig:
   downlink_bits: int = 0
   downlink_stochastic: bool = False
   ldp_epsilon: float = 0.0
+  score_init_noise: float = 0.0
+  upload: str = "mask"
+  server_score_step: float = 0.03
   seed: int = 0
 
   def validate(self, num_masked_layers: int | None = None) -> "FedMaskConfig":
@@ -111,16 +134,27 @@ class FedMaskConfig:
     if num_masked_layers is not None and self.prune_last_layers > num_masked_layers:
       raise ValueError(f"prune_last_layers={self.prune_last_layers} but the model has only "
                        f"{num_masked_layers} masked layers")
-    masking.scores_from_mask_values(np.zeros(1), self.score_restart, self.restart_scale,
-                                    self.restart_eps)
+    masking.check_rule(self.score_restart, self.restart_scale, self.restart_eps)
     if not (math.isfinite(self.group_lasso) and self.group_lasso >= 0):
       raise ValueError(f"group_lasso must be a finite number >= 0, got {self.group_lasso}")
-    if int(self.downlink_bits) != 0:
+    if int(self.downlink_bits) == 1 and self.downlink_stochastic:
+      raise ValueError("downlink_stochastic applies to downlink_bits >= 2 (the 1-bit downlink "
+                       "sends the vote's decision)")
+    if int(self.downlink_bits) not in (0, 1):
       quantization.check_bits(self.downlink_bits)
     if self.ldp_epsilon != 0:
       ldp.check_epsilon(self.ldp_epsilon)
     if not 2 <= int(self.secure_bitwidth) <= 31:
       raise ValueError(f"secure_bitwidth must be in [2, 31], got {self.secure_bitwidth}")
+    if not (math.isfinite(self.score_init_noise) and self.score_init_noise >= 0):
+      raise ValueError(f"score_init_noise must be a finite number >= 0, got {self.score_init_noise}")
+    if self.upload not in UPLOADS:
+      raise ValueError(f"upload must be one of {UPLOADS}, got {self.upload!r}")
+    if not (math.isfinite(self.server_score_step) and self.server_score_step > 0):
+      raise ValueError(f"server_score_step must be a finite number > 0, got {self.server_score_step}")
+    if self.upload == "score_sign" and int(self.downlink_bits) != 0:
+      raise ValueError("upload='score_sign' sends the server's real-valued scores down as float32; "
+                       "downlink_bits applies to upload='mask'")
     if int(self.min_shared) < 1:
       raise ValueError(f"min_shared must be >= 1, got {self.min_shared}")
     return self
@@ -191,7 +225,17 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     raise ValueError("the FLOP counter does not see the model's masked weights one to one: "
                      f"{[w.name for w in weight_costs]} vs {[s.name for s in specs]}")
   del probe
+  initial_scores = []
+  noise_rng = np.random.default_rng([int(config.seed), 4099])
+  for s, v in zip(specs, score_init):
+    scores = np.full(s.shape, v, np.float32)
+    if config.score_init_noise > 0:
+      scores += noise_rng.uniform(-config.score_init_noise, config.score_init_noise,
+                                  s.shape).astype(np.float32)
+    initial_scores.append(scores)
+
   lr = float(config.learning_rate)
+  global_scores = config.upload == "score_sign"
 
   scores_type = tuple(tff.TensorType(np.float32, s.shape) for s in specs)
   state_type = tff.types.to_type(collections.OrderedDict(
@@ -297,10 +341,13 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     new_state = collections.OrderedDict(scores=scores, keep=keeps, personal=masks,
                                         rounds=state["rounds"] + tf.where(diverged, 0, 1))
     sent = masks
+    if global_scores:  # The direction the client's evidence moved from the server's scores.
+      sent = tuple(tf.cast(new > old, tf.float32) * k
+                   for new, old, k in zip(scores, state["scores"], keeps))
     if config.ldp_epsilon > 0:  # Randomized response on what leaves the device, not on `personal`.
       seed = client_seed(new_state["keep"], state["rounds"], 1)
       sent = tuple(ldp.randomized_response_tf(m, config.ldp_epsilon, seed + j) * k
-                   for j, (m, k) in enumerate(zip(masks, keeps)))
+                   for j, (m, k) in enumerate(zip(sent, keeps)))
     upload = encode_upload_fn(sent, new_state["keep"], pruned_now)
     upload = collections.OrderedDict(
         mask=tuple(tf.cond(diverged, lambda: tf.zeros([0], tf.uint8), lambda m=m: m)
@@ -382,7 +429,16 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
       mean = tf.clip_by_value(tf.math.divide_no_nan(total, count), 0.0, 1.0)
       message = tf.boolean_mask(tf.reshape(tf.where(shared, mean, DOWNLINK_UNCHANGED), [-1]),
                                 tf.reshape(keep > 0, [-1]))  # float32, one per kept element
-      if config.downlink_bits:
+      if config.downlink_bits == 1:
+        # The paper's binary downlink: the vote's decision 1[v >= tau] where averaged, the
+        # client's own bit elsewhere; 1 bit per kept element.
+        own = tf.boolean_mask(tf.reshape(masking.binary_mask(state["scores"][i], thresholds[i]), [-1]),
+                              tf.reshape(keep > 0, [-1]))
+        decision = tf.where(message >= 0.0, tf.cast(message >= thresholds[i], tf.float32), own)
+        packed = bitpack.pack_bits_tf(decision)
+        bits.append(tf.size(packed) * 8)
+        message = bitpack.unpack_bits_tf(packed, tf.size(decision))
+      elif config.downlink_bits:
         packed, _ = quantization.quantize_tf(
             message, config.downlink_bits, config.downlink_stochastic,
             client_seed(state["keep"], state["rounds"], 100 + i))
@@ -390,15 +446,13 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
         message = quantization.dequantize_tf(packed, tf.size(message), config.downlink_bits)
       else:
         bits.append(tf.size(message) * 32)
-      # Client: scatter the message back to its kept positions and restart.
+      # Client: scatter the message back to its kept positions and move its scores by it.
       positions = tf.where(tf.reshape(keep > 0, [-1]))
       received = tf.reshape(tf.scatter_nd(positions, message, [tf.size(keep, tf.int64)])
                             + tf.where(tf.reshape(keep > 0, [-1]), 0.0, DOWNLINK_UNCHANGED),
                             keep.shape)
-      restarted = masking.scores_from_mask_values(
-          tf.clip_by_value(received, 0.0, 1.0), config.score_restart, config.restart_scale,
-          config.restart_eps, thresholds[i])
-      new_scores.append(tf.where(received >= 0.0, restarted, state["scores"][i]))
+      new_scores.append(masking.apply_vote(state["scores"][i], received, config.score_restart,
+                                           config.restart_scale, config.restart_eps, thresholds[i]))
     new_state = collections.OrderedDict(scores=tuple(new_scores), keep=state["keep"],
                                         personal=state["personal"], rounds=state["rounds"])
     return new_state, tf.cast(tf.add_n(bits), tf.int64)
@@ -434,11 +488,54 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
   def increment(r):
     return r + 1
 
-  server_state_type = tff.FederatedType(tff.TensorType(np.int32), tff.SERVER)
+  # score_sign: the server's state is its real-valued global scores G and the round counter.
+  global_state_type = tff.types.to_type(collections.OrderedDict(
+      round=tff.TensorType(np.int32), scores=scores_type))
 
-  @tff.federated_computation()
-  def initialize_fn():
-    return tff.federated_value(np.int32(0), tff.SERVER)
+  @tff.tensorflow.computation
+  def initial_global_state():
+    scores = tuple(tf.constant(x) if config.score_init_noise > 0 else tf.fill(x.shape, x.flat[0])
+                   for x in initial_scores)
+    return collections.OrderedDict(round=tf.constant(0, tf.int32), scores=scores)
+
+  @tff.tensorflow.computation(scores_type, state_type)
+  def start_from_global(global_scores, state):
+    """A selected client starts from the server's scores where it keeps the element."""
+    scores = tuple(tf.where(k > 0, g, s) for g, s, k in zip(global_scores, state["scores"], state["keep"]))
+    return collections.OrderedDict(scores=scores, keep=state["keep"], personal=state["personal"],
+                                   rounds=state["rounds"])
+
+  @tff.tensorflow.computation(global_state_type, sums_type)
+  def global_step(server, sums):
+    """``G += step * (2v - 1)`` where at least ``min_shared`` clients keep the element."""
+    new = []
+    for g, total, count in zip(server["scores"], sums["total"], sums["count"]):
+      if config.ldp_epsilon > 0:
+        total = ldp.debias_sum_tf(total, count, config.ldp_epsilon)
+      vote = tf.clip_by_value(tf.math.divide_no_nan(total, count), 0.0, 1.0)
+      new.append(g + tf.where(count >= config.min_shared,
+                              config.server_score_step * (2.0 * vote - 1.0), 0.0))
+    return collections.OrderedDict(round=server["round"] + 1, scores=tuple(new))
+
+  @tff.tensorflow.computation(state_type, client_update.type_signature.result[2])
+  def global_downlink_bits(state, metrics):
+    """float32 G at the positions the client kept when it started (all before its pruning)."""
+    full = sum(s.size for s in specs)
+    kept = tf.cast(tf.add_n([tf.reduce_sum(k) for k in state["keep"]]), tf.int64)
+    return 32 * tf.where(metrics["pruned"] > 0, tf.constant(full, tf.int64), kept)
+
+  if global_scores:
+    server_state_type = tff.FederatedType(global_state_type, tff.SERVER)
+
+    @tff.federated_computation()
+    def initialize_fn():
+      return tff.federated_eval(initial_global_state, tff.SERVER)
+  else:
+    server_state_type = tff.FederatedType(tff.TensorType(np.int32), tff.SERVER)
+
+    @tff.federated_computation()
+    def initialize_fn():
+      return tff.federated_value(np.int32(0), tff.SERVER)
 
   clients_state_type = tff.FederatedType(state_type, tff.CLIENTS)
 
@@ -449,28 +546,38 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
   @tff.federated_computation(server_state_type, tff.FederatedType(data_type, tff.CLIENTS),
                              clients_state_type)
   def client_work_fn(server_state, client_data, client_states):
-    del server_state  # The server state is only the round counter.
+    if global_scores:
+      client_states = tff.federated_map(
+          start_from_global, (tff.federated_broadcast(server_state.scores), client_states))
     trained, upload, metrics = tff.federated_map(client_update, (client_data, client_states))
     return trained, upload, metrics
+
+  def summed(decoded):
+    if not config.secure_aggregation:
+      return tff.federated_sum(decoded)
+    counts = tff.federated_map(sums_to_int, decoded)
+    secure = tff.federated_secure_sum_bitwidth(
+        counts, collections.OrderedDict(total=tuple(config.secure_bitwidth for _ in specs),
+                                        count=tuple(config.secure_bitwidth for _ in specs)))
+    return tff.federated_map(sums_to_float, secure)
 
   @tff.federated_computation(server_state_type, clients_state_type,
                              tff.FederatedType(upload_type, tff.CLIENTS),
                              tff.FederatedType(client_update.type_signature.result[2], tff.CLIENTS))
   def aggregate_fn(server_state, trained, upload, metrics):
     decoded, valid = tff.federated_map(decode_upload, (upload, trained.keep))
-    if config.secure_aggregation:
-      counts = tff.federated_map(sums_to_int, decoded)
-      secure = tff.federated_secure_sum_bitwidth(
-          counts, collections.OrderedDict(total=tuple(config.secure_bitwidth for _ in specs),
-                                          count=tuple(config.secure_bitwidth for _ in specs)))
-      sums = tff.federated_map(sums_to_float, secure)
+    sums = summed(decoded)
+    if global_scores:
+      new_server = tff.federated_map(global_step, (server_state, sums))
+      new_states = trained
+      downlink_bits = tff.federated_map(global_downlink_bits, (trained, metrics))
     else:
-      sums = tff.federated_sum(decoded)
-    new_states, downlink_bits = tff.federated_map(
-        download_and_apply, (tff.federated_broadcast(sums), trained))
+      new_server = tff.federated_map(increment, server_state)
+      new_states, downlink_bits = tff.federated_map(
+          download_and_apply, (tff.federated_broadcast(sums), trained))
     client_metrics = tff.federated_zip(collections.OrderedDict(
         train=metrics, downlink_bits=downlink_bits, upload_valid=valid))
-    return tff.federated_map(increment, server_state), new_states, client_metrics
+    return new_server, new_states, client_metrics
 
   @tff.federated_computation(server_state_type, tff.FederatedType(data_type, tff.CLIENTS),
                              clients_state_type)
@@ -497,10 +604,9 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
 
   def initial_client_state():
     return collections.OrderedDict(
-        scores=tuple(np.full(s.shape, v, np.float32) for s, v in zip(specs, score_init)),
+        scores=tuple(x.copy() for x in initial_scores),
         keep=tuple(np.ones(s.shape, np.float32) for s in specs),
-        personal=tuple(np.full(s.shape, float(1 / (1 + math.exp(-v)) >= t), np.float32)
-                       for s, v, t in zip(specs, score_init, thresholds)),
+        personal=tuple((x >= lt).astype(np.float32) for x, lt in zip(initial_scores, logit_thresholds)),
         rounds=np.int32(0))
 
   process.initial_client_state = initial_client_state
@@ -511,4 +617,13 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
                  for sc, k, lt in zip(state["scores"], state["keep"], logit_thresholds))
 
   process.received_masks = received_masks
+  process.global_scores = global_scores
+
+  def global_masks(server_state, state):
+    """score_sign: the binary mask of the server's scores at the client's kept positions (numpy):
+    the model a client starts its next round from, before local training."""
+    return tuple(((np.asarray(g) >= lt) * np.asarray(k)).astype(np.float32)
+                 for g, k, lt in zip(server_state["scores"], state["keep"], logit_thresholds))
+
+  process.global_masks = global_masks
   return process

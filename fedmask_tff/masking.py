@@ -75,14 +75,23 @@ def training_mask(scores: tf.Tensor, mode: str, threshold: float = DEFAULT_THRES
   raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mode!r}")
 
 
-# --- Restarting scores from an aggregated (fractional) mask value -------------
+# --- Moving a client's scores by the aggregated vote ------------------------------
 
-RESTART_RULES = ("scaled_logit", "linear")
+from fedmask_tff.vote_rules import OVERWRITE_RULES, PERSISTENT_RULES, RESTART_RULES  # noqa: E402
+
+
+def check_rule(rule: str, scale: float = 0.1, eps: float = 0.01) -> None:
+  if rule not in RESTART_RULES:
+    raise ValueError(f"score restart rule must be one of {RESTART_RULES}, got {rule!r}")
+  if not (scale > 0 and math.isfinite(scale)):
+    raise ValueError(f"restart scale must be a finite number > 0, got {scale}")
+  if not 0 < eps < 0.5:
+    raise ValueError(f"restart eps must be in (0, 0.5), got {eps}")
 
 
 def scores_from_mask_values(values, rule: str = "scaled_logit", scale: float = 0.1,
                             eps: float = 0.01, threshold: float = DEFAULT_THRESHOLD):
-  """Maps aggregated mask values ``v`` in [0, 1] to restart scores ``m_r``.
+  """Maps aggregated mask values ``v`` in [0, 1] to restart scores ``m_r`` (overwrite rules).
 
   The paper leaves open how ``m_r`` is set from a fractional value. Both rules
   keep the decision of the average: ``v >= threshold`` gives ``m = 1``, and both
@@ -90,24 +99,69 @@ def scores_from_mask_values(values, rule: str = "scaled_logit", scale: float = 0
   flip them (scores far from it barely move: their gradient carries
   ``sigmoid'(m_r)``).
 
-  * ``"scaled_logit"`` (default): ``m_r = logit(tau) + scale * (logit(clip(v, eps, 1 - eps)) - logit(tau))``.
+  * ``"scaled_logit"``: ``m_r = logit(tau) + scale * (logit(clip(v, eps, 1 - eps)) - logit(tau))``.
     With tau = 0.5, ``scale = 0.1`` and ``eps = 0.01``, a unanimous 1 restarts
-    at ``m_r = 0.46`` (sigmoid 0.61), a 3-of-4 vote at ``0.11``.
+    at ``m_r = 0.46`` (sigmoid 0.61), a 3-of-4 vote at ``0.11``. ``scale = 1``
+    restarts at the vote's own logit (the probability reading of FedPM).
   * ``"linear"``: ``m_r = logit(tau) + scale * 4 * (v - tau)``: proportional to
     the vote margin (4 = 1/sigmoid'(0) makes the two rules agree near tau).
 
-  Works on numpy arrays or tensors; returns the same kind.
+  The persistent rules (:func:`apply_vote`) use ``scaled_logit`` where they
+  restart. Works on numpy arrays or tensors; returns the same kind.
   """
   if rule not in RESTART_RULES:
     raise ValueError(f"score restart rule must be one of {RESTART_RULES}, got {rule!r}")
-  if not scale > 0:
-    raise ValueError(f"restart scale must be > 0, got {scale}")
-  if not 0 < eps < 0.5:
-    raise ValueError(f"restart eps must be in (0, 0.5), got {eps}")
+  check_rule(rule, scale, eps)
   lib = tf.math if isinstance(values, (tf.Tensor, tf.Variable)) else np
   t0 = math.log(threshold / (1.0 - threshold))
-  if rule == "scaled_logit":
-    v = lib.minimum(lib.maximum(values, eps), 1.0 - eps)
-    logit = lib.log(v) - lib.log(1.0 - v)
-    return t0 + scale * (logit - t0)
-  return t0 + scale * 4.0 * (values - threshold)
+  if rule == "linear":
+    return t0 + scale * 4.0 * (values - threshold)
+  v = lib.minimum(lib.maximum(values, eps), 1.0 - eps)
+  logit = lib.log(v) - lib.log(1.0 - v)
+  return t0 + scale * (logit - t0)
+
+
+def apply_vote(scores, received, rule: str = "scaled_logit", scale: float = 0.1,
+               eps: float = 0.01, threshold: float = DEFAULT_THRESHOLD):
+  """A client's new scores from its scores and the vote it received.
+
+  Args:
+    scores: the client's real-valued scores ``m_r`` after its local training, any shape.
+    received: same shape: the per-element vote ``v`` in [0, 1] (the share of
+      the clients keeping the element whose binary mask is 1) where the element
+      was averaged, and any negative value where it was not ("keep yours").
+    rule: one of :data:`RESTART_RULES`:
+
+      * ``"scaled_logit"``, ``"linear"`` (overwrite): every averaged element
+        restarts from :func:`scores_from_mask_values` of ``v``.
+      * ``"vote_shift"`` (persistent): ``m_r + scale * (2v - 1)``: every
+        averaged element moves toward the vote's side by at most ``scale``; a
+        vote equal to the client's own bit still moves it (it reinforces).
+      * ``"disagree_shift"`` (persistent): ``m_r + scale * (2v - 1)`` only where
+        the vote's decision ``1[v >= tau]`` differs from the client's own bit
+        ``1[sigmoid(m_r) >= tau]``; elsewhere the scores are unchanged.
+      * ``"disagree_restart"`` (persistent): where the decisions differ, restart
+        from ``scaled_logit`` of ``v`` with ``scale`` (so the element takes the
+        vote's decision near the threshold); elsewhere unchanged.
+
+    scale, eps, threshold: the rule's step, the logit clip and tau.
+
+  Returns the new scores (numpy or tensor, like ``scores``). Elements not
+  averaged always keep the client's scores.
+  """
+  check_rule(rule, scale, eps)
+  is_tf = isinstance(scores, (tf.Tensor, tf.Variable)) or isinstance(received, (tf.Tensor, tf.Variable))
+  where = tf.where if is_tf else np.where
+  averaged = received >= 0.0
+  v = tf.clip_by_value(received, 0.0, 1.0) if is_tf else np.clip(received, 0.0, 1.0)
+  if rule in OVERWRITE_RULES:
+    return where(averaged, scores_from_mask_values(v, rule, scale, eps, threshold), scores)
+  t0 = math.log(threshold / (1.0 - threshold))
+  own = scores >= t0
+  disagree = (v >= threshold) != own if not is_tf else tf.not_equal(v >= threshold, own)
+  if rule == "vote_shift":
+    return where(averaged, scores + scale * (2.0 * v - 1.0), scores)
+  moved = averaged & disagree if not is_tf else tf.logical_and(averaged, disagree)
+  if rule == "disagree_shift":
+    return where(moved, scores + scale * (2.0 * v - 1.0), scores)
+  return where(moved, scores_from_mask_values(v, "scaled_logit", scale, eps, threshold), scores)

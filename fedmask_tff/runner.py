@@ -24,7 +24,7 @@ class ConfigError(ValueError):
   """An impossible or inconsistent run configuration (reported before training)."""
 
 
-ALGORITHMS = ("fedmask", "standalone", "fedavg", "topk", "bnn_fedavg", "per_fedavg", "lg_fedavg")
+ALGORITHMS = ("fedmask", "local_masks", "standalone", "fedavg", "topk", "bnn_fedavg", "per_fedavg", "lg_fedavg")
 from fedmask_tff.data.registry import DATASETS  # noqa: E402  (no TensorFlow import)
 PARTITIONS = ("pathological", "dirichlet")
 MODELS = ("cnn", "mlp", "vgg16", "har_mlp", "shakespeare_lstm")
@@ -51,11 +51,15 @@ class RunConfig:
   prune_last_layers: Optional[int] = None  # None: the model's (paper: VGG-16 8, others 2)
   mask_mode: str = "ste"
   score_init: float = 0.05
+  score_init_noise: float = 0.0  # fedmask: uniform noise in [-a, a] around score_init
+  upload: str = "mask"  # fedmask: what the 1 bit per element says ("mask" or "score_sign")
+  server_score_step: float = 0.03  # fedmask, upload=score_sign: the server's step on its scores
   score_restart: str = "scaled_logit"
-  restart_scale: float = 0.1
+  restart_scale: Optional[float] = None  # None: the rule's default (masking.DEFAULT_RULE_SCALE)
   model: Optional[str] = None  # None: the data set's model (fashion_mnist: cnn; har: har_mlp; ...)
   model_width: float = 1.0
   test_fraction: float = 0.2
+  validation_fraction: float = 0.0  # > 0: evaluate on this share of each client's train data
   seed: int = 0
   partition_file: Optional[str] = None
   server_learning_rate: float = 1.0
@@ -107,10 +111,10 @@ class RunConfig:
          f"--{', --'.join(fedmask_only)} apply to --algorithm=fedmask only")
     need(self.uplink_coding in ("none", "entropy"),
          f"--uplink_coding must be 'none' or 'entropy', got {self.uplink_coding!r}")
-    need(self.downlink_bits == 0 or 2 <= self.downlink_bits <= 16,
-         f"--downlink_bits must be 0 (float32) or in [2, 16], got {self.downlink_bits}")
-    need(not self.downlink_stochastic or self.downlink_bits,
-         "--downlink_stochastic needs --downlink_bits")
+    need(0 <= self.downlink_bits <= 16,
+         f"--downlink_bits must be 0 (float32), 1 (the vote's decision) or in [2, 16], got {self.downlink_bits}")
+    need(not self.downlink_stochastic or self.downlink_bits >= 2,
+         "--downlink_stochastic needs --downlink_bits >= 2")
     need(self.ldp_epsilon is None or (self.ldp_epsilon > 0 and not math.isnan(self.ldp_epsilon)),
          f"--ldp_epsilon must be > 0 (leave it unset for no LDP), got {self.ldp_epsilon}")
     need(not (self.uplink_coding == "entropy" and self.ldp_epsilon is not None),
@@ -147,15 +151,29 @@ class RunConfig:
          f"--prune_last_layers must be >= 0, got {self.prune_last_layers}")
     need(self.mask_mode in ("ste", "soft"), f"--mask_mode must be 'ste' or 'soft', got {self.mask_mode!r}")
     need(math.isfinite(self.score_init), f"--score_init must be finite, got {self.score_init}")
-    need(self.score_restart in ("scaled_logit", "linear"),
-         f"--score_restart must be 'scaled_logit' or 'linear', got {self.score_restart!r}")
-    need(math.isfinite(self.restart_scale) and self.restart_scale > 0,
-         f"--restart_scale must be > 0, got {self.restart_scale}")
+    need(self.upload in ("mask", "score_sign"),
+         f"--upload must be 'mask' or 'score_sign', got {self.upload!r}")
+    need(math.isfinite(self.server_score_step) and self.server_score_step > 0,
+         f"--server_score_step must be a finite number > 0, got {self.server_score_step}")
+    need(not (self.upload == "score_sign" and self.downlink_bits),
+         "--downlink_bits quantizes the vote of --upload=mask; with --upload=score_sign the "
+         "server's scores go down as float32")
+    need(not (self.upload == "score_sign" and self.uplink_coding != "none"),
+         "--uplink_coding=entropy codes masks; --upload=score_sign sends directions: use one")
+    need(math.isfinite(self.score_init_noise) and self.score_init_noise >= 0,
+         f"--score_init_noise must be a finite number >= 0, got {self.score_init_noise}")
+    from fedmask_tff.vote_rules import RESTART_RULES
+    need(self.score_restart in RESTART_RULES,
+         f"--score_restart must be one of {RESTART_RULES}, got {self.score_restart!r}")
+    need(self.restart_scale is None or (math.isfinite(self.restart_scale) and self.restart_scale > 0),
+         f"--restart_scale must be a finite number > 0, got {self.restart_scale}")
     need(self.partition != "pathological" or self.classes_per_client >= 1,
          f"--classes_per_client must be >= 1, got {self.classes_per_client}")
     need(self.partition != "dirichlet" or (math.isfinite(self.dirichlet_alpha) and self.dirichlet_alpha > 0),
          f"--dirichlet_alpha must be a finite number > 0, got {self.dirichlet_alpha}")
     need(0.0 < self.test_fraction < 1.0, f"--test_fraction must be in (0, 1), got {self.test_fraction}")
+    need(0.0 <= self.validation_fraction < 1.0 and not math.isnan(self.validation_fraction),
+         f"--validation_fraction must be in [0, 1), got {self.validation_fraction}")
     need(math.isfinite(self.model_width) and self.model_width > 0,
          f"--model_width must be > 0, got {self.model_width}")
     need(self.eval_every >= 0, f"--eval_every must be >= 0, got {self.eval_every}")
@@ -319,6 +337,12 @@ def _run(config: RunConfig) -> dict[str, Any]:
   partition_path = os.path.join(config.output_dir, "partition.json")
   reuse = resuming and config.dataset in POOLED_DATASETS
   split = load_split(dataclasses.replace(config, partition_file=partition_path) if reuse else config)
+  partition_split = split  # partition.json records the clients' real train/test split
+  if config.validation_fraction > 0:
+    from fedmask_tff.data.validation import holdout_validation
+    split = holdout_validation(split, config.validation_fraction, config.seed)
+    _log(f"[fedmask_tff] --validation_fraction={config.validation_fraction:g}: training on the rest of "
+         "each client's training examples and evaluating on the held-out share; test data unused")
   unseen = _unseen_clients(split.client_ids, config.unseen_clients, config.seed)
   training_ids = [c for c in split.client_ids if c not in unseen]
   if config.clients_per_round > len(training_ids):
@@ -342,9 +366,9 @@ def _run(config: RunConfig) -> dict[str, Any]:
         os.remove(target)
 
   os.makedirs(config.output_dir, exist_ok=True)
-  source, n_source = _source_description(config.dataset, split)
+  source, n_source = _source_description(config.dataset, partition_split)
   if not resuming:
-    partition_file_lib.save_partition(partition_path, split, config.dataset, source, n_source)
+    partition_file_lib.save_partition(partition_path, partition_split, config.dataset, source, n_source)
   if config.workers:
     try:
       addresses = runtime.install_remote_context(config.workers)
@@ -383,7 +407,7 @@ def _run(config: RunConfig) -> dict[str, Any]:
   cfg.update(model_used=model_name, prune_last_layers_used=prune_last, learning_rate_used=learning_rate, algorithm_settings=algorithm.settings,
              algorithm_description=algorithm.description, model_parameters=num_params,
              partition_file_written=partition_path, data=summary)
-  if config.algorithm == "fedmask":  # Kept at the top level, where earlier results had them.
+  if config.algorithm in ("fedmask", "local_masks"):  # Kept at the top level, where earlier results had them.
     cfg.update({k: algorithm.settings[k] for k in
                 ("mask_mode_used", "masked_parameters", "pruned_parameters", "masks")})
   checkpoint_path = os.path.join(config.output_dir, "checkpoint.npz")
@@ -556,6 +580,7 @@ def _run(config: RunConfig) -> dict[str, Any]:
   _log("[fedmask_tff] evaluating every client that took part on its own test data ...")
   evaluated = evaluate(server_state, sorted(participated), extra=True)
   final = summarize(evaluated["personal"])
+  final["evaluated_on"] = "validation" if config.validation_fraction > 0 else "test"
   final["model"] = algorithm.description
   for kind, per_client in evaluated.items():
     if kind != "personal":
@@ -645,13 +670,15 @@ def _print_summary(results, dense_bits, num_params):
   final, totals, cfg = results["final"], results["totals"], results["config"]
   up, down = totals["uplink_bits_per_client_round"], totals["downlink_bits_per_client_round"]
   q = np.percentile(list(final["accuracy_per_client"].values()) or [float("nan")], [0, 10, 50, 100])
-  mode = f", mask_mode={cfg['mask_mode']}" if results["algorithm"] == "fedmask" else ""
+  mode = (f", mask_mode={cfg['mask_mode']}" if results["algorithm"] in ("fedmask", "local_masks")
+          else "")
   lines = [
       "",
       f"{results['algorithm']} on {results['dataset']} ({_partition_words(cfg)}, "
       f"{cfg['data']['num_clients']} clients, {totals['rounds']} rounds{mode})",
-      f"  personalized test accuracy: {final['accuracy']:.4f} (example-weighted over "
-      f"{final['evaluated_clients']} clients, {final['test_examples']} test examples); "
+      f"  personalized {final.get('evaluated_on', 'test')} accuracy: {final['accuracy']:.4f} "
+      f"(example-weighted over {final['evaluated_clients']} clients, {final['test_examples']} "
+      f"{final.get('evaluated_on', 'test')} examples); "
       f"client mean {final['accuracy_client_mean']:.4f}",
       f"  per-client accuracy: min {q[0]:.3f}, 10th percentile {q[1]:.3f}, median {q[2]:.3f}, max {q[3]:.3f}",
   ]

@@ -219,3 +219,35 @@ def test_unseen_clients_join_late_and_are_reported_apart(data_dir, tmp_path, alg
   assert set(results["final"]["accuracy_unseen_per_client"]) == set(unseen)
   assert 0.0 <= results["final"]["accuracy_unseen"] <= 1.0
   assert not set(results["final"]["accuracy_per_client"]) & set(unseen)
+
+
+def test_local_masks_and_validation_split_end_to_end(data_dir, tmp_path):
+  """--algorithm=local_masks sends nothing; --validation_fraction evaluates on examples held out
+  of each client's training set (never its test examples) and says so."""
+  out = str(tmp_path / "local")
+  proc, _ = run_cli([f"--data_dir={data_dir}", f"--output_dir={out}", "--algorithm=local_masks",
+                     "--model=mlp", "--model_width=0.25", "--num_clients=6", "--clients_per_round=3",
+                     "--rounds=2", "--local_epochs=1", "--batch_size=16", "--progress=false",
+                     "--validation_fraction=0.25"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(out, "results.json")) as f:
+    r = json.load(f)
+  assert r["algorithm"] == "local_masks" and r["final"]["evaluated_on"] == "validation"
+  assert all(row["uplink_bits"] == 0 and row["downlink_bits"] == 0 for row in r["rounds"])
+  assert "personalized validation accuracy" in proc.stdout
+  with open(os.path.join(out, "partition.json")) as f:
+    part = json.load(f)["clients"]
+  # Validation examples come from the training examples: the client's test examples are unused.
+  for cid in r["final"]["accuracy_per_client"]:
+    n_train, n_test = len(part[cid]["train"]), len(part[cid]["test"])
+    held = r["config"]["data"]["total_test_examples"]
+    assert n_test > 0 and n_train > 0 and held > 0
+  total_train = sum(len(c["train"]) for c in part.values())
+  assert r["config"]["data"]["total_train_examples"] + r["config"]["data"]["total_test_examples"] \
+      == total_train
+
+
+def test_bad_validation_fraction_fails_before_training(data_dir, tmp_path):
+  proc, _ = run_cli([f"--data_dir={data_dir}", f"--output_dir={tmp_path}/v",
+                     "--validation_fraction=1.5"])
+  assert proc.returncode == 2 and "--validation_fraction" in proc.stderr

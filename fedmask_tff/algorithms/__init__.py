@@ -7,13 +7,13 @@ algorithm lives in its own short module with a ``build_<name>`` function.
 
 from __future__ import annotations
 
-ALGORITHMS = ("fedmask", "standalone", "fedavg", "topk", "bnn_fedavg", "per_fedavg", "lg_fedavg")
+ALGORITHMS = ("fedmask", "local_masks", "standalone", "fedavg", "topk", "bnn_fedavg", "per_fedavg", "lg_fedavg")
 
 
 def default_learning_rate(name: str) -> float:
   """The documented default local learning rate of ``name`` (see each module)."""
   import importlib
-  if name == "fedmask":
+  if name in ("fedmask", "local_masks"):
     return 30.0
   module = importlib.import_module(f"fedmask_tff.algorithms.{name}")
   return float(module.DEFAULT_LEARNING_RATE)
@@ -21,17 +21,22 @@ def default_learning_rate(name: str) -> float:
 
 def build_algorithm(name: str, context, config):
   """Builds algorithm ``name``; ``config`` is the runner's RunConfig (its algorithm flags are read)."""
-  if name == "fedmask":
+  if name in ("fedmask", "local_masks"):
     from fedmask_tff import fedmask as fedmask_process
-    from fedmask_tff.algorithms.fedmask import build_fedmask
-    return build_fedmask(context, fedmask_process.FedMaskConfig(
+    from fedmask_tff import vote_rules
+    from fedmask_tff.algorithms.fedmask import build_fedmask, build_local_masks
+    fedmask_config = fedmask_process.FedMaskConfig(
         local_epochs=config.local_epochs, learning_rate=context.learning_rate,
         prune_rate=config.prune_rate, prune_last_layers=config.prune_last_layers,
-        score_restart=config.score_restart, restart_scale=config.restart_scale,
+        score_restart=config.score_restart,
+        restart_scale=vote_rules.rule_scale(config.score_restart, config.restart_scale),
         group_lasso=config.group_lasso, secure_aggregation=config.secure_aggregation,
         downlink_bits=config.downlink_bits, downlink_stochastic=config.downlink_stochastic,
-        ldp_epsilon=config.ldp_epsilon or 0.0, seed=config.seed),
-        uplink_coding=config.uplink_coding)
+        ldp_epsilon=config.ldp_epsilon or 0.0, score_init_noise=config.score_init_noise,
+        upload=config.upload, server_score_step=config.server_score_step, seed=config.seed)
+    if name == "local_masks":
+      return build_local_masks(context, fedmask_config)
+    return build_fedmask(context, fedmask_config, uplink_coding=config.uplink_coding)
   if name == "standalone":
     from fedmask_tff.algorithms.standalone import build_standalone
     return build_standalone(context, learning_rate=context.learning_rate)

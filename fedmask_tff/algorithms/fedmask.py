@@ -36,6 +36,9 @@ class FedMask(FederatedAlgorithm):
                                 for s in self.specs])
     if uplink_coding not in ("none", "entropy"):
       raise ValueError(f"uplink_coding must be 'none' or 'entropy', got {uplink_coding!r}")
+    if uplink_coding == "entropy" and config.upload != "mask":
+      raise ValueError("uplink_coding='entropy' codes the uploaded mask against the previous one; "
+                       "upload='score_sign' sends directions, not masks: use one")
     if uplink_coding == "entropy" and config.ldp_epsilon > 0:
       raise ValueError("uplink_coding='entropy' codes a mask against the client's previous upload, "
                        "which randomized response (ldp_epsilon) hides from the server; use one")
@@ -55,9 +58,12 @@ class FedMask(FederatedAlgorithm):
   def late_joiner_states(self, server_state, store, count):
     """The server's view for a newcomer: per element, the mean of the personal masks of every
     client that keeps it (clients with a stored state); the newcomer restarts its scores from
-    it with the run's restart rule, keeps everything, and prunes at its first round."""
+    it with the run's rule (``masking.apply_vote``), keeps everything, and prunes at its first round."""
     import numpy as np
     from fedmask_tff import masking
+    if self.process.global_scores:  # A newcomer starts from the server's scores, like anyone.
+      init = self.process.initial_client_state()
+      return [type(init)(init) for _ in range(count)]
     totals = [np.zeros(s.shape, np.float64) for s in self.specs]
     counts = [np.zeros(s.shape, np.float64) for s in self.specs]
     for cid in store.client_ids():
@@ -69,10 +75,10 @@ class FedMask(FederatedAlgorithm):
     scores = []
     init = self.process.initial_client_state()
     for i, (t, c) in enumerate(zip(totals, counts)):
-      mean = np.where(c > 0, t / np.maximum(c, 1), 0.5)
-      restarted = masking.scores_from_mask_values(
-          np.clip(mean, 0.0, 1.0), config.score_restart, config.restart_scale, config.restart_eps)
-      scores.append(np.where(c > 0, restarted, init["scores"][i]).astype(np.float32))
+      received = np.where(c > 0, t / np.maximum(c, 1), -1.0)
+      scores.append(np.asarray(masking.apply_vote(
+          np.asarray(init["scores"][i], np.float32), received.astype(np.float32), config.score_restart,
+          config.restart_scale, config.restart_eps), np.float32))
     state = dict(init)
     state["scores"] = tuple(scores)
     state["personal"] = tuple((s >= 0).astype(np.float32) for s in scores)
@@ -124,10 +130,44 @@ class FedMask(FederatedAlgorithm):
 
   def evaluate_extra(self, server_state, test_datasets, client_states, train_datasets):
     """``after_aggregation``: each client with the mask it restarted from after the last aggregation."""
-    return {"after_aggregation": self._evaluate(
-        test_datasets, [self.process.received_masks(s) for s in client_states])}
+    if self.process.global_scores:
+      masks = [self.process.global_masks(server_state, s) for s in client_states]
+    else:
+      masks = [self.process.received_masks(s) for s in client_states]
+    return {"after_aggregation": self._evaluate(test_datasets, masks)}
 
 
 def build_fedmask(context: BuildContext, config: fedmask_process.FedMaskConfig,
                   uplink_coding: str = "none") -> FedMask:
   return FedMask(context, config, uplink_coding)
+
+
+class LocalMasks(FedMask):
+  """FedMask with no aggregation (the ablation): the same model, pruning, masks and local
+  training; each client's scores persist between its rounds; nothing is sent (0 bits).
+
+  Comparing ``fedmask`` with ``local_masks`` on one partition shows what aggregation adds."""
+  name = "local_masks"
+  round_in_two_steps = False
+
+  def __init__(self, context: BuildContext, config: fedmask_process.FedMaskConfig):
+    super().__init__(context, config)
+    self.settings["aggregation"] = "none (local_masks: each client trains its own mask alone)"
+    self.description = ("W frozen; each client trains its binary mask alone (no aggregation, "
+                        f"mask_mode={context.mask_mode}); personalized model = its mask")
+
+  def run_round(self, server_state, *clients_args):
+    """Only the client work of a FedMask round: train, no upload, no aggregate."""
+    trained, _, metrics = self._with_datasets("client_work")(server_state, *clients_args)
+    return server_state, trained, [{"train": m, "downlink_bits": 0, "upload_valid": 1}
+                                   for m in metrics]
+
+  def next(self, server_state, train_datasets, client_states):
+    server_state, new_states, out = super().next(server_state, train_datasets, client_states)
+    for m in out:
+      m["uplink_bits"] = 0
+    return server_state, new_states, out
+
+
+def build_local_masks(context: BuildContext, config: fedmask_process.FedMaskConfig) -> LocalMasks:
+  return LocalMasks(context, config)
