@@ -100,6 +100,14 @@ class FedMaskConfig:
       least ``min_shared`` clients keep the element (a majority-vote sign step).
       The downlink is ``G`` at the client's kept positions (float32).
     server_score_step: the server's step on ``G`` per round (``score_sign``).
+    global_weight: ``score_sign`` only: a selected client starts from
+      ``global_weight * G + (1 - global_weight) * own`` at its kept positions
+      (1: from ``G`` itself; below 1 the client's own evidence from its earlier
+      rounds is kept in part).
+    personal_head: ``score_sign`` only: a client starts from ``G`` in the
+      unpruned layers only and keeps its own scores in the pruned (last) layers
+      between rounds, so its classifier stays personal while the feature layers
+      are learned by everyone.
     seed: the run's seed, from which per-client, per-round seeds of the
       stochastic rounding and randomized response are derived (together with
       the round and the client's pruning mask).
@@ -121,6 +129,8 @@ class FedMaskConfig:
   score_init_noise: float = 0.0
   upload: str = "mask"
   server_score_step: float = 0.03
+  personal_head: bool = False
+  global_weight: float = 1.0
   seed: int = 0
 
   def validate(self, num_masked_layers: int | None = None) -> "FedMaskConfig":
@@ -155,6 +165,10 @@ class FedMaskConfig:
     if self.upload == "score_sign" and int(self.downlink_bits) != 0:
       raise ValueError("upload='score_sign' sends the server's real-valued scores down as float32; "
                        "downlink_bits applies to upload='mask'")
+    if not (0.0 < self.global_weight <= 1.0):
+      raise ValueError(f"global_weight must be in (0, 1], got {self.global_weight}")
+    if self.personal_head and self.upload != "score_sign":
+      raise ValueError("personal_head applies to upload='score_sign'")
     if int(self.min_shared) < 1:
       raise ValueError(f"min_shared must be >= 1, got {self.min_shared}")
     return self
@@ -500,8 +514,13 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
 
   @tff.tensorflow.computation(scores_type, state_type)
   def start_from_global(global_scores, state):
-    """A selected client starts from the server's scores where it keeps the element."""
-    scores = tuple(tf.where(k > 0, g, s) for g, s, k in zip(global_scores, state["scores"], state["keep"]))
+    """A selected client starts from the server's scores (mixed with its own by
+    ``global_weight``) where it keeps the element."""
+    beta = float(config.global_weight)
+    scores = tuple(
+        s if (config.personal_head and spec.prunable)
+        else tf.where(k > 0, beta * g + (1.0 - beta) * s, s)
+        for g, s, k, spec in zip(global_scores, state["scores"], state["keep"], specs))
     return collections.OrderedDict(scores=scores, keep=state["keep"], personal=state["personal"],
                                    rounds=state["rounds"])
 
@@ -618,6 +637,7 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
 
   process.received_masks = received_masks
   process.global_scores = global_scores
+  process.start_from_global = start_from_global
 
   def global_masks(server_state, state):
     """score_sign: the binary mask of the server's scores at the client's kept positions (numpy):

@@ -54,6 +54,8 @@ class RunConfig:
   score_init_noise: float = 0.0  # fedmask: uniform noise in [-a, a] around score_init
   upload: str = "mask"  # fedmask: what the 1 bit per element says ("mask" or "score_sign")
   server_score_step: float = 0.03  # fedmask, upload=score_sign: the server's step on its scores
+  personal_head: bool = False  # fedmask, upload=score_sign: pruned layers keep the client's scores
+  global_weight: float = 1.0  # fedmask, upload=score_sign: start from w*G + (1-w)*own scores
   score_restart: str = "scaled_logit"
   restart_scale: Optional[float] = None  # None: the rule's default (masking.DEFAULT_RULE_SCALE)
   model: Optional[str] = None  # None: the data set's model (fashion_mnist: cnn; har: har_mlp; ...)
@@ -160,6 +162,10 @@ class RunConfig:
          "server's scores go down as float32")
     need(not (self.upload == "score_sign" and self.uplink_coding != "none"),
          "--uplink_coding=entropy codes masks; --upload=score_sign sends directions: use one")
+    need(0.0 < self.global_weight <= 1.0 and not math.isnan(self.global_weight),
+         f"--global_weight must be in (0, 1], got {self.global_weight}")
+    need(not self.personal_head or self.upload == "score_sign",
+         "--personal_head applies to --upload=score_sign")
     need(math.isfinite(self.score_init_noise) and self.score_init_noise >= 0,
          f"--score_init_noise must be a finite number >= 0, got {self.score_init_noise}")
     from fedmask_tff.vote_rules import RESTART_RULES
@@ -212,12 +218,21 @@ RESUME_FREE = ("overwrite", "progress", "max_concurrent_clients", "output_dir", 
                "client_datasets", "client_data_dir")
 
 
+# FedMask's own settings: they change nothing for the other algorithms.
+FEDMASK_SETTINGS = ("score_restart", "restart_scale", "score_init_noise", "upload",
+                    "server_score_step", "personal_head", "global_weight")
+
+
 def differing_settings(stored: dict, config: RunConfig) -> list[str]:
   """Names of the settings (those that change results) where a stored ``results.json``
-  config differs from ``config``; a setting the stored results predate counts as its default."""
+  config differs from ``config``; a setting the stored results predate counts as its default.
+  FedMask's own settings are compared only for ``fedmask`` and ``local_masks`` runs."""
   default = RunConfig()
+  ignored = set(RESUME_FREE)
+  if config.algorithm not in ("fedmask", "local_masks"):
+    ignored |= set(FEDMASK_SETTINGS)
   return [f.name for f in dataclasses.fields(config)
-          if f.name not in RESUME_FREE
+          if f.name not in ignored
           and stored.get(f.name, getattr(default, f.name)) != getattr(config, f.name)]
 
 

@@ -198,3 +198,24 @@ def test_score_sign_refuses_a_quantized_downlink():
     dataclasses.replace(CONFIG, upload="score_sign", downlink_bits=4).validate()
   with pytest.raises(ValueError, match="upload"):
     dataclasses.replace(CONFIG, upload="delta").validate()
+
+
+@pytest.mark.parametrize("weight,head", [(1.0, False), (0.5, False), (0.5, True)])
+def test_start_from_global_mixes_by_weight_at_kept_positions(tff_context, weight, head):
+  config = dataclasses.replace(CONFIG, upload="score_sign", global_weight=weight, personal_head=head)
+  process = fedmask.build_fedmask_process(model_fn, ELEMENT_SPEC, config)
+  state = process.initial_client_state()
+  rng = np.random.default_rng(0)
+  own = tuple(rng.normal(size=s.shape).astype(np.float32) for s in state["scores"])
+  keep = tuple((rng.random(s.shape) < 0.5).astype(np.float32) for s in state["scores"])
+  g = tuple(rng.normal(size=s.shape).astype(np.float32) for s in state["scores"])
+  state = dict(state, scores=own, keep=keep)
+  out = process.start_from_global(g, state)
+  for i, prunable in enumerate([False, True, True]):
+    if head and prunable:
+      expected = own[i]  # the personal head keeps the client's own scores
+    else:
+      expected = np.where(keep[i] > 0, weight * g[i] + (1 - weight) * own[i], own[i])
+    np.testing.assert_allclose(np.asarray(out["scores"][i]), expected, atol=1e-6)
+  with pytest.raises(ValueError, match="global_weight"):
+    dataclasses.replace(config, global_weight=0.0).validate()

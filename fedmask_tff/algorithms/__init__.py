@@ -33,7 +33,8 @@ def build_algorithm(name: str, context, config):
         group_lasso=config.group_lasso, secure_aggregation=config.secure_aggregation,
         downlink_bits=config.downlink_bits, downlink_stochastic=config.downlink_stochastic,
         ldp_epsilon=config.ldp_epsilon or 0.0, score_init_noise=config.score_init_noise,
-        upload=config.upload, server_score_step=config.server_score_step, seed=config.seed)
+        upload=config.upload, server_score_step=config.server_score_step,
+        personal_head=config.personal_head, global_weight=config.global_weight, seed=config.seed)
     if name == "local_masks":
       return build_local_masks(context, fedmask_config)
     return build_fedmask(context, fedmask_config, uplink_coding=config.uplink_coding)
