@@ -158,14 +158,18 @@ def main(argv):
     base = dataclasses.replace(base, output_dir=os.path.join(out, "_check"), overwrite=True)
     base.validate()
     os.makedirs(out, exist_ok=True)
-    partition_path = base.partition_file or os.path.join(out, "partition.json")
-    if not os.path.exists(partition_path):
-      split = runner.load_split(base)
-      source, n = runner._source_description(base.dataset, split)  # pylint: disable=protected-access
-      partition_file_lib.save_partition(partition_path, split, base.dataset, source, n)
-      print(f"[compare] partition written to {partition_path}", file=sys.stderr)
+    if base.dataset in runner.POOLED_DATASETS:
+      partition_path = base.partition_file or os.path.join(out, "partition.json")
+      if not os.path.exists(partition_path):
+        split = runner.load_split(base)
+        source, n = runner._source_description(base.dataset, split)  # pylint: disable=protected-access
+        partition_file_lib.save_partition(partition_path, split, base.dataset, source, n)
+        print(f"[compare] partition written to {partition_path}", file=sys.stderr)
+      base = dataclasses.replace(base, partition_file=partition_path)
+    else:  # the split is fixed by the data files, the seed and the flags: the same for every run
+      partition_path = f"fixed by the {base.dataset} files, seed {base.seed} and the flags"
     all_results = run_variants(
-        dataclasses.replace(base, partition_file=partition_path),
+        base,
         {name: {"algorithm": name, "learning_rate": rates.get(name)} for name in FLAGS.algorithms},
         out)
     header = (f"Comparison on {base.dataset}, partition {partition_path}, {base.rounds} rounds x "

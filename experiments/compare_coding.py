@@ -30,8 +30,11 @@ COLUMNS = ("variant", "accuracy", "accuracy_delta", "uplink_bits_per_param", "do
 
 
 def variants(epsilons) -> dict:
+  """The coding options apply to the paper's upload (the binary mask, ``--upload=mask``); the
+  default upload (``score_sign``, 1 bit up and float32 G down) is listed beside them."""
   out = {
       "plain": {},
+      "score_sign_default": {"upload": "score_sign"},
       "entropy": {"uplink_coding": "entropy"},
       "entropy_down8": {"uplink_coding": "entropy", "downlink_bits": 8},
       "entropy_down4": {"uplink_coding": "entropy", "downlink_bits": 4},
@@ -72,6 +75,8 @@ def main(argv):
     out = FLAGS.output_dir
     base = dataclasses.replace(run_cli.config_from_flags(), algorithm="fedmask",
                                output_dir=os.path.join(out, "_check"), overwrite=True)
+    if not FLAGS["upload"].present:  # the options below code and quantize the mask upload
+      base = dataclasses.replace(base, upload="mask")
     chosen = variants(epsilons)
     for overrides in chosen.values():
       dataclasses.replace(base, **overrides).validate()
@@ -91,7 +96,7 @@ def main(argv):
       writer.writerows(table)
     with open(os.path.join(out, "coding.json"), "w") as f:
       json.dump(table, f, indent=2)
-    lines = [f"FedMask communication options on {base.dataset}: {base.num_clients} clients, "
+    lines = [f"FedMask communication options (upload={base.upload}) on {base.dataset}: {base.num_clients} clients, "
              f"{base.rounds} rounds x {base.clients_per_round}, {base.local_epochs} local epochs, "
              f"model {base.model or 'default'} (width {base.model_width}), seed {base.seed}. Bits per "
              "mask parameter per client per round, from the payloads (entropy: the coded stream, "

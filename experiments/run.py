@@ -88,8 +88,9 @@ flags.DEFINE_enum("score_restart", _D.score_restart, list(RESTART_RULES), "How t
                   "(fedmask_tff.masking.apply_vote).")
 flags.DEFINE_float("restart_scale", _D.restart_scale, "Scale of the rule (restart scale or shift "
                    "step; default: the rule's own, fedmask_tff.vote_rules).")
-flags.DEFINE_enum("upload", _D.upload, ["mask", "score_sign"], "fedmask: what the 1 bit per "
-                  "element says: 'mask' (the paper: the binary mask, averaged by the server) or "
+flags.DEFINE_enum("upload", _D.upload, ["mask", "bernoulli", "score_sign"], "fedmask: what the 1 "
+                  "bit per element says: 'mask' (the paper: the binary mask, averaged by the server), "
+                  "'bernoulli' (a sample of Bernoulli(sigmoid(m_r)), after FedPM) or "
                   "'score_sign' (the server keeps real-valued global scores G; a client starts from G "
                   "where it keeps the element and sends the direction its score moved; the server "
                   "steps G by --server_score_step times the majority).")

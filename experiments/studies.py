@@ -9,6 +9,9 @@ Studies (see ``docs/studies.md`` for what each preset runs and which values foll
 * ``devices`` (Fig. 12): FedMask (and FedAvg for reference) with several numbers of
   participating devices per round: accuracy per round and final accuracy;
 * ``epochs``: FedMask's training cost and accuracy against the number of local epochs;
+* ``fedmask_ablation``: FedMask's parts one at a time on one partition (the paper's vote rule,
+  persistent rules, the 1-bit downlink, a random start, Bernoulli masks, server-held scores)
+  beside Standalone, FedAvg and ``local_masks`` (no aggregation);
 * ``model_size`` (Table 5): parameters, float32 size, 1-bit mask size, and both after one-shot
   pruning, for the paper's models at width 1 (no training: the models are only built).
 
@@ -48,7 +51,7 @@ from experiments import run as run_cli  # noqa: F401  (the run flags; also defin
 from fedmask_tff.algorithms import ALGORITHMS
 
 FLAGS = flags.FLAGS
-STUDIES = ("communication", "computation", "devices", "epochs", "model_size")
+STUDIES = ("communication", "computation", "devices", "epochs", "fedmask_ablation", "model_size")
 PRESETS = ("small", "paper")
 flags.DEFINE_string("study", None, f"Which study: one of {', '.join(STUDIES)}.")
 flags.DEFINE_string("preset", "small", "small (minutes, Fashion-MNIST) or paper (the paper's set-up).")
@@ -76,7 +79,7 @@ SMALL_COMMON = dict(dataset="fashion_mnist", partition="pathological", classes_p
                     num_clients=30, clients_per_round=5, rounds=6, local_epochs=1, batch_size=32,
                     model="mlp", model_width=0.25, prune_rate=0.2, seed=0, eval_every=0)
 SMALL_STUDY = {"communication": dict(eval_every=1), "computation": {},
-               "devices": dict(eval_every=2), "epochs": {}}
+               "devices": dict(eval_every=2), "epochs": {}, "fedmask_ablation": {}}
 SMALL_SWEEPS = {"devices": [3, 6, 12], "epochs": [1, 2]}
 
 # The paper preset, per dataset. PAPER_FOLLOWS names the values taken from the paper (or from
@@ -95,7 +98,29 @@ PAPER_DATASET = {
                           clients_per_round=20),
 }
 PAPER_STUDY = {"communication": dict(eval_every=5), "computation": {}, "devices": dict(eval_every=5),
-               "epochs": {}}
+               "epochs": {}, "fedmask_ablation": {}}
+
+# The fedmask_ablation study: FedMask's parts one at a time on one partition, beside the simple
+# things (issue 14). Each variant is (run name, RunConfig changes); FedMask's own settings not
+# named take the run's values (the defaults: upload=score_sign, global_weight=0.5).
+ABLATION_VARIANTS = (
+    ("standalone", dict(algorithm="standalone")),
+    ("fedavg", dict(algorithm="fedavg")),
+    ("local_masks", dict(algorithm="local_masks")),
+    ("mask_scaled_logit", dict(algorithm="fedmask", upload="mask", score_restart="scaled_logit")),
+    ("mask_scaled_logit_random_start", dict(algorithm="fedmask", upload="mask",
+                                            score_restart="scaled_logit", score_init_noise=0.05)),
+    ("mask_disagree_shift", dict(algorithm="fedmask", upload="mask", score_restart="disagree_shift")),
+    ("mask_vote_shift", dict(algorithm="fedmask", upload="mask", score_restart="vote_shift")),
+    ("mask_disagree_shift_1bit_down", dict(algorithm="fedmask", upload="mask",
+                                           score_restart="disagree_shift", downlink_bits=1)),
+    ("bernoulli_fedpm", dict(algorithm="fedmask", upload="bernoulli", score_restart="scaled_logit",
+                             restart_scale=1.0)),
+    ("score_sign_w1", dict(algorithm="fedmask", upload="score_sign", global_weight=1.0)),
+    ("score_sign_personal_head", dict(algorithm="fedmask", upload="score_sign",
+                                      personal_head=True)),
+    ("fedmask_default", dict(algorithm="fedmask")),
+)
 PAPER_SWEEPS = {"devices": [20, 40, 80], "epochs": [1, 2, 5]}
 PAPER_FOLLOWS = ("cifar10: 400 clients, 2 classes per client, 25 examples per client, vgg16",
                  "20 devices per round (shakespeare_leaf: its 10 roles), 5 local epochs",
@@ -156,6 +181,13 @@ def base_config(study: str, preset: str):
 
 def plan_runs(study: str, preset: str, base, out: str) -> list[tuple[str, dict, object]]:
   """``[(run name, swept values, RunConfig)]`` in the order they run."""
+  if study == "fedmask_ablation":
+    if FLAGS["algorithms"].present:
+      raise _config_error("the fedmask_ablation study runs its own variants (ABLATION_VARIANTS); "
+                          "--algorithms does not apply")
+    return [(name, {k: v for k, v in changes.items() if k != "algorithm"},
+             dataclasses.replace(base, output_dir=os.path.join(out, name), **changes))
+            for name, changes in ABLATION_VARIANTS]
   algorithms = list(FLAGS.algorithms) if FLAGS["algorithms"].present else _STUDY_ALGORITHMS[study]
   unknown = [a for a in algorithms if a not in ALGORITHMS]
   if unknown or not algorithms:
@@ -316,6 +348,7 @@ def run_record(name: str, swept: dict, results: dict) -> dict:
       "output_dir": cfg["output_dir"], "model": cfg.get("model_used"),
       "model_parameters": cfg.get("model_parameters"), "learning_rate": cfg.get("learning_rate_used"),
       "accuracy": final["accuracy"], "accuracy_client_mean": final["accuracy_client_mean"],
+      "accuracy_after_aggregation": final.get("accuracy_after_aggregation"),
       "evaluated_clients": final["evaluated_clients"], "rounds": totals["rounds"],
       "uplink_bits_per_client_round": totals["uplink_bits_per_client_round"],
       "downlink_bits_per_client_round": totals["downlink_bits_per_client_round"],
@@ -359,7 +392,16 @@ def _ratio(value, base):
 
 def training_table(study: str, records: list[dict], header: str) -> str:
   base = {r["algorithm"]: r for r in records}.get("fedavg")
-  if study == "communication":
+  if study == "fedmask_ablation":
+    lines = ["| variant | algorithm | accuracy | client mean | before local training "
+             "| up bits/client/round | down bits/client/round | cumulative MB/client |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+      lines.append(f"| {r['run']} | {r['algorithm']} | {r['accuracy']:.4f} "
+                   f"| {r['accuracy_client_mean']:.4f} | {_fmt(r.get('accuracy_after_aggregation'), '.4f')} "
+                   f"| {r['uplink_bits_per_client_round']:,.0f} | {r['downlink_bits_per_client_round']:,.0f} "
+                   f"| {r['cumulative_mb_per_client']:.4g} |")
+  elif study == "communication":
     lines = ["| algorithm | accuracy | cumulative MB/client (up+down) | up bits/client/round "
              "| down bits/client/round | cumulative ÷ FedAvg |", "|---|---|---|---|---|---|"]
     for r in records:
@@ -400,7 +442,17 @@ def _pyplot():
 
 def training_figure(study: str, records: list[dict], path: str, title: str) -> None:
   plt = _pyplot()
-  if study == "communication":
+  if study == "fedmask_ablation":
+    fig, ax = plt.subplots(figsize=(9, 5))
+    names = [r["run"] for r in records]
+    ax.barh(range(len(names)), [r["accuracy"] for r in records], color="tab:blue")
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names, fontsize=8)
+    ax.invert_yaxis()
+    lo = min(r["accuracy"] for r in records)
+    ax.set_xlim(max(0.0, lo - 0.1), 1.0)
+    ax.set_xlabel("personalized accuracy")
+  elif study == "communication":
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for r in records:
       pts = [(s["cumulative_mb_per_client"], s["accuracy"]) for s in r["series"]
@@ -472,7 +524,8 @@ def training_figure(study: str, records: list[dict], path: str, title: str) -> N
 FIGURE_TITLES = {"communication": "Accuracy vs. communication (cf. FedMask Fig. 10)",
                  "computation": "Training computation per client (cf. FedMask Fig. 11)",
                  "devices": "Participating devices per round (cf. FedMask Fig. 12)",
-                 "epochs": "Local epochs: training cost and accuracy"}
+                 "epochs": "Local epochs: training cost and accuracy",
+                 "fedmask_ablation": "FedMask's parts, one at a time, beside the simple things"}
 
 
 def training_study(study: str, preset: str, out: str) -> str:

@@ -47,7 +47,7 @@ from fedmask_tff import (bitpack, costs, evaluation, ldp, masking, payloads, pru
 from fedmask_tff.layers import mask_variables, masked_layers
 
 DOWNLINK_UNCHANGED = -1.0
-UPLOADS = ("mask", "score_sign")
+UPLOADS = ("mask", "bernoulli", "score_sign")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +92,10 @@ class FedMaskConfig:
     upload: what the 1 bit per element says. ``"mask"`` (the paper): the
       client's binary mask ``1[sigmoid(m_r) >= tau] * keep``; the server averages
       it and each client moves its scores by the vote (``score_restart``).
+      ``"bernoulli"`` (after FedPM, Isik et al. 2023): a sample
+      ``m ~ Bernoulli(sigmoid(m_r)) * keep``, so the server's mean estimates the
+      clients' mean probability (restart with ``scaled_logit``, scale 1, to read
+      it as a probability); the personal mask stays the thresholded one.
       ``"score_sign"`` (beyond the paper; Algorithm 1 with a real-valued global
       mask): the server holds global scores ``G`` (its m^T), a selected client
       starts from ``G`` at the positions it keeps (line 11: m^T ⊙ m_k), trains,
@@ -127,10 +131,10 @@ class FedMaskConfig:
   downlink_stochastic: bool = False
   ldp_epsilon: float = 0.0
   score_init_noise: float = 0.0
-  upload: str = "mask"
+  upload: str = "score_sign"
   server_score_step: float = 0.03
   personal_head: bool = False
-  global_weight: float = 1.0
+  global_weight: float = 0.5
   seed: int = 0
 
   def validate(self, num_masked_layers: int | None = None) -> "FedMaskConfig":
@@ -355,6 +359,10 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     new_state = collections.OrderedDict(scores=scores, keep=keeps, personal=masks,
                                         rounds=state["rounds"] + tf.where(diverged, 0, 1))
     sent = masks
+    if config.upload == "bernoulli":  # Stochastic mask (after FedPM): E[bit] = sigmoid(m_r).
+      seed = client_seed(new_state["keep"], state["rounds"], 200)
+      sent = tuple(tf.cast(tf.random.stateless_uniform(tf.shape(s), seed + j) < tf.sigmoid(s),
+                           tf.float32) * k for j, (s, k) in enumerate(zip(scores, keeps)))
     if global_scores:  # The direction the client's evidence moved from the server's scores.
       sent = tuple(tf.cast(new > old, tf.float32) * k
                    for new, old, k in zip(scores, state["scores"], keeps))

@@ -52,10 +52,10 @@ class RunConfig:
   mask_mode: str = "ste"
   score_init: float = 0.05
   score_init_noise: float = 0.0  # fedmask: uniform noise in [-a, a] around score_init
-  upload: str = "mask"  # fedmask: what the 1 bit per element says ("mask" or "score_sign")
+  upload: str = "score_sign"  # fedmask: what the 1 bit per element says (see FedMaskConfig)
   server_score_step: float = 0.03  # fedmask, upload=score_sign: the server's step on its scores
   personal_head: bool = False  # fedmask, upload=score_sign: pruned layers keep the client's scores
-  global_weight: float = 1.0  # fedmask, upload=score_sign: start from w*G + (1-w)*own scores
+  global_weight: float = 0.5  # fedmask, upload=score_sign: start from w*G + (1-w)*own scores
   score_restart: str = "scaled_logit"
   restart_scale: Optional[float] = None  # None: the rule's default (masking.DEFAULT_RULE_SCALE)
   model: Optional[str] = None  # None: the data set's model (fashion_mnist: cnn; har: har_mlp; ...)
@@ -153,15 +153,16 @@ class RunConfig:
          f"--prune_last_layers must be >= 0, got {self.prune_last_layers}")
     need(self.mask_mode in ("ste", "soft"), f"--mask_mode must be 'ste' or 'soft', got {self.mask_mode!r}")
     need(math.isfinite(self.score_init), f"--score_init must be finite, got {self.score_init}")
-    need(self.upload in ("mask", "score_sign"),
-         f"--upload must be 'mask' or 'score_sign', got {self.upload!r}")
+    need(self.upload in ("mask", "bernoulli", "score_sign"),
+         f"--upload must be 'mask', 'bernoulli' or 'score_sign', got {self.upload!r}")
     need(math.isfinite(self.server_score_step) and self.server_score_step > 0,
          f"--server_score_step must be a finite number > 0, got {self.server_score_step}")
     need(not (self.upload == "score_sign" and self.downlink_bits),
          "--downlink_bits quantizes the vote of --upload=mask; with --upload=score_sign the "
          "server's scores go down as float32")
-    need(not (self.upload == "score_sign" and self.uplink_coding != "none"),
-         "--uplink_coding=entropy codes masks; --upload=score_sign sends directions: use one")
+    need(not (self.upload != "mask" and self.uplink_coding != "none"),
+         "--uplink_coding=entropy codes the thresholded mask against the previous one; it "
+         "applies to --upload=mask")
     need(0.0 < self.global_weight <= 1.0 and not math.isnan(self.global_weight),
          f"--global_weight must be in (0, 1], got {self.global_weight}")
     need(not self.personal_head or self.upload == "score_sign",

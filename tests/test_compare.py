@@ -10,7 +10,8 @@ import pytest
 
 from test_cli import ROOT, write_learnable_fashion_dir
 
-ALGORITHMS = ["fedmask", "standalone", "fedavg", "topk", "bnn_fedavg", "per_fedavg", "lg_fedavg"]
+ALGORITHMS = ["fedmask", "local_masks", "standalone", "fedavg", "topk", "bnn_fedavg", "per_fedavg",
+              "lg_fedavg"]
 
 
 def _compare(args, timeout=900):
@@ -59,6 +60,8 @@ def test_table_has_every_algorithm_and_measured_ratios(compared):
   assert list(rows) == ALGORITHMS
   assert float(rows["standalone"]["uplink_bits_per_client_round"]) == 0.0
   assert float(rows["standalone"]["downlink_bits_per_client_round"]) == 0.0
+  assert float(rows["local_masks"]["uplink_bits_per_client_round"]) == 0.0
+  assert float(rows["local_masks"]["downlink_bits_per_client_round"]) == 0.0
   assert float(rows["fedavg"]["uplink_vs_fedavg"]) == 1.0
   with open(os.path.join(out, "fedavg", "results.json")) as f:
     params = json.load(f)["config"]["model_parameters"]
@@ -101,7 +104,7 @@ def test_coding_options_table(tmp_path):
   with open(os.path.join(out, "coding.csv")) as f:
     rows = {r["variant"]: r for r in csv.DictReader(f)}
   assert set(rows) == {"plain", "entropy", "entropy_down8", "entropy_down4", "entropy_down4_stochastic",
-                       "secure_aggregation", "ldp_eps2"}
+                       "secure_aggregation", "ldp_eps2", "score_sign_default"}
   up = {k: float(r["uplink_bits_per_param"]) for k, r in rows.items()}
   down = {k: float(r["downlink_bits_per_param"]) for k, r in rows.items()}
   assert up["entropy"] < up["plain"]

@@ -23,8 +23,9 @@ from fedmask_tff.masking import scores_from_mask_values
 NUM_CLIENTS = 4
 BATCH = 4
 PRUNE_RATE = 0.3
+# The paper's upload (the binary mask) and vote rule; score_sign is tested in test_vote_rules.
 CONFIG = fedmask.FedMaskConfig(prune_rate=PRUNE_RATE, prune_last_layers=2, learning_rate=1.0,
-                                local_epochs=1)
+                                local_epochs=1, upload="mask", score_restart="scaled_logit")
 ELEMENT_SPEC = collections.OrderedDict(x=tf.TensorSpec([None, 8], tf.float32),
                                        y=tf.TensorSpec([None], tf.int32))
 SHAPES = [(8, 16), (16, 12), (12, 3)]

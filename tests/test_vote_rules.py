@@ -219,3 +219,28 @@ def test_start_from_global_mixes_by_weight_at_kept_positions(tff_context, weight
     np.testing.assert_allclose(np.asarray(out["scores"][i]), expected, atol=1e-6)
   with pytest.raises(ValueError, match="global_weight"):
     dataclasses.replace(config, global_weight=0.0).validate()
+
+
+def test_bernoulli_upload_samples_around_the_mask_probability(tff_context, data):
+  """upload='bernoulli': bits ~ Bernoulli(sigmoid(m_r)) at kept positions, zero elsewhere; the
+  personal mask stays the thresholded one."""
+  from fedmask_tff import bitpack
+  config = dataclasses.replace(CONFIG, upload="bernoulli", score_init_noise=0.0)
+  process = fedmask.build_fedmask_process(model_fn, ELEMENT_SPEC, config)
+  ds = to_datasets(data)[0]
+  state, upload, _ = process.client_update(ds, process.initial_client_state())
+  agree, n = 0, 0
+  for i, shape in enumerate([(8, 16), (16, 12), (12, 3)]):
+    size = int(np.prod(shape))
+    bits = bitpack.unpack_bits_np(np.asarray(upload["mask"][i]), shape)
+    keep = np.asarray(state["keep"][i])
+    assert np.all(bits[keep == 0] == 0)
+    p = 1 / (1 + np.exp(-np.asarray(state["scores"][i])))
+    agree += np.sum((bits == (p >= 0.5))[keep > 0]); n += int(keep.sum())
+    np.testing.assert_array_equal(np.asarray(state["personal"][i]), (p >= 0.5) * keep)
+  # Scores stay near 0 (p ~ 0.5), so the sample is far from the thresholded mask ...
+  assert 0.3 < agree / n < 0.9
+  # ... and it is seeded: the same inputs give the same sample.
+  _, again, _ = process.client_update(ds, process.initial_client_state())
+  for a, b in zip(upload["mask"], again["mask"]):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

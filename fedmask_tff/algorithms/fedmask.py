@@ -37,8 +37,8 @@ class FedMask(FederatedAlgorithm):
     if uplink_coding not in ("none", "entropy"):
       raise ValueError(f"uplink_coding must be 'none' or 'entropy', got {uplink_coding!r}")
     if uplink_coding == "entropy" and config.upload != "mask":
-      raise ValueError("uplink_coding='entropy' codes the uploaded mask against the previous one; "
-                       "upload='score_sign' sends directions, not masks: use one")
+      raise ValueError("uplink_coding='entropy' codes the thresholded mask against the previous "
+                       "one; it applies to upload='mask'")
     if uplink_coding == "entropy" and config.ldp_epsilon > 0:
       raise ValueError("uplink_coding='entropy' codes a mask against the client's previous upload, "
                        "which randomized response (ldp_epsilon) hides from the server; use one")
