@@ -102,7 +102,9 @@ class FedMaskConfig:
       and uploads ``1[m_r(after) > m_r(start)]``, the direction its evidence
       moved; the server steps ``G += server_score_step * (2v - 1)`` where at
       least ``min_shared`` clients keep the element (a majority-vote sign step).
-      The downlink is ``G`` at the client's kept positions (float32).
+      The downlink is ``G`` at the client's kept positions: float32, or with
+      ``downlink_bits=b`` (2..16) ``b`` bits each between the tensor's min and
+      max (sent as two float32).
     server_score_step: the server's step on ``G`` per round (``score_sign``).
     global_weight: ``score_sign`` only: a selected client starts from
       ``global_weight * G + (1 - global_weight) * own`` at its kept positions
@@ -166,9 +168,10 @@ class FedMaskConfig:
       raise ValueError(f"upload must be one of {UPLOADS}, got {self.upload!r}")
     if not (math.isfinite(self.server_score_step) and self.server_score_step > 0):
       raise ValueError(f"server_score_step must be a finite number > 0, got {self.server_score_step}")
-    if self.upload == "score_sign" and int(self.downlink_bits) != 0:
-      raise ValueError("upload='score_sign' sends the server's real-valued scores down as float32; "
-                       "downlink_bits applies to upload='mask'")
+    if self.upload == "score_sign" and int(self.downlink_bits) == 1:
+      raise ValueError("upload='score_sign' sends the server's real-valued scores down: "
+                       "downlink_bits=1 (a vote's decision) applies to upload='mask'; use 0 "
+                       "(float32) or 2..16 bits")
     if not (0.0 < self.global_weight <= 1.0):
       raise ValueError(f"global_weight must be in (0, 1], got {self.global_weight}")
     if self.personal_head and self.upload != "score_sign":
@@ -253,7 +256,7 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     initial_scores.append(scores)
 
   lr = float(config.learning_rate)
-  global_scores = config.upload == "score_sign"
+  global_scores = global_scores_mode = config.upload == "score_sign"
 
   scores_type = tuple(tff.TensorType(np.float32, s.shape) for s in specs)
   state_type = tff.types.to_type(collections.OrderedDict(
@@ -520,11 +523,29 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
                    for x in initial_scores)
     return collections.OrderedDict(round=tf.constant(0, tf.int32), scores=scores)
 
+  def quantized_global(g, keep, seed):
+    """score_sign with ``downlink_bits=b``: what the client receives of ``G`` at its kept
+    positions: ``lo`` and ``hi`` (two float32) and each value as a ``b``-bit level of
+    ``(G - lo) / (hi - lo)`` (:mod:`fedmask_tff.quantization`); elsewhere ``G`` is unused."""
+    flat_keep = tf.reshape(keep > 0, [-1])
+    values = tf.boolean_mask(tf.reshape(g, [-1]), flat_keep)
+    lo, hi = tf.reduce_min(values), tf.reduce_max(values)
+    span = tf.maximum(hi - lo, 1e-12)
+    packed, _ = quantization.quantize_tf((values - lo) / span, config.downlink_bits,
+                                         config.downlink_stochastic, seed)
+    received = lo + quantization.dequantize_tf(packed, tf.size(values), config.downlink_bits) * span
+    positions = tf.where(flat_keep)
+    return tf.reshape(tf.tensor_scatter_nd_update(tf.reshape(g, [-1]), positions, received), g.shape)
+
   @tff.tensorflow.computation(scores_type, state_type)
   def start_from_global(global_scores, state):
     """A selected client starts from the server's scores (mixed with its own by
     ``global_weight``) where it keeps the element."""
     beta = float(config.global_weight)
+    if global_scores_mode and config.downlink_bits >= 2:
+      global_scores = tuple(
+          quantized_global(g, k, client_seed(state["keep"], state["rounds"], 300 + i))
+          for i, (g, k) in enumerate(zip(global_scores, state["keep"])))
     scores = tuple(
         s if (config.personal_head and spec.prunable)
         else tf.where(k > 0, beta * g + (1.0 - beta) * s, s)
@@ -547,9 +568,12 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
   @tff.tensorflow.computation(state_type, client_update.type_signature.result[2])
   def global_downlink_bits(state, metrics):
     """float32 G at the positions the client kept when it started (all before its pruning)."""
-    full = sum(s.size for s in specs)
-    kept = tf.cast(tf.add_n([tf.reduce_sum(k) for k in state["keep"]]), tf.int64)
-    return 32 * tf.where(metrics["pruned"] > 0, tf.constant(full, tf.int64), kept)
+    counts = [tf.where(metrics["pruned"] > 0, tf.constant(spec.size, tf.int64),
+                       tf.cast(tf.reduce_sum(k), tf.int64)) for spec, k in zip(specs, state["keep"])]
+    if not config.downlink_bits:
+      return 32 * tf.add_n(counts)
+    b = int(config.downlink_bits)  # b-bit codes, whole bytes per tensor, plus lo and hi
+    return tf.add_n([8 * ((n * b + 7) // 8) + 64 for n in counts])
 
   if global_scores:
     server_state_type = tff.FederatedType(global_state_type, tff.SERVER)

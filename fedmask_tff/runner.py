@@ -157,9 +157,9 @@ class RunConfig:
          f"--upload must be 'mask', 'bernoulli' or 'score_sign', got {self.upload!r}")
     need(math.isfinite(self.server_score_step) and self.server_score_step > 0,
          f"--server_score_step must be a finite number > 0, got {self.server_score_step}")
-    need(not (self.upload == "score_sign" and self.downlink_bits),
-         "--downlink_bits quantizes the vote of --upload=mask; with --upload=score_sign the "
-         "server's scores go down as float32")
+    need(not (self.upload == "score_sign" and self.downlink_bits == 1),
+         "--downlink_bits=1 sends the vote's decision of --upload=mask; with --upload=score_sign "
+         "the server's real-valued scores go down: use 0 (float32) or 2..16 bits")
     need(not (self.upload != "mask" and self.uplink_coding != "none"),
          "--uplink_coding=entropy codes the thresholded mask against the previous one; it "
          "applies to --upload=mask")

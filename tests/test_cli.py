@@ -135,15 +135,20 @@ def test_bits_match_the_payload_layout(finished_run):
   mask_bits = sum(8 * ((int(np.prod(m["shape"])) + 7) // 8) for m in masks)
   keep_bits = sum(8 * ((int(np.prod(m["shape"])) + 7) // 8) for m in masks if m["prunable"])
   seen = set()
+  # Downlink (the default --upload=score_sign): one float32 of the server's scores per element
+  # the client keeps when it starts: every element at its first round (before it prunes), then
+  # the kept ones (prunable layers keep prune_rate of theirs).
+  total = sum(int(np.prod(m["shape"])) for m in masks)
+  kept = sum(int(np.prod(m["shape"])) if not m["prunable"]
+             else max(1, round(0.2 * int(np.prod(m["shape"])))) for m in masks)
+  assert r["config"]["upload"] == "score_sign"
   for row in r["rounds"]:
     for cid, bits in row["uplink_bits_by_client"].items():
-      expected = mask_bits + (keep_bits if cid not in seen else 0)  # pruning masks: first round only
+      first = cid not in seen
+      expected = mask_bits + (keep_bits if first else 0)  # pruning masks: first round only
       assert bits == expected, (row["round"], cid)
+      assert row["downlink_bits_by_client"][cid] == 32 * (total if first else kept), (row["round"], cid)
       seen.add(cid)
-    # Downlink: one float32 per kept element; prunable layers keep prune_rate of theirs.
-    kept = sum(int(np.prod(m["shape"])) if not m["prunable"]
-               else max(1, round(0.2 * int(np.prod(m["shape"])))) for m in masks)
-    assert set(row["downlink_bits_by_client"].values()) == {32 * kept}
 
 
 def test_metrics_csv_has_a_row_per_round(finished_run):

@@ -157,3 +157,21 @@ def test_bad_study_or_preset_exits_2(tmp_path, flags, message):
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "error:" in proc.stderr and message in proc.stderr
   assert not os.path.exists(f"{tmp_path}/out/partition.json")
+
+
+def test_fedmask_ablation_plans_every_variant_on_one_partition(tmp_path):
+  proc = _studies(["--study=fedmask_ablation", "--dry_run", f"--output_dir={tmp_path}/abl"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  text = proc.stdout
+  assert "12 runs" in text
+  for name, wanted in (("local_masks", '"algorithm": "local_masks"'),
+                       ("mask_scaled_logit", '"upload": "mask"'),
+                       ("mask_disagree_shift_1bit_down", '"downlink_bits": 1'),
+                       ("bernoulli_fedpm", '"upload": "bernoulli"'),
+                       ("score_sign_personal_head", '"personal_head": true'),
+                       ("fedmask_default", '"algorithm": "fedmask"')):
+    line = next(l for l in text.splitlines() if l.strip().startswith(name + ":"))
+    assert wanted in line, line
+  refused = _studies(["--study=fedmask_ablation", "--dry_run", "--algorithms=fedmask",
+                      f"--output_dir={tmp_path}/abl2"])
+  assert refused.returncode != 0 and "--algorithms does not apply" in refused.stderr

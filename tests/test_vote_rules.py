@@ -193,9 +193,9 @@ def test_score_sign_upload_steps_the_servers_scores_by_the_majority(tff_context,
   assert int(server2["round"]) == 2
 
 
-def test_score_sign_refuses_a_quantized_downlink():
+def test_score_sign_refuses_a_one_bit_downlink():
   with pytest.raises(ValueError, match="score_sign"):
-    dataclasses.replace(CONFIG, upload="score_sign", downlink_bits=4).validate()
+    dataclasses.replace(CONFIG, upload="score_sign", downlink_bits=1).validate()
   with pytest.raises(ValueError, match="upload"):
     dataclasses.replace(CONFIG, upload="delta").validate()
 
@@ -244,3 +244,28 @@ def test_bernoulli_upload_samples_around_the_mask_probability(tff_context, data)
   _, again, _ = process.client_update(ds, process.initial_client_state())
   for a, b in zip(upload["mask"], again["mask"]):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_score_sign_quantized_downlink_counts_its_bits_and_stays_close(tff_context):
+  """downlink_bits=b with score_sign: G at the kept positions as b-bit levels between its min and
+  max (two float32 more per tensor); the start differs from the float32 one by at most half a
+  level times the span (times global_weight)."""
+  config = dataclasses.replace(CONFIG, upload="score_sign", downlink_bits=8, global_weight=1.0)
+  process = fedmask.build_fedmask_process(model_fn, ELEMENT_SPEC, config)
+  state = process.initial_client_state()
+  rng = np.random.default_rng(1)
+  g = tuple(rng.normal(size=s.shape).astype(np.float32) for s in state["scores"])
+  keep = tuple((rng.random(s.shape) < 0.5).astype(np.float32) for s in state["scores"])
+  state = dict(state, keep=keep)
+  out = process.start_from_global(g, state)
+  for gi, ki, oi in zip(g, keep, out["scores"]):
+    span = gi[ki > 0].max() - gi[ki > 0].min()
+    err = np.abs(np.asarray(oi) - gi)[ki > 0]
+    assert err.max() <= span / (2 * (2 ** 8 - 2)) + 1e-5 and err.max() > 0
+    np.testing.assert_array_equal(np.asarray(oi)[ki == 0], state["scores"][0][0, 0])
+  from test_fedmask_process import make_data
+  _, states, metrics = process.next(process.initialize(), to_datasets(make_data()),
+                                    [process.initial_client_state() for _ in range(NUM_CLIENTS)])
+  sizes = [8 * 16, 16 * 12, 12 * 3]  # first round: every element, before pruning
+  assert [int(m["downlink_bits"]) for m in metrics] == \
+      [sum(8 * ((n * 8 + 7) // 8) + 64 for n in sizes)] * NUM_CLIENTS
