@@ -239,6 +239,9 @@ def test_local_masks_and_validation_split_end_to_end(data_dir, tmp_path):
     r = json.load(f)
   assert r["algorithm"] == "local_masks" and r["final"]["evaluated_on"] == "validation"
   assert all(row["uplink_bits"] == 0 and row["downlink_bits"] == 0 for row in r["rounds"])
+  # Nothing is aggregated: the client work is the mask upload's (no server scores to start from).
+  assert r["config"]["algorithm_settings"]["upload"] == "mask"
+  assert "accuracy_after_aggregation" not in r["final"]
   assert "personalized validation accuracy" in proc.stdout
   with open(os.path.join(out, "partition.json")) as f:
     part = json.load(f)["clients"]

@@ -151,7 +151,11 @@ class LocalMasks(FedMask):
   round_in_two_steps = False
 
   def __init__(self, context: BuildContext, config: fedmask_process.FedMaskConfig):
-    super().__init__(context, config)
+    # Nothing is aggregated, so nothing global exists to start from: the client work is the
+    # paper's (upload=mask), whose scores persist when no vote ever moves them.
+    super().__init__(context, dataclasses.replace(config, upload="mask", personal_head=False,
+                                                  downlink_bits=0, downlink_stochastic=False,
+                                                  ldp_epsilon=0.0, secure_aggregation=False))
     self.settings["aggregation"] = "none (local_masks: each client trains its own mask alone)"
     self.description = ("W frozen; each client trains its binary mask alone (no aggregation, "
                         f"mask_mode={context.mask_mode}); personalized model = its mask")
@@ -167,6 +171,9 @@ class LocalMasks(FedMask):
     for m in out:
       m["uplink_bits"] = 0
     return server_state, new_states, out
+
+  def evaluate_extra(self, server_state, test_datasets, client_states, train_datasets):
+    return {}  # no aggregation: nothing "after aggregation" to evaluate
 
 
 def build_local_masks(context: BuildContext, config: fedmask_process.FedMaskConfig) -> LocalMasks:
