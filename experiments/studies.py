@@ -12,6 +12,8 @@ Studies (see ``docs/studies.md`` for what each preset runs and which values foll
 * ``fedmask_ablation``: FedMask's parts one at a time on one partition (the paper's vote rule,
   persistent rules, the 1-bit downlink, a random start, Bernoulli masks, server-held scores)
   beside Standalone, FedAvg and ``local_masks`` (no aggregation);
+* ``mask_capacity`` (Table 2): a mask over frozen random weights against training the weights,
+  centrally on the pooled clients (``experiments.mask_capacity``; ``--epochs=N`` sets the epochs);
 * ``model_size`` (Table 5): parameters, float32 size, 1-bit mask size, and both after one-shot
   pruning, for the paper's models at width 1 (no training: the models are only built).
 
@@ -51,7 +53,8 @@ from experiments import run as run_cli  # noqa: F401  (the run flags; also defin
 from fedmask_tff.algorithms import ALGORITHMS
 
 FLAGS = flags.FLAGS
-STUDIES = ("communication", "computation", "devices", "epochs", "fedmask_ablation", "model_size")
+STUDIES = ("communication", "computation", "devices", "epochs", "fedmask_ablation", "mask_capacity",
+           "model_size")
 PRESETS = ("small", "paper")
 flags.DEFINE_string("study", None, f"Which study: one of {', '.join(STUDIES)}.")
 flags.DEFINE_string("preset", "small", "small (minutes, Fashion-MNIST) or paper (the paper's set-up).")
@@ -79,7 +82,8 @@ SMALL_COMMON = dict(dataset="fashion_mnist", partition="pathological", classes_p
                     num_clients=30, clients_per_round=5, rounds=6, local_epochs=1, batch_size=32,
                     model="mlp", model_width=0.25, prune_rate=0.2, seed=0, eval_every=0)
 SMALL_STUDY = {"communication": dict(eval_every=1), "computation": {},
-               "devices": dict(eval_every=2), "epochs": {}, "fedmask_ablation": {}}
+               "devices": dict(eval_every=2), "epochs": {}, "fedmask_ablation": {},
+               "mask_capacity": dict(model=None, model_width=1.0)}
 SMALL_SWEEPS = {"devices": [3, 6, 12], "epochs": [1, 2]}
 
 # The paper preset, per dataset. PAPER_FOLLOWS names the values taken from the paper (or from
@@ -98,7 +102,7 @@ PAPER_DATASET = {
                           clients_per_round=20),
 }
 PAPER_STUDY = {"communication": dict(eval_every=5), "computation": {}, "devices": dict(eval_every=5),
-               "epochs": {}, "fedmask_ablation": {}}
+               "epochs": {}, "fedmask_ablation": {}, "mask_capacity": {}}
 
 # The fedmask_ablation study: FedMask's parts one at a time on one partition, beside the simple
 # things (issue 14). Each variant is (run name, RunConfig changes); FedMask's own settings not
@@ -781,7 +785,13 @@ def main(argv):
     out = FLAGS.output_dir if FLAGS["output_dir"].present else os.path.join(
         "runs", "studies", FLAGS.study + ("" if FLAGS.preset == "small" else "_paper"))
     t0 = time.perf_counter()
-    if FLAGS.study == "model_size" and FLAGS.dry_run:
+    if FLAGS.study == "mask_capacity":
+      from experiments import mask_capacity
+      base = base_config("mask_capacity", FLAGS.preset)
+      epochs = FLAGS.epochs[0] if FLAGS.epochs else None
+      text = (f"mask_capacity: {base.dataset}, masked vs dense, central training" if FLAGS.dry_run
+              else mask_capacity.run_study(base, FLAGS.preset, out, _log, epochs))
+    elif FLAGS.study == "model_size" and FLAGS.dry_run:
       text = f"model_size: builds {', '.join(m[0] for m in SIZE_MODELS)}; no training"
     elif FLAGS.study == "model_size":
       text = model_size_study(FLAGS.preset, out)

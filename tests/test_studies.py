@@ -175,3 +175,22 @@ def test_fedmask_ablation_plans_every_variant_on_one_partition(tmp_path):
   refused = _studies(["--study=fedmask_ablation", "--dry_run", "--algorithms=fedmask",
                       f"--output_dir={tmp_path}/abl2"])
   assert refused.returncode != 0 and "--algorithms does not apply" in refused.stderr
+
+
+def test_mask_capacity_trains_the_mask_and_the_dense_network(tmp_path):
+  from test_cli import write_learnable_fashion_dir
+  data = tmp_path / "fmnist"
+  write_learnable_fashion_dir(str(data), n_train=300, n_test=60)
+  out = tmp_path / "cap"
+  proc = _studies(["--study=mask_capacity", f"--data_dir={data}", f"--output_dir={out}",
+                   "--model=mlp", "--model_width=0.25", "--num_clients=6", "--epochs=2"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(out / "study.json") as f:
+    study = json.load(f)
+  nets = study["results"]
+  assert set(nets) == {"masked (scores trained, W frozen)", "dense (weights trained)"}
+  for r in nets.values():
+    assert [e["epoch"] for e in r["epochs"]] == [1, 2]
+    assert r["epochs"][-1]["accuracy"] > 0.3  # 10 classes: chance is 0.1; the data is learnable
+  assert nets["masked (scores trained, W frozen)"]["learning_rate"] == 30.0
+  assert _is_png(str(out / "figure.png")) and "epoch 2" in (out / "table.md").read_text()
