@@ -556,7 +556,9 @@ def training_study(study: str, preset: str, out: str) -> str:
             f"(width {base.model_width}), {base.num_clients} clients, {base.rounds} rounds, "
             f"batch {base.batch_size}, seed {base.seed}"
             + (f", partition {base.partition_file}" if base.partition_file else "")
-            + ". Accuracy: personalized test accuracy (example-weighted) after the last round. "
+            + (f", validation fraction {base.validation_fraction:g}" if base.validation_fraction else "")
+            + f". Accuracy: personalized {'validation' if base.validation_fraction else 'test'} "
+            "accuracy (example-weighted) after the last round. "
             "Bits per client are measured from the payloads (mean over each round's clients); "
             "cumulative = summed over rounds, i.e. what one device taking part in every round "
             f"would send and receive; MB = 10^6 bytes. FLOPs: fedmask_tff.costs.train_flops.")
