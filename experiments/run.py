@@ -100,7 +100,7 @@ flags.DEFINE_float("global_weight", _D.global_weight, "fedmask, --upload=score_s
                    "from w*G + (1-w)*(its own scores) at its kept positions, w in (0, 1].")
 flags.DEFINE_bool("personal_head", _D.personal_head, "fedmask, --upload=score_sign: start from the "
                   "server's scores in the unpruned layers only; the pruned (last) layers keep the "
-                  "client's own scores between rounds.")
+                  "client's own scores between rounds (default; --nopersonal_head mixes them too).")
 flags.DEFINE_enum("model", _D.model, list(MODELS), "Model architecture (default: the data set's: "
                   "cnn for images, vgg16 for cifar10, har_mlp for har, shakespeare_lstm for text).")
 flags.DEFINE_float("model_width", _D.model_width, "Width multiplier of the model's hidden layers.")

@@ -106,7 +106,8 @@ PAPER_STUDY = {"communication": dict(eval_every=5), "computation": {}, "devices"
 
 # The fedmask_ablation study: FedMask's parts one at a time on one partition, beside the simple
 # things (issue 14). Each variant is (run name, RunConfig changes); FedMask's own settings not
-# named take the run's values (the defaults: upload=score_sign, global_weight=0.5).
+# named take the run's values (the defaults: upload=score_sign, global_weight=0.5,
+# personal_head).
 ABLATION_VARIANTS = (
     ("standalone", dict(algorithm="standalone")),
     ("fedavg", dict(algorithm="fedavg")),
@@ -120,9 +121,10 @@ ABLATION_VARIANTS = (
                                            score_restart="disagree_shift", downlink_bits=1)),
     ("bernoulli_fedpm", dict(algorithm="fedmask", upload="bernoulli", score_restart="scaled_logit",
                              restart_scale=1.0)),
-    ("score_sign_w1", dict(algorithm="fedmask", upload="score_sign", global_weight=1.0)),
-    ("score_sign_personal_head", dict(algorithm="fedmask", upload="score_sign",
-                                      personal_head=True)),
+    ("score_sign_w1", dict(algorithm="fedmask", upload="score_sign", global_weight=1.0,
+                           personal_head=False)),
+    ("score_sign_shared_head", dict(algorithm="fedmask", upload="score_sign",
+                                    personal_head=False)),
     ("fedmask_default", dict(algorithm="fedmask")),
 )
 PAPER_SWEEPS = {"devices": [20, 40, 80], "epochs": [1, 2, 5]}

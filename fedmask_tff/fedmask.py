@@ -110,10 +110,11 @@ class FedMaskConfig:
       ``global_weight * G + (1 - global_weight) * own`` at its kept positions
       (1: from ``G`` itself; below 1 the client's own evidence from its earlier
       rounds is kept in part).
-    personal_head: ``score_sign`` only: a client starts from ``G`` in the
-      unpruned layers only and keeps its own scores in the pruned (last) layers
-      between rounds, so its classifier stays personal while the feature layers
-      are learned by everyone.
+    personal_head: ``score_sign`` only (ignored otherwise): a client starts
+      from ``G`` in the unpruned layers only and keeps its own scores in the
+      pruned (last) layers between rounds, so its classifier stays personal
+      while the feature layers are learned by everyone. The pruned layers'
+      directions are still uploaded and ``G`` keeps them (for newcomers).
     seed: the run's seed, from which per-client, per-round seeds of the
       stochastic rounding and randomized response are derived (together with
       the round and the client's pruning mask).
@@ -135,7 +136,7 @@ class FedMaskConfig:
   score_init_noise: float = 0.0
   upload: str = "score_sign"
   server_score_step: float = 0.03
-  personal_head: bool = False
+  personal_head: bool = True
   global_weight: float = 0.5
   seed: int = 0
 
@@ -174,8 +175,6 @@ class FedMaskConfig:
                        "(float32) or 2..16 bits")
     if not (0.0 < self.global_weight <= 1.0):
       raise ValueError(f"global_weight must be in (0, 1], got {self.global_weight}")
-    if self.personal_head and self.upload != "score_sign":
-      raise ValueError("personal_head applies to upload='score_sign'")
     if int(self.min_shared) < 1:
       raise ValueError(f"min_shared must be >= 1, got {self.min_shared}")
     return self

@@ -54,7 +54,7 @@ class RunConfig:
   score_init_noise: float = 0.0  # fedmask: uniform noise in [-a, a] around score_init
   upload: str = "score_sign"  # fedmask: what the 1 bit per element says (see FedMaskConfig)
   server_score_step: float = 0.03  # fedmask, upload=score_sign: the server's step on its scores
-  personal_head: bool = False  # fedmask, upload=score_sign: pruned layers keep the client's scores
+  personal_head: bool = True  # fedmask, upload=score_sign: pruned layers keep the client's scores
   global_weight: float = 0.5  # fedmask, upload=score_sign: start from w*G + (1-w)*own scores
   score_restart: str = "scaled_logit"
   restart_scale: Optional[float] = None  # None: the rule's default (masking.DEFAULT_RULE_SCALE)
@@ -165,8 +165,6 @@ class RunConfig:
          "applies to --upload=mask")
     need(0.0 < self.global_weight <= 1.0 and not math.isnan(self.global_weight),
          f"--global_weight must be in (0, 1], got {self.global_weight}")
-    need(not self.personal_head or self.upload == "score_sign",
-         "--personal_head applies to --upload=score_sign")
     need(math.isfinite(self.score_init_noise) and self.score_init_noise >= 0,
          f"--score_init_noise must be a finite number >= 0, got {self.score_init_noise}")
     from fedmask_tff.vote_rules import RESTART_RULES

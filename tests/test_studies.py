@@ -168,7 +168,7 @@ def test_fedmask_ablation_plans_every_variant_on_one_partition(tmp_path):
                        ("mask_scaled_logit", '"upload": "mask"'),
                        ("mask_disagree_shift_1bit_down", '"downlink_bits": 1'),
                        ("bernoulli_fedpm", '"upload": "bernoulli"'),
-                       ("score_sign_personal_head", '"personal_head": true'),
+                       ("score_sign_shared_head", '"personal_head": false'),
                        ("fedmask_default", '"algorithm": "fedmask"')):
     line = next(l for l in text.splitlines() if l.strip().startswith(name + ":"))
     assert wanted in line, line

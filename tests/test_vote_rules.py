@@ -163,7 +163,8 @@ def test_score_sign_upload_steps_the_servers_scores_by_the_majority(tff_context,
   """upload='score_sign': a client starts from the server's scores G where it keeps the element,
   uploads 1[m_r(after) > m_r(start)], and the server steps G by step * (2v - 1) where at least
   two clients keep the element; each client keeps its own trained scores and mask."""
-  config = dataclasses.replace(CONFIG, upload="score_sign", server_score_step=0.1)
+  config = dataclasses.replace(CONFIG, upload="score_sign", server_score_step=0.1,
+                               personal_head=False)
   process = fedmask.build_fedmask_process(model_fn, ELEMENT_SPEC, config)
   server0 = process.initialize()
   assert int(server0["round"]) == 0
@@ -250,7 +251,8 @@ def test_score_sign_quantized_downlink_counts_its_bits_and_stays_close(tff_conte
   """downlink_bits=b with score_sign: G at the kept positions as b-bit levels between its min and
   max (two float32 more per tensor); the start differs from the float32 one by at most half a
   level times the span (times global_weight)."""
-  config = dataclasses.replace(CONFIG, upload="score_sign", downlink_bits=8, global_weight=1.0)
+  config = dataclasses.replace(CONFIG, upload="score_sign", downlink_bits=8, global_weight=1.0,
+                               personal_head=False)
   process = fedmask.build_fedmask_process(model_fn, ELEMENT_SPEC, config)
   state = process.initial_client_state()
   rng = np.random.default_rng(1)
