@@ -222,14 +222,25 @@ FEDMASK_SETTINGS = ("score_restart", "restart_scale", "score_init_noise", "uploa
                     "server_score_step", "personal_head", "global_weight")
 
 
+def unused_settings(config: RunConfig) -> set[str]:
+  """FedMask settings that cannot change ``config``'s results (other algorithms; the vote rule
+  under ``score_sign``; the server-score settings under the mask uploads; all but the initial
+  scores for ``local_masks``)."""
+  if config.algorithm == "local_masks":  # no aggregation: only the initial scores matter
+    return set(FEDMASK_SETTINGS) - {"score_init_noise"}
+  if config.algorithm != "fedmask":
+    return set(FEDMASK_SETTINGS)
+  if config.upload == "score_sign":
+    return {"score_restart", "restart_scale"}
+  return {"server_score_step", "personal_head", "global_weight"}
+
+
 def differing_settings(stored: dict, config: RunConfig) -> list[str]:
   """Names of the settings (those that change results) where a stored ``results.json``
   config differs from ``config``; a setting the stored results predate counts as its default.
   FedMask's own settings are compared only for ``fedmask`` and ``local_masks`` runs."""
   default = RunConfig()
-  ignored = set(RESUME_FREE)
-  if config.algorithm not in ("fedmask", "local_masks"):
-    ignored |= set(FEDMASK_SETTINGS)
+  ignored = set(RESUME_FREE) | unused_settings(config)
   return [f.name for f in dataclasses.fields(config)
           if f.name not in ignored
           and stored.get(f.name, getattr(default, f.name)) != getattr(config, f.name)]

@@ -271,3 +271,25 @@ def test_score_sign_quantized_downlink_counts_its_bits_and_stays_close(tff_conte
   sizes = [8 * 16, 16 * 12, 12 * 3]  # first round: every element, before pruning
   assert [int(m["downlink_bits"]) for m in metrics] == \
       [sum(8 * ((n * 8 + 7) // 8) + 64 for n in sizes)] * NUM_CLIENTS
+
+
+def test_runs_differ_only_in_settings_their_algorithm_uses():
+  """Resume and compare look only at settings that can change a run's results."""
+  from fedmask_tff.runner import RunConfig, differing_settings
+  import dataclasses as dc
+  stored = dc.asdict(RunConfig(personal_head=False, score_restart="linear"))
+  assert differing_settings(stored, RunConfig(algorithm="fedavg", personal_head=False,
+                                              score_restart="linear")) != []  # algorithm differs
+  assert differing_settings(dict(stored, algorithm="fedavg"), RunConfig(algorithm="fedavg")) == []
+  # score_sign ignores the vote rule, not its own settings.
+  assert differing_settings(stored, RunConfig(score_restart="linear")) == ["personal_head"]
+  assert differing_settings(stored, RunConfig(personal_head=False)) == []
+  # The mask upload ignores the server-score settings, not the vote rule.
+  mask = dict(stored, upload="mask")
+  assert differing_settings(mask, RunConfig(upload="mask", score_restart="linear")) == []
+  assert differing_settings(mask, RunConfig(upload="mask")) == ["score_restart"]
+  # local_masks: only the initial scores.
+  local = dict(stored, algorithm="local_masks")
+  assert differing_settings(local, RunConfig(algorithm="local_masks", upload="mask")) == []
+  assert differing_settings(local, RunConfig(algorithm="local_masks", score_init_noise=0.1)) == \
+      ["score_init_noise"]
