@@ -137,6 +137,9 @@ def config_from_flags() -> RunConfig:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import signal
+  from fedmask_tff import runner
+  signal.signal(signal.SIGINT, runner.request_stop)
   try:
     config = config_from_flags().validate()
     run(config)

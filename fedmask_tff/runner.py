@@ -296,6 +296,23 @@ def _dropped_clients(sampled: list, rate: float, seed: int, round_num: int) -> s
   return set(rng.choice(sampled, size=count, replace=False).tolist()) if count > 0 else set()
 
 
+_STOP_REQUESTED = False
+
+
+def request_stop(*_) -> None:
+  """SIGINT handler (``experiments.run``): raises KeyboardInterrupt now and remembers it, so that
+  an interrupt swallowed where Python ignores exceptions (a ``__del__`` or a garbage-collector
+  callback) still stops the run after the round in progress is saved."""
+  global _STOP_REQUESTED
+  _STOP_REQUESTED = True
+  raise KeyboardInterrupt
+
+
+def _check_stop() -> None:
+  if _STOP_REQUESTED:
+    raise KeyboardInterrupt
+
+
 def _log(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
@@ -592,6 +609,7 @@ def _run(config: RunConfig) -> dict[str, Any]:
       outputs.add_round(row)
       _tensorboard_scalars(tensorboard, round_num, row)
       progress.update(round_num, row)
+      _check_stop()
   finally:
     progress.close()
 
