@@ -26,12 +26,9 @@ COLUMNS = ("network", "epoch", "train_loss", "accuracy", "wall_s")
 
 def pooled_arrays(client_data, client_ids):
   """Every client's examples stacked: ``x [n, ...]``, ``y int32 [n]``."""
-  xs, ys = [], []
-  for cid in client_ids:
-    for element in client_data.create_tf_dataset_for_client(cid).as_numpy_iterator():
-      xs.append(element["x"])
-      ys.append(element["y"])
-  return np.stack(xs), np.asarray(ys, np.int32)
+  from fedmask_tff.data.validation import client_arrays
+  parts = [client_arrays(client_data, cid) for cid in client_ids]
+  return np.concatenate([p["x"] for p in parts]), np.concatenate([p["y"] for p in parts])
 
 
 def train_and_evaluate(model, variables, learning_rate, train, test, epochs, batch_size, seed, log):

@@ -255,7 +255,7 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     initial_scores.append(scores)
 
   lr = float(config.learning_rate)
-  global_scores = global_scores_mode = config.upload == "score_sign"
+  global_scores = config.upload == "score_sign"
 
   scores_type = tuple(tff.TensorType(np.float32, s.shape) for s in specs)
   state_type = tff.types.to_type(collections.OrderedDict(
@@ -537,18 +537,18 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     return tf.reshape(tf.tensor_scatter_nd_update(tf.reshape(g, [-1]), positions, received), g.shape)
 
   @tff.tensorflow.computation(scores_type, state_type)
-  def start_from_global(global_scores, state):
+  def start_from_global(server_scores, state):
     """A selected client starts from the server's scores (mixed with its own by
     ``global_weight``) where it keeps the element."""
     beta = float(config.global_weight)
-    if global_scores_mode and config.downlink_bits >= 2:
-      global_scores = tuple(
+    if global_scores and config.downlink_bits >= 2:
+      server_scores = tuple(
           quantized_global(g, k, client_seed(state["keep"], state["rounds"], 300 + i))
-          for i, (g, k) in enumerate(zip(global_scores, state["keep"])))
+          for i, (g, k) in enumerate(zip(server_scores, state["keep"])))
     scores = tuple(
         s if (config.personal_head and spec.prunable)
         else tf.where(k > 0, beta * g + (1.0 - beta) * s, s)
-        for g, s, k, spec in zip(global_scores, state["scores"], state["keep"], specs))
+        for g, s, k, spec in zip(server_scores, state["scores"], state["keep"], specs))
     return collections.OrderedDict(scores=scores, keep=state["keep"], personal=state["personal"],
                                    rounds=state["rounds"])
 

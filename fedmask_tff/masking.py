@@ -109,8 +109,6 @@ def scores_from_mask_values(values, rule: str = "scaled_logit", scale: float = 0
   The persistent rules (:func:`apply_vote`) use ``scaled_logit`` where they
   restart. Works on numpy arrays or tensors; returns the same kind.
   """
-  if rule not in RESTART_RULES:
-    raise ValueError(f"score restart rule must be one of {RESTART_RULES}, got {rule!r}")
   check_rule(rule, scale, eps)
   lib = tf.math if isinstance(values, (tf.Tensor, tf.Variable)) else np
   t0 = math.log(threshold / (1.0 - threshold))

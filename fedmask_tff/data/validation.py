@@ -21,7 +21,7 @@ def check_validation_fraction(fraction: float) -> float:
   return fraction
 
 
-def _client_arrays(client_data, cid):
+def client_arrays(client_data, cid):
   """A client's examples as numpy: ``{'x': [n, ...], 'y': int32 [n]}``."""
   xs, ys = [], []
   for element in client_data.create_tf_dataset_for_client(cid).as_numpy_iterator():
@@ -51,7 +51,7 @@ def holdout_validation(split, fraction: float, seed: int):
     raise DataError("validation_fraction must be > 0 to hold out validation data")
   train, valid = {}, {}
   for i, cid in enumerate(split.client_ids):
-    arrays = _client_arrays(split.train, cid)
+    arrays = client_arrays(split.train, cid)
     n = arrays["y"].size
     if n < 2:
       raise DataError(f"client {cid} has {n} training example(s): too few to hold out validation data")
