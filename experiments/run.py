@@ -101,6 +101,13 @@ flags.DEFINE_float("global_weight", _D.global_weight, "fedmask, --upload=score_s
 flags.DEFINE_bool("personal_head", _D.personal_head, "fedmask, --upload=score_sign: start from the "
                   "server's scores in the unpruned layers only; the pruned (last) layers keep the "
                   "client's own scores between rounds (default; --nopersonal_head mixes them too).")
+flags.DEFINE_bool("global_mask", _D.global_mask, "fedmask, --upload=mask or bernoulli: Algorithm 1 "
+                  "read literally: the server keeps the binary global mask m^T of the last "
+                  "aggregation and a selected client starts from m^T at its kept positions (its "
+                  "scores moved by --score_restart), instead of applying the vote after its own round.")
+flags.DEFINE_bool("prune_at_init", _D.prune_at_init, "fedmask, local_masks: every client trains "
+                  "its pruning epoch and prunes before round 1 (Algorithm 1 lines 4-6), instead of "
+                  "at its first round; its cost is reported as results.json's 'initialization'.")
 flags.DEFINE_enum("model", _D.model, list(MODELS), "Model architecture (default: the data set's: "
                   "cnn for images, vgg16 for cifar10, har_mlp for har, shakespeare_lstm for text).")
 flags.DEFINE_float("model_width", _D.model_width, "Width multiplier of the model's hidden layers.")

@@ -113,6 +113,8 @@ ABLATION_VARIANTS = (
     ("fedavg", dict(algorithm="fedavg")),
     ("local_masks", dict(algorithm="local_masks")),
     ("mask_scaled_logit", dict(algorithm="fedmask", upload="mask", score_restart="scaled_logit")),
+    ("paper_algorithm1", dict(algorithm="fedmask", upload="mask", score_restart="scaled_logit",
+                              global_mask=True, prune_at_init=True)),
     ("mask_scaled_logit_random_start", dict(algorithm="fedmask", upload="mask",
                                             score_restart="scaled_logit", score_init_noise=0.05)),
     ("mask_disagree_shift", dict(algorithm="fedmask", upload="mask", score_restart="disagree_shift")),

@@ -115,6 +115,18 @@ class FedMaskConfig:
       pruned (last) layers between rounds, so its classifier stays personal
       while the feature layers are learned by everyone. The pruned layers'
       directions are still uploaded and ``G`` keeps them (for newcomers).
+    global_mask: ``upload="mask"`` or ``"bernoulli"`` only: Algorithm 1 read
+      literally (lines 9-11). The server keeps the binary global mask m^T,
+      ``1[v >= tau]`` per element from the last aggregation in which at least
+      ``min_shared`` clients kept it (an element never shared has none); a
+      selected client starts its round from m^T at the positions it keeps (its
+      scores moved by ``score_restart``, so ``scaled_logit`` restarts them from
+      m^T ⊙ m_k), trains, and uploads; no vote is applied after its round. The
+      downlink is m^T's bit per kept element (plus one "defined" bit per kept
+      element while some are undefined), counted from the packed message.
+    prune_at_init: every client trains its one pruning epoch and prunes before
+      round 1 (Algorithm 1 lines 4-6), sending its pruning mask then, instead of
+      at its first participation (see :meth:`FedMaskProcess.prepare_clients`).
     seed: the run's seed, from which per-client, per-round seeds of the
       stochastic rounding and randomized response are derived (together with
       the round and the client's pruning mask).
@@ -138,6 +150,8 @@ class FedMaskConfig:
   server_score_step: float = 0.03
   personal_head: bool = True
   global_weight: float = 0.5
+  global_mask: bool = False
+  prune_at_init: bool = False
   seed: int = 0
 
   def validate(self, num_masked_layers: int | None = None) -> "FedMaskConfig":
@@ -175,6 +189,12 @@ class FedMaskConfig:
                        "(float32) or 2..16 bits")
     if not (0.0 < self.global_weight <= 1.0):
       raise ValueError(f"global_weight must be in (0, 1], got {self.global_weight}")
+    if self.global_mask and self.upload == "score_sign":
+      raise ValueError("global_mask keeps the binary global mask m^T of upload='mask' or "
+                       "'bernoulli'; upload='score_sign' already starts clients from the server's scores")
+    if self.global_mask and int(self.downlink_bits) >= 2:
+      raise ValueError("global_mask sends m^T down as 1 bit per kept element; downlink_bits "
+                       f"{self.downlink_bits} does not apply (use 0 or 1)")
     if int(self.min_shared) < 1:
       raise ValueError(f"min_shared must be >= 1, got {self.min_shared}")
     return self
@@ -297,8 +317,9 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
                      + tf.cast(rounds, tf.int64) * 31, fingerprint])
 
   # --- Client work -------------------------------------------------------------
-  @tff.tensorflow.computation(data_type, state_type)
-  def client_update(dataset, state):
+  def local_work(dataset, state, epochs):
+    """A client's training: the pruning epoch (if it has not pruned yet), then ``epochs``
+    epochs. Returns ``(new_state, masks, pruned_now, loss_sum, count, flops, diverged)``."""
     model, kernels, score_vars, keep_vars, assigns = load_model(state)
 
     @tf.function
@@ -338,7 +359,7 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
         return tf.constant(0.0), tf.constant(0.0), tf.constant(0.0, tf.float64), tf.constant(0)
 
       loss_sum, count, flops, pruned_now = tf.cond(tf.equal(rounds, 0), prune, no_prune)
-      for _ in tf.range(config.local_epochs):
+      for _ in tf.range(epochs):
         l1, c1, f1 = epoch()
         loss_sum, count, flops = loss_sum + l1, count + c1, flops + f1
       return loss_sum, count, flops, pruned_now
@@ -360,6 +381,13 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     # personalized model; `scores` will be restarted from the aggregate.
     new_state = collections.OrderedDict(scores=scores, keep=keeps, personal=masks,
                                         rounds=state["rounds"] + tf.where(diverged, 0, 1))
+    return new_state, masks, pruned_now, loss_sum, count, flops, diverged
+
+  @tff.tensorflow.computation(data_type, state_type)
+  def client_update(dataset, state):
+    new_state, masks, pruned_now, loss_sum, count, flops, diverged = local_work(
+        dataset, state, config.local_epochs)
+    scores, keeps = new_state["scores"], new_state["keep"]
     sent = masks
     if config.upload == "bernoulli":  # Stochastic mask (after FedPM): E[bit] = sigmoid(m_r).
       seed = client_seed(new_state["keep"], state["rounds"], 200)
@@ -384,6 +412,23 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
         mask_ones=tf.add_n([tf.reduce_sum(m) for m in masks]),
         mask_kept=tf.add_n([tf.reduce_sum(k) for k in new_state["keep"]]))
     return new_state, upload, metrics
+
+  @tff.tensorflow.computation(data_type, state_type)
+  def prepare_client(dataset, state):
+    """Algorithm 1 lines 4-6 (``prune_at_init``): a client that has not pruned yet trains its
+    pruning epoch and prunes; it sends its packed pruning masks (counted in ``uplink_bits``).
+    A client that has pruned already is returned unchanged, so a rerun can repeat this."""
+    new_state, masks, pruned_now, loss_sum, count, flops, diverged = local_work(dataset, state, 0)
+    done = tf.logical_and(pruned_now > 0, tf.logical_not(diverged))
+    new_state = collections.OrderedDict(
+        (k, tf.nest.map_structure(lambda new, old: tf.where(done, new, old), new_state[k], state[k]))
+        for k in ("scores", "keep", "personal", "rounds"))
+    sent_keep = encode_upload_fn(masks, new_state["keep"], tf.cast(done, tf.int32))["keep"]
+    metrics = collections.OrderedDict(
+        loss_sum=tf.where(diverged, 0.0, loss_sum), examples=tf.where(diverged, 0.0, count),
+        diverged=tf.cast(diverged, tf.int32), train_flops=flops, pruned=tf.cast(done, tf.int32),
+        uplink_bits=payloads.tensor_bits(sent_keep))
+    return new_state, metrics
 
   # --- Server side: decode each upload and sum ------------------------------------
   @tff.tensorflow.computation(upload_type, scores_type)
@@ -552,17 +597,78 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     return collections.OrderedDict(scores=scores, keep=state["keep"], personal=state["personal"],
                                    rounds=state["rounds"])
 
+  def server_votes(sums):
+    """Per tensor: ``(v, shared)``: the share of 1s among the clients keeping each element
+    (debiased under LDP) and whether at least ``min_shared`` clients keep it."""
+    votes = []
+    for total, count in zip(sums["total"], sums["count"]):
+      if config.ldp_epsilon > 0:
+        total = ldp.debias_sum_tf(total, count, config.ldp_epsilon)
+      votes.append((tf.clip_by_value(tf.math.divide_no_nan(total, count), 0.0, 1.0),
+                    count >= config.min_shared))
+    return votes
+
   @tff.tensorflow.computation(global_state_type, sums_type)
   def global_step(server, sums):
     """``G += step * (2v - 1)`` where at least ``min_shared`` clients keep the element."""
-    new = []
-    for g, total, count in zip(server["scores"], sums["total"], sums["count"]):
-      if config.ldp_epsilon > 0:
-        total = ldp.debias_sum_tf(total, count, config.ldp_epsilon)
-      vote = tf.clip_by_value(tf.math.divide_no_nan(total, count), 0.0, 1.0)
-      new.append(g + tf.where(count >= config.min_shared,
-                              config.server_score_step * (2.0 * vote - 1.0), 0.0))
-    return collections.OrderedDict(round=server["round"] + 1, scores=tuple(new))
+    new = tuple(g + tf.where(shared, config.server_score_step * (2.0 * vote - 1.0), 0.0)
+                for g, (vote, shared) in zip(server["scores"], server_votes(sums)))
+    return collections.OrderedDict(round=server["round"] + 1, scores=new)
+
+  # global_mask (Algorithm 1 literally): the server's state is the binary m^T (-1: never shared).
+  mask_state_type = tff.types.to_type(collections.OrderedDict(
+      round=tff.TensorType(np.int32), mask=scores_type))
+
+  @tff.tensorflow.computation
+  def initial_mask_state():
+    return collections.OrderedDict(round=tf.constant(0, tf.int32),
+                                   mask=tuple(tf.fill(s.shape, DOWNLINK_UNCHANGED) for s in specs))
+
+  def mask_message(m, keep):
+    """What a client receives of m^T (one tensor): its bit per kept element, packed, plus a
+    packed "defined" bit per kept element while any of them has no m^T yet. Returns the
+    decoded message scattered back (``DOWNLINK_UNCHANGED`` where not kept or undefined)
+    and its int64 size in bits."""
+    flat_keep = tf.reshape(keep > 0, [-1])
+    values = tf.boolean_mask(tf.reshape(m, [-1]), flat_keep)
+    packed_bits = bitpack.pack_bits_tf(tf.cast(values > 0, tf.float32))
+    packed_defined = bitpack.pack_bits_tf(tf.cast(values >= 0, tf.float32))
+    any_undefined = tf.reduce_any(values < 0)
+    size = tf.cast(tf.size(packed_bits) * 8 + tf.where(any_undefined, tf.size(packed_defined) * 8, 0),
+                   tf.int64)
+    n = tf.size(values)
+    defined = tf.where(any_undefined, bitpack.unpack_bits_tf(packed_defined, n), tf.ones([n]))
+    message = tf.where(defined > 0, bitpack.unpack_bits_tf(packed_bits, n), DOWNLINK_UNCHANGED)
+    positions = tf.where(flat_keep)
+    received = tf.tensor_scatter_nd_update(tf.fill([tf.size(keep)], DOWNLINK_UNCHANGED), positions,
+                                           message)
+    return tf.reshape(received, keep.shape), size
+
+  @tff.tensorflow.computation(scores_type, state_type)
+  def start_from_mask(global_mask_value, state):
+    """Algorithm 1 line 11: a selected client moves its scores by m^T where it keeps the element
+    (``score_restart``; ``scaled_logit`` restarts them from m^T ⊙ m_k), its own elsewhere."""
+    scores = tuple(
+        masking.apply_vote(s, mask_message(m, k)[0], config.score_restart, config.restart_scale,
+                           config.restart_eps, t)
+        for m, s, k, t in zip(global_mask_value, state["scores"], state["keep"], thresholds))
+    return collections.OrderedDict(scores=scores, keep=state["keep"], personal=state["personal"],
+                                   rounds=state["rounds"])
+
+  @tff.tensorflow.computation(mask_state_type, sums_type)
+  def mask_step(server, sums):
+    """m^T = 1[v >= tau] where at least ``min_shared`` clients keep the element; else unchanged."""
+    new = tuple(tf.where(shared, tf.cast(vote >= t, tf.float32), m)
+                for m, (vote, shared), t in zip(server["mask"], server_votes(sums), thresholds))
+    return collections.OrderedDict(round=server["round"] + 1, mask=new)
+
+  @tff.tensorflow.computation(scores_type, state_type, client_update.type_signature.result[2])
+  def mask_downlink_bits(global_mask_value, state, metrics):
+    """Bits of the m^T message the client received at the start of its round (all positions
+    before its pruning)."""
+    sizes = [mask_message(m, tf.where(metrics["pruned"] > 0, tf.ones_like(k), k))[1]
+             for m, k in zip(global_mask_value, state["keep"])]
+    return tf.add_n(sizes)
 
   @tff.tensorflow.computation(state_type, client_update.type_signature.result[2])
   def global_downlink_bits(state, metrics):
@@ -580,6 +686,12 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     @tff.federated_computation()
     def initialize_fn():
       return tff.federated_eval(initial_global_state, tff.SERVER)
+  elif config.global_mask:
+    server_state_type = tff.FederatedType(mask_state_type, tff.SERVER)
+
+    @tff.federated_computation()
+    def initialize_fn():
+      return tff.federated_eval(initial_mask_state, tff.SERVER)
   else:
     server_state_type = tff.FederatedType(tff.TensorType(np.int32), tff.SERVER)
 
@@ -599,6 +711,9 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     if global_scores:
       client_states = tff.federated_map(
           start_from_global, (tff.federated_broadcast(server_state.scores), client_states))
+    elif config.global_mask:
+      client_states = tff.federated_map(
+          start_from_mask, (tff.federated_broadcast(server_state.mask), client_states))
     trained, upload, metrics = tff.federated_map(client_update, (client_data, client_states))
     return trained, upload, metrics
 
@@ -621,6 +736,11 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
       new_server = tff.federated_map(global_step, (server_state, sums))
       new_states = trained
       downlink_bits = tff.federated_map(global_downlink_bits, (trained, metrics))
+    elif config.global_mask:
+      new_server = tff.federated_map(mask_step, (server_state, sums))
+      new_states = trained
+      downlink_bits = tff.federated_map(
+          mask_downlink_bits, (tff.federated_broadcast(server_state.mask), trained, metrics))
     else:
       new_server = tff.federated_map(increment, server_state)
       new_states, downlink_bits = tff.federated_map(
@@ -640,7 +760,13 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
   def evaluate_fn(client_data, client_masks):
     return tff.federated_map(evaluate_client, (client_data, client_masks))
 
+  @tff.federated_computation(tff.FederatedType(data_type, tff.CLIENTS), clients_state_type)
+  def prepare_fn(client_data, client_states):
+    new_states, metrics = tff.federated_map(prepare_client, (client_data, client_states))
+    return new_states, metrics
+
   process = FedMaskProcess(initialize_fn, next_fn)
+  process.prepare = prepare_fn
   process.specs = specs
   process.config = config
   process.client_state_type = state_type
@@ -661,20 +787,24 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
 
   process.initial_client_state = initial_client_state
 
-  def received_masks(state):
-    """Binary masks of the scores a client restarted from (numpy), i.e. after aggregation."""
-    return tuple(((np.asarray(sc) >= lt) * np.asarray(k)).astype(np.float32)
-                 for sc, k, lt in zip(state["scores"], state["keep"], logit_thresholds))
-
-  process.received_masks = received_masks
   process.global_scores = global_scores
   process.start_from_global = start_from_global
 
-  def global_masks(server_state, state):
-    """score_sign: the binary mask of the server's scores at the client's kept positions (numpy):
-    the model a client starts its next round from, before local training."""
-    return tuple(((np.asarray(g) >= lt) * np.asarray(k)).astype(np.float32)
-                 for g, k, lt in zip(server_state["scores"], state["keep"], logit_thresholds))
+  def start_masks(server_state, state):
+    """The binary masks of the aggregate as a client sees it, before local training (numpy):
+    with ``score_sign`` the mask of the server's scores ``G`` at its kept positions; with
+    ``global_mask`` the mask it starts its next round from (its scores moved by m^T);
+    otherwise the mask it restarted from after its last aggregation."""
+    if global_scores:
+      scores = server_state["scores"]
+    elif config.global_mask:
+      scores = start_from_mask(server_state["mask"], state)["scores"]
+    else:
+      scores = state["scores"]
+    return tuple(((np.asarray(sc) >= lt) * np.asarray(k)).astype(np.float32)
+                 for sc, k, lt in zip(scores, state["keep"], logit_thresholds))
 
-  process.global_masks = global_masks
+  process.start_masks = start_masks
+  process.start_from_mask = start_from_mask
+  process.prepare_client = prepare_client
   return process

@@ -56,6 +56,8 @@ class RunConfig:
   server_score_step: float = 0.03  # fedmask, upload=score_sign: the server's step on its scores
   personal_head: bool = True  # fedmask, upload=score_sign: pruned layers keep the client's scores
   global_weight: float = 0.5  # fedmask, upload=score_sign: start from w*G + (1-w)*own scores
+  global_mask: bool = False  # fedmask, upload=mask/bernoulli: clients start from the server's m^T
+  prune_at_init: bool = False  # fedmask: every client prunes before round 1 (Algorithm 1, 4-6)
   score_restart: str = "scaled_logit"
   restart_scale: Optional[float] = None  # None: the rule's default (masking.DEFAULT_RULE_SCALE)
   model: Optional[str] = None  # None: the data set's model (fashion_mnist: cnn; har: har_mlp; ...)
@@ -163,6 +165,12 @@ class RunConfig:
     need(not (self.upload != "mask" and self.uplink_coding != "none"),
          "--uplink_coding=entropy codes the thresholded mask against the previous one; it "
          "applies to --upload=mask")
+    need(not (self.global_mask and self.upload == "score_sign"),
+         "--global_mask keeps the binary global mask m^T of --upload=mask or bernoulli; "
+         "--upload=score_sign already starts clients from the server's scores")
+    need(not (self.global_mask and self.downlink_bits >= 2),
+         f"--global_mask sends m^T down as 1 bit per kept element; --downlink_bits="
+         f"{self.downlink_bits} does not apply (use 0 or 1)")
     need(0.0 < self.global_weight <= 1.0 and not math.isnan(self.global_weight),
          f"--global_weight must be in (0, 1], got {self.global_weight}")
     need(math.isfinite(self.score_init_noise) and self.score_init_noise >= 0,
@@ -219,19 +227,20 @@ RESUME_FREE = ("overwrite", "progress", "max_concurrent_clients", "output_dir", 
 
 # FedMask's own settings: they change nothing for the other algorithms.
 FEDMASK_SETTINGS = ("score_restart", "restart_scale", "score_init_noise", "upload",
-                    "server_score_step", "personal_head", "global_weight")
+                    "server_score_step", "personal_head", "global_weight", "global_mask",
+                    "prune_at_init")
 
 
 def unused_settings(config: RunConfig) -> set[str]:
   """FedMask settings that cannot change ``config``'s results (other algorithms; the vote rule
   under ``score_sign``; the server-score settings under the mask uploads; all but the initial
   scores for ``local_masks``)."""
-  if config.algorithm == "local_masks":  # no aggregation: only the initial scores matter
-    return set(FEDMASK_SETTINGS) - {"score_init_noise"}
+  if config.algorithm == "local_masks":  # no aggregation: only the initial scores and pruning
+    return set(FEDMASK_SETTINGS) - {"score_init_noise", "prune_at_init"}
   if config.algorithm != "fedmask":
     return set(FEDMASK_SETTINGS)
   if config.upload == "score_sign":
-    return {"score_restart", "restart_scale"}
+    return {"score_restart", "restart_scale", "global_mask"}
   return {"server_score_step", "personal_head", "global_weight"}
 
 
@@ -456,7 +465,7 @@ def _run(config: RunConfig) -> dict[str, Any]:
   rng = np.random.default_rng(config.seed)
   server_state = algorithm.initialize()
   participated: set[str] = set()
-  first_round, previous_rows = 1, []
+  first_round, previous_rows, initialization = 1, [], None
   if resuming:
     from fedmask_tff import checkpoint
     try:
@@ -471,7 +480,9 @@ def _run(config: RunConfig) -> dict[str, Any]:
     first_round = ckpt["round"] + 1
     with open(os.path.join(config.output_dir, "results.json")) as f:
       import json
-      previous_rows = [r for r in json.load(f)["rounds"] if r["round"] <= ckpt["round"]]
+      previous = json.load(f)
+    previous_rows = [r for r in previous["rounds"] if r["round"] <= ckpt["round"]]
+    initialization = previous.get("initialization")
     _log(f"[fedmask_tff] resuming {config.output_dir} after round {ckpt['round']}")
   outputs = RunOutputs(config.output_dir, config.algorithm, config.dataset, cfg, rounds=previous_rows)
   client_index = {cid: i for i, cid in enumerate(split.client_ids)}
@@ -533,9 +544,17 @@ def _run(config: RunConfig) -> dict[str, Any]:
             "accuracy_per_client": accs, "evaluated_clients": len(accs),
             "test_examples": int(examples)}
 
+  if algorithm.prepares_clients and not resuming:
+    initialization = _prepare_clients(algorithm, store, training_ids, lambda c: train_input(c, 0))
+  if initialization is not None:
+    outputs.results["initialization"] = initialization
+    outputs.save()
   totals = {"uplink_bits": sum(r["uplink_bits"] for r in previous_rows),
             "downlink_bits": sum(r["downlink_bits"] for r in previous_rows),
             "train_flops": sum(r["train_flops"] for r in previous_rows)}
+  if initialization is not None:
+    totals["uplink_bits"] += initialization["uplink_bits"]
+    totals["train_flops"] += initialization["train_flops"]
   _log(f"[fedmask_tff] {config.algorithm}: {num_params:,} model parameters, {config.rounds} rounds x "
        f"{config.clients_per_round} clients, learning rate {learning_rate:g}, "
        f"setup {time.perf_counter() - t_start:.1f} s")
@@ -686,6 +705,33 @@ def _run(config: RunConfig) -> dict[str, Any]:
 
 TENSORBOARD_SCALARS = ("train_loss", "accuracy", "uplink_bits_per_client", "downlink_bits_per_client",
                       "train_flops_per_client", "final_accuracy")
+
+
+def _prepare_clients(algorithm, store, client_ids: list, train_input) -> dict:
+  """Every client's work before round 1 (``algorithm.prepare_clients``), 20 clients per TFF
+  call, states stored; returns its measured cost (bits sent, FLOPs, seconds)."""
+  _log(f"[fedmask_tff] before round 1: every client ({len(client_ids)}) trains its pruning epoch "
+       "and prunes (--prune_at_init) ...")
+  t0 = time.perf_counter()
+  up, flops, pruned, diverged = 0, 0.0, 0, 0
+  for i in range(0, len(client_ids), 20):
+    ids = client_ids[i:i + 20]
+    new_states, metrics = algorithm.prepare_clients([train_input(c) for c in ids],
+                                                    [store.get(c) for c in ids])
+    for c, st in zip(ids, new_states):
+      store.put(c, st)
+    up += sum(m["uplink_bits"] for m in metrics)
+    flops += sum(m["train_flops"] for m in metrics)
+    pruned += sum(m["pruned"] for m in metrics)
+    diverged += sum(m["diverged"] for m in metrics)
+  if diverged:
+    raise FloatingPointError(f"--prune_at_init: the pruning epoch diverged for {diverged} of "
+                             f"{len(client_ids)} clients; lower --learning_rate")
+  return {"clients": len(client_ids), "pruned_clients": pruned, "uplink_bits": up,
+          "uplink_bits_per_client": up / max(1, len(client_ids)), "train_flops": flops,
+          "wall_s": time.perf_counter() - t0,
+          "what": "each client's pruning epoch and one-shot pruning before round 1; its pruning "
+                  "masks sent once (counted in totals.uplink_bits)"}
 
 
 def _tensorboard_scalars(writer, step: int, row: dict) -> None:

@@ -256,3 +256,29 @@ def test_bad_validation_fraction_fails_before_training(data_dir, tmp_path):
   proc, _ = run_cli([f"--data_dir={data_dir}", f"--output_dir={tmp_path}/v",
                      "--validation_fraction=1.5"])
   assert proc.returncode == 2 and "--validation_fraction" in proc.stderr
+
+
+def test_algorithm1_literally_end_to_end(data_dir, tmp_path):
+  """--upload=mask --global_mask --prune_at_init: every client prunes before round 1 (its
+  pruning masks counted once in the totals), no client prunes in a round, and the downlink is
+  m^T's bits."""
+  out = str(tmp_path / "alg1")
+  args = [f"--data_dir={data_dir}", f"--output_dir={out}", "--upload=mask", "--global_mask",
+          "--prune_at_init", "--model=mlp", "--model_width=0.25", "--num_clients=6",
+          "--clients_per_round=3", "--rounds=2", "--local_epochs=1", "--batch_size=16",
+          "--progress=false"]
+  proc, _ = run_cli(args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(out, "results.json")) as f:
+    r = json.load(f)
+  init = r["initialization"]
+  assert init["clients"] == 6 and init["pruned_clients"] == 6 and init["uplink_bits"] > 0
+  assert all(row["pruned_clients"] == 0 for row in r["rounds"])
+  assert r["totals"]["uplink_bits"] == init["uplink_bits"] + sum(row["uplink_bits"] for row in r["rounds"])
+  masked = r["config"]["masked_parameters"]
+  # Downlink: at most 2 bits per element (m^T's bit and a "defined" bit), never float32.
+  assert all(0 < row["downlink_bits_per_client"] <= 2 * masked + 64 for row in r["rounds"])
+  assert r["config"]["algorithm_settings"]["global_mask"] is True
+  assert 0.0 <= r["final"]["accuracy_after_aggregation"] <= 1.0
+  proc, _ = run_cli(args[:1] + [f"--output_dir={tmp_path}/bad", "--global_mask"])
+  assert proc.returncode == 2 and "--global_mask" in proc.stderr

@@ -220,7 +220,7 @@ def test_next_matches_pure_aggregation_rule(process, data, two_rounds, round_ind
                                  rtol=1e-5, atol=1e-6)
       np.testing.assert_allclose(out[kept & ~agg], own[kept & ~agg], rtol=1e-6, atol=1e-7)
       # The received binary mask is the vote where aggregated, the client's own elsewhere.
-      received = process.received_masks(states_out[c])[j]
+      received = process.start_masks(None, states_out[c])[j]
       expected = np.where(agg, values[c] >= 0.5, masks[c]) * keeps[c]
       np.testing.assert_array_equal(received, expected)
   # The case is not degenerate: both branches of the rule are exercised.

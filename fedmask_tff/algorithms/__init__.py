@@ -34,7 +34,8 @@ def build_algorithm(name: str, context, config):
         downlink_bits=config.downlink_bits, downlink_stochastic=config.downlink_stochastic,
         ldp_epsilon=config.ldp_epsilon or 0.0, score_init_noise=config.score_init_noise,
         upload=config.upload, server_score_step=config.server_score_step,
-        personal_head=config.personal_head, global_weight=config.global_weight, seed=config.seed)
+        personal_head=config.personal_head, global_weight=config.global_weight,
+        global_mask=config.global_mask, prune_at_init=config.prune_at_init, seed=config.seed)
     if name == "local_masks":
       return build_local_masks(context, fedmask_config)
     return build_fedmask(context, fedmask_config, uplink_coding=config.uplink_coding)

@@ -182,6 +182,15 @@ class FederatedAlgorithm(abc.ABC):
     ``global_model.weights.h5`` (Keras) for export and deployment."""
     return None
 
+  # True when every client does some work once before round 1 (see :meth:`prepare_clients`).
+  prepares_clients: bool = False
+
+  def prepare_clients(self, train_datasets: list, client_states: list):
+    """Work each client does once before round 1 (FedMask with ``prune_at_init``: its pruning
+    epoch). Returns ``(new_states, per-client metrics)``; metrics have ``uplink_bits``,
+    ``train_flops``, ``examples`` and ``pruned``."""
+    raise NotImplementedError(f"{self.name} does no work before round 1")
+
   def evaluate_extra(self, server_state, test_datasets, client_states, train_datasets) -> dict:
     """Optional further evaluations ``{name: [per-client metrics]}`` (FedMask: after aggregation)."""
     return {}

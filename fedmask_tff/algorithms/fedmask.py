@@ -48,6 +48,17 @@ class FedMask(FederatedAlgorithm):
     self.description = ("W frozen; each client trains binary masks (mask_mode="
                         f"{context.mask_mode}); personalized model = its mask after local training")
 
+  @property
+  def prepares_clients(self):
+    return bool(self.process.config.prune_at_init)
+
+  def prepare_clients(self, train_datasets, client_states):
+    """Algorithm 1 lines 4-6: each client's pruning epoch and one-shot pruning, before round 1."""
+    new_states, metrics = self._with_datasets("prepare")(train_datasets, client_states)
+    return list(new_states), [{"uplink_bits": int(m["uplink_bits"]), "train_flops": float(m["train_flops"]),
+                               "examples": float(m["examples"]), "pruned": int(m["pruned"]),
+                               "diverged": int(m["diverged"])} for m in metrics]
+
   def initial_client_state(self):
     return self.process.initial_client_state()
 
@@ -61,7 +72,8 @@ class FedMask(FederatedAlgorithm):
     it with the run's rule (``masking.apply_vote``), keeps everything, and prunes at its first round."""
     import numpy as np
     from fedmask_tff import masking
-    if self.process.global_scores:  # A newcomer starts from the server's scores, like anyone.
+    if self.process.global_scores or self.process.config.global_mask:
+      # A newcomer starts from the server's scores (or m^T), like anyone.
       init = self.process.initial_client_state()
       return [type(init)(init) for _ in range(count)]
     totals = [np.zeros(s.shape, np.float64) for s in self.specs]
@@ -130,10 +142,7 @@ class FedMask(FederatedAlgorithm):
 
   def evaluate_extra(self, server_state, test_datasets, client_states, train_datasets):
     """``after_aggregation``: each client with the mask it restarted from after the last aggregation."""
-    if self.process.global_scores:
-      masks = [self.process.global_masks(server_state, s) for s in client_states]
-    else:
-      masks = [self.process.received_masks(s) for s in client_states]
+    masks = [self.process.start_masks(server_state, s) for s in client_states]
     return {"after_aggregation": self._evaluate(test_datasets, masks)}
 
 
