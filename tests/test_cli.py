@@ -282,3 +282,25 @@ def test_algorithm1_literally_end_to_end(data_dir, tmp_path):
   assert 0.0 <= r["final"]["accuracy_after_aggregation"] <= 1.0
   proc, _ = run_cli(args[:1] + [f"--output_dir={tmp_path}/bad", "--global_mask"])
   assert proc.returncode == 2 and "--global_mask" in proc.stderr
+
+
+def test_tflite_commands_of_the_docs_on_a_run_with_default_flags(data_dir, tmp_path):
+  """docs/tflite.md's two commands as a user types them (--model left at its default, which a
+  run records as None), with only size flags added: the export must find the run's model."""
+  out = str(tmp_path / "tfl_run")
+  proc, _ = run_cli([f"--data_dir={data_dir}", "--rounds=1", "--num_clients=4", "--clients_per_round=2",
+                     f"--output_dir={out}", "--progress=false", "--model_width=0.25"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(out, "results.json")) as f:
+    cfg = json.load(f)["config"]
+  assert cfg["model"] is None and cfg["model_used"] == "cnn"
+  proc = subprocess.run([sys.executable, "-m", "tflite.evaluate", f"--run_dir={out}", "--runs=3",
+                         "--warmup=1", "--threads=1", "--skip_memory", "--max_test_examples=20"],
+                        cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), capture_output=True,
+                        text=True, timeout=600, stdin=subprocess.DEVNULL)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(out, "tflite", "report.json")) as f:
+    report = json.load(f)
+  assert {r["variant"] for r in report} >= {"folded_float32", "compacted_float32", "compacted_int8"}
+  assert all(r["same_class_as_keras"] == 1.0 for r in report
+             if r["variant"] in ("folded_float32", "compacted_float32"))

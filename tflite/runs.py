@@ -95,15 +95,21 @@ def load_run(run_dir: str) -> RunInfo:
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise ArtifactError(f"{path} is unreadable or has no config: {e}") from e
   algorithm = cfg.get("algorithm", "fedmask")
-  if algorithm != "fedmask":
-    raise ArtifactError(f"{path}: algorithm is {algorithm!r}; only FedMask runs have client masks")
+  if algorithm not in ("fedmask", "local_masks"):
+    raise ArtifactError(f"{path}: algorithm is {algorithm!r}; only FedMask (and local_masks) runs "
+                        "have client masks")
   dataset = cfg.get("dataset", "fashion_mnist")
   if dataset not in INPUT_SHAPES:
     raise ArtifactError(f"{path}: dataset {dataset!r} has no known input shape")
+  # The model the run built: `model_used` (a run with --model left at its default records
+  # `model` as None), else `model` (results older than `model_used`).
+  model = cfg.get("model_used") or cfg.get("model")
+  if not model:
+    raise ArtifactError(f"{path}: config names no model (neither model_used nor model)")
   try:
     masks = cfg.get("masks") or cfg["algorithm_settings"]["masks"]
     arch = Architecture(
-        model=str(cfg["model"]), width=float(cfg["model_width"]), seed=int(cfg["seed"]),
+        model=str(model), width=float(cfg["model_width"]), seed=int(cfg["seed"]),
         input_shape=INPUT_SHAPES[dataset],
         num_classes=int((cfg.get("data") or {}).get("num_classes", 10)),
         mask_mode=str(cfg.get("mask_mode_used", cfg.get("mask_mode", "ste"))),
