@@ -135,6 +135,8 @@ flags.DEFINE_float("worker_memory_limit_mb", _D.worker_memory_limit_mb,
                    "this (MB; 0: half the machine's memory). Results are unchanged.")
 flags.DEFINE_bool("overwrite", _D.overwrite, "Replace the results in an existing --output_dir.")
 flags.DEFINE_bool("progress", _D.progress, "Show a progress bar over rounds.")
+flags.DEFINE_bool("verbose", False, "Show TensorFlow's C++ log lines (silenced by default; see "
+                  "experiments/__init__.py).")
 
 
 def config_from_flags() -> RunConfig:

@@ -330,6 +330,23 @@ def _client_seed(seed: int, round_num: int, client_index: int) -> int:
   return int(np.random.SeedSequence([seed, round_num, client_index]).generate_state(1)[0] >> 1)
 
 
+# Data sets federated by nature: one client per writer, role or subject (no partitioning).
+NATURAL_CLIENTS = {"emnist": "writer", "femnist_leaf": "writer", "shakespeare": "role",
+                   "shakespeare_leaf": "role", "shakespeare_h5": "role", "har": "subject"}
+
+
+def _loading_words(config: RunConfig) -> str:
+  """What loading does, in words: partitioning a pooled data set, or taking its own clients."""
+  if config.dataset in NATURAL_CLIENTS:
+    return (f"loading {config.dataset}: federated by nature, one client per "
+            f"{NATURAL_CLIENTS[config.dataset]} (at most --num_clients={config.num_clients})")
+  if config.partition_file:
+    return f"loading {config.dataset} and splitting it into clients as --partition_file {config.partition_file} says"
+  how = (f"dirichlet, alpha {config.dirichlet_alpha:g}" if config.partition == "dirichlet"
+         else f"pathological, {config.classes_per_client} classes per client")
+  return f"loading {config.dataset} and partitioning it into {config.num_clients} clients ({how})"
+
+
 def _source_description(dataset: str, split) -> tuple[str, int]:
   n = split.num_source_examples if split.num_source_examples is not None else -1
   if dataset == "fashion_mnist":
@@ -382,8 +399,7 @@ def _run(config: RunConfig) -> dict[str, Any]:
 
   t_start = time.perf_counter()
   tf.keras.utils.set_random_seed(config.seed)
-  _log(f"[fedmask_tff] loading {config.dataset} and partitioning into clients "
-       f"({'--partition_file ' + config.partition_file if config.partition_file else config.partition}) ...")
+  _log(f"[fedmask_tff] {_loading_words(config)} ...")
   resuming = not config.overwrite and resume_state(config) == "resume"
   partition_path = os.path.join(config.output_dir, "partition.json")
   reuse = resuming and config.dataset in POOLED_DATASETS

@@ -74,9 +74,12 @@ def start_worker(port: Optional[int] = None, max_concurrent_computation_calls: i
   args = [worker_binary_path(), f"--port={port}",
           f"--max_concurrent_computation_calls={max_concurrent_computation_calls}"]
   out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+  env = dict(os.environ)
+  if log_path:  # The log file keeps the worker's warnings and errors, however quiet the console.
+    env["TF_CPP_MIN_LOG_LEVEL"] = "0" if env.get("TF_CPP_MIN_LOG_LEVEL", "0") == "0" else "1"
   try:
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                            preexec_fn=_die_with_parent, close_fds=True)
+                            preexec_fn=_die_with_parent, close_fds=True, env=env)
   finally:
     if log_path:
       out.close()

@@ -56,7 +56,8 @@ def _orphan_workers():
 
 
 def run_cli(args, timeout=600):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  # The console as a user sees it: no TF_CPP_MIN_LOG_LEVEL of the test environment.
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
   before = _workers()
   proc = subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout,
@@ -304,3 +305,20 @@ def test_tflite_commands_of_the_docs_on_a_run_with_default_flags(data_dir, tmp_p
   assert {r["variant"] for r in report} >= {"folded_float32", "compacted_float32", "compacted_int8"}
   assert all(r["same_class_as_keras"] == 1.0 for r in report
              if r["variant"] in ("folded_float32", "compacted_float32"))
+
+
+def test_console_is_quiet_and_says_what_loading_does(finished_run):
+  """No TensorFlow C++ log lines between our lines by default (--verbose shows them); the
+  loading line says how clients are made."""
+  proc, out, _ = finished_run
+  assert "tensorflow/" not in proc.stderr and "Starting new session" not in proc.stderr
+  assert "partitioning it into 6 clients (pathological, 2 classes per client)" in proc.stderr + proc.stdout
+  verbose, _ = run_cli(["--verbose", "--validation_fraction=1.5", f"--output_dir={out}/v"])
+  assert verbose.returncode == 2 and "tensorflow/" in verbose.stderr
+
+
+def test_loading_words_for_data_federated_by_nature():
+  from fedmask_tff.runner import RunConfig, _loading_words
+  assert "one client per subject" in _loading_words(RunConfig(dataset="har", num_clients=30))
+  assert "partitioning" not in _loading_words(RunConfig(dataset="femnist_leaf"))
+  assert "dirichlet, alpha 0.1" in _loading_words(RunConfig(partition="dirichlet", dirichlet_alpha=0.1))

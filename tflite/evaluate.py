@@ -212,6 +212,8 @@ def write_reports(out_dir, rows) -> None:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m tflite.evaluate", description=__doc__.split("\n")[0])
+  p.add_argument("--verbose", action="store_true",
+                 help="show TensorFlow's C++ log lines (silenced by default)")
   p.add_argument("--run_dir", required=True)
   p.add_argument("--client_id", default=None, help="a client id or 'all' (default: the first stored)")
   p.add_argument("--threads", default="1,2", help="thread counts; the first is the report's main one")

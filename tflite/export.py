@@ -174,6 +174,8 @@ def resolve_clients(info: RunInfo, client_id: Optional[str]) -> list[str]:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m tflite.export", description=__doc__.split("\n")[0])
+  p.add_argument("--verbose", action="store_true",
+                 help="show TensorFlow's C++ log lines (silenced by default)")
   p.add_argument("--run_dir", required=True)
   p.add_argument("--client_id", default=None, help="a client id, or 'all' (default: the first)")
   p.add_argument("--structured_fraction", type=float, default=0.5)
