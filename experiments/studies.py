@@ -332,7 +332,9 @@ def execute(runs) -> dict:
 def run_record(name: str, swept: dict, results: dict) -> dict:
   """A run's numbers for the study: totals, and one entry per round (``series``)."""
   rows, final, totals, cfg = results["rounds"], results["final"], results["totals"], results["config"]
-  cum_bits = cum_flops = 0.0
+  init = results.get("initialization") or {}  # --prune_at_init: pruning masks sent before round 1
+  cum_bits = float(init.get("uplink_bits_per_client", 0.0))
+  cum_flops = float(init.get("train_flops", 0.0)) / max(1, init.get("clients", 1))
   series = []
   last = rows[-1]["round"] if rows else 0
   for r in rows:

@@ -231,14 +231,19 @@ FEDMASK_SETTINGS = ("score_restart", "restart_scale", "score_init_noise", "uploa
                     "prune_at_init")
 
 
+# FedMask's communication and privacy options (validate() refuses them for other algorithms).
+FEDMASK_COMMUNICATION = ("uplink_coding", "downlink_bits", "downlink_stochastic",
+                         "secure_aggregation", "ldp_epsilon")
+
+
 def unused_settings(config: RunConfig) -> set[str]:
   """FedMask settings that cannot change ``config``'s results (other algorithms; the vote rule
   under ``score_sign``; the server-score settings under the mask uploads; all but the initial
   scores for ``local_masks``)."""
   if config.algorithm == "local_masks":  # no aggregation: only the initial scores and pruning
-    return set(FEDMASK_SETTINGS) - {"score_init_noise", "prune_at_init"}
+    return set(FEDMASK_SETTINGS + FEDMASK_COMMUNICATION) - {"score_init_noise", "prune_at_init"}
   if config.algorithm != "fedmask":
-    return set(FEDMASK_SETTINGS)
+    return set(FEDMASK_SETTINGS + FEDMASK_COMMUNICATION)
   if config.upload == "score_sign":
     return {"score_restart", "restart_scale", "global_mask"}
   return {"server_score_step", "personal_head", "global_weight"}

@@ -322,3 +322,26 @@ def test_loading_words_for_data_federated_by_nature():
   assert "one client per subject" in _loading_words(RunConfig(dataset="har", num_clients=30))
   assert "partitioning" not in _loading_words(RunConfig(dataset="femnist_leaf"))
   assert "dirichlet, alpha 0.1" in _loading_words(RunConfig(partition="dirichlet", dirichlet_alpha=0.1))
+
+
+def test_plot_command_draws_accuracy_against_rounds_and_bits(finished_run, tmp_path):
+  _, out, _ = finished_run
+  png = str(tmp_path / "figs" / "runs.png")
+  proc = subprocess.run([sys.executable, "-m", "experiments.plot", out, out, f"--output={png}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(png, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  with open(os.path.join(out, "results.json")) as f:
+    r = json.load(f)
+  with open(png[:-4] + ".csv") as f:
+    rows = list(csv.DictReader(f))
+  # eval_every=2 over 3 rounds: round 2 and the final evaluation, once per listed run.
+  assert [int(x["round"]) for x in rows] == [2, 3, 2, 3]
+  assert float(rows[1]["accuracy"]) == pytest.approx(r["final"]["accuracy"])
+  bits = sum(x["uplink_bits_per_client"] + x["downlink_bits_per_client"] for x in r["rounds"])
+  assert float(rows[1]["cumulative_mb_per_client"]) == pytest.approx(bits / 8 / 1e6)
+  assert rows[0]["label"].startswith("fedmask")
+  bad = subprocess.run([sys.executable, "-m", "experiments.plot", str(tmp_path / "nope"),
+                        f"--output={png}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and "nope is not a directory" in bad.stderr
