@@ -121,12 +121,15 @@ ABLATION_VARIANTS = (
     ("mask_vote_shift", dict(algorithm="fedmask", upload="mask", score_restart="vote_shift")),
     ("mask_disagree_shift_1bit_down", dict(algorithm="fedmask", upload="mask",
                                            score_restart="disagree_shift", downlink_bits=1)),
+    ("mask_disagree_shift_8bit_down", dict(algorithm="fedmask", upload="mask",
+                                           score_restart="disagree_shift", downlink_bits=8)),
     ("bernoulli_fedpm", dict(algorithm="fedmask", upload="bernoulli", score_restart="scaled_logit",
                              restart_scale=1.0)),
     ("score_sign_w1", dict(algorithm="fedmask", upload="score_sign", global_weight=1.0,
                            personal_head=False)),
     ("score_sign_shared_head", dict(algorithm="fedmask", upload="score_sign",
                                     personal_head=False)),
+    ("fedmask_default_8bit_down", dict(algorithm="fedmask", downlink_bits=8)),
     ("fedmask_default", dict(algorithm="fedmask")),
 )
 PAPER_SWEEPS = {"devices": [20, 40, 80], "epochs": [1, 2, 5]}

@@ -163,10 +163,12 @@ def test_fedmask_ablation_plans_every_variant_on_one_partition(tmp_path):
   proc = _studies(["--study=fedmask_ablation", "--dry_run", f"--output_dir={tmp_path}/abl"])
   assert proc.returncode == 0, proc.stderr[-3000:]
   text = proc.stdout
-  assert "12 runs" in text
+  assert "15 runs" in text
   for name, wanted in (("local_masks", '"algorithm": "local_masks"'),
                        ("mask_scaled_logit", '"upload": "mask"'),
+                       ("paper_algorithm1", '"global_mask": true, "prune_at_init": true'),
                        ("mask_disagree_shift_1bit_down", '"downlink_bits": 1'),
+                       ("fedmask_default_8bit_down", '"downlink_bits": 8'),
                        ("bernoulli_fedpm", '"upload": "bernoulli"'),
                        ("score_sign_shared_head", '"personal_head": false'),
                        ("fedmask_default", '"algorithm": "fedmask"')):
