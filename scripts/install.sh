@@ -24,17 +24,30 @@ fi
 
 stamp=.venv/.fedmask-install-stamp
 want=$(cat requirements.txt requirements-tff.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+export PIP_DISABLE_PIP_VERSION_CHECK=1
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c 'import fedmask_tff, tensorflow_federated' 2>/dev/null; then
   echo "[install] .venv is up to date" >&2
-  exit 0
+else
+  echo "[install] installing the pinned stack (about a minute on a fresh machine) ..." >&2
+  .venv/bin/python -m pip install -q -r requirements.txt
+  # TFF 0.87.0 pins jaxlib==0.4.14, which the registry no longer serves: install it without its
+  # dependencies; requirements.txt has pinned all of them, with jax/jaxlib 0.4.13.
+  .venv/bin/python -m pip install -q --no-deps -r requirements-tff.txt
+  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+  .venv/bin/python -c 'import fedmask_tff, tensorflow_federated as tff; print("[install] ok: tensorflow_federated", tff.__version__)' 2>/dev/null >&2
+  echo "$want" > "$stamp"
 fi
 
-echo "[install] installing the pinned stack (about a minute on a fresh machine) ..." >&2
-export PIP_DISABLE_PIP_VERSION_CHECK=1
-.venv/bin/python -m pip install -q -r requirements.txt
-# TFF 0.87.0 pins jaxlib==0.4.14, which the registry no longer serves: install it without its
-# dependencies; requirements.txt has pinned all of them, with jax/jaxlib 0.4.13.
-.venv/bin/python -m pip install -q --no-deps -r requirements-tff.txt
-.venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
-.venv/bin/python -c 'import fedmask_tff, tensorflow_federated as tff; print("[install] ok: tensorflow_federated", tff.__version__)' 2>/dev/null >&2
-echo "$want" > "$stamp"
+# The phone's runtime (LiteRT) in an environment of its own, without TensorFlow, for
+# `python -m tflite.check_runtime` (docs/tflite.md).
+litert_stamp=.venv-litert/.fedmask-install-stamp
+litert_want=$(sha256sum requirements-litert.txt | cut -d' ' -f1)
+if [ ! -f "$litert_stamp" ] || [ "$(cat "$litert_stamp")" != "$litert_want" ]; then
+  PY=$(find_python) || { echo "error: the LiteRT environment needs Python 3.11" >&2; exit 1; }
+  echo "[install] creating .venv-litert (LiteRT, no TensorFlow) ..." >&2
+  rm -rf .venv-litert
+  "$PY" -m venv .venv-litert
+  .venv-litert/bin/python -m pip install -q -r requirements-litert.txt
+  .venv-litert/bin/python -c 'import ai_edge_litert.interpreter' >&2
+  echo "$litert_want" > "$litert_stamp"
+fi

@@ -29,11 +29,29 @@ def _converter_quiet():
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+# Every exported model has one signature, ``serving_default``, with these names, so an app
+# (LiteRT's SignatureRunner) addresses every variant the same way (see docs/tflite.md).
+SIGNATURE_KEY, INPUT_NAME, OUTPUT_NAME = "serving_default", "image", "logits"
+
+
+def _signed_converter(forward, input_shape, trackable) -> tf.lite.TFLiteConverter:
+  """A converter for ``forward`` (float32 ``[batch, *input_shape]`` -> logits) under the
+  signature ``serving_default(image) -> {logits}``."""
+  @tf.function(input_signature=[tf.TensorSpec((None,) + tuple(input_shape), tf.float32,
+                                              name=INPUT_NAME)])
+  def serve(image):
+    return {OUTPUT_NAME: forward(image)}
+
+  converter = tf.lite.TFLiteConverter.from_concrete_functions([serve.get_concrete_function()],
+                                                              trackable)
+  converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+  return converter
+
+
 def keras_to_tflite(model: tf.keras.Model, calibration: np.ndarray | None = None) -> bytes:
   """Converts with ``TFLITE_BUILTINS`` only; int8 (full integer) when ``calibration`` is given."""
   _converter_quiet()
-  converter = tf.lite.TFLiteConverter.from_keras_model(model)
-  converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+  converter = _signed_converter(lambda x: model(x, training=False), model.input_shape[1:], model)
   if calibration is not None:
     calibration = np.asarray(calibration, np.float32)
 
@@ -120,12 +138,7 @@ def packed_runtime_tflite(masked_model: tf.keras.Model, masks) -> bytes:
   ops, input_shape = graph.from_keras(masked_model, masks)
   kernels = [k.numpy() for k in mask_variables(masked_model)[0]]
   module = _PackedModule(ops, kernels, masks, input_shape)
-  fn = tf.function(module.forward,
-                   input_signature=[tf.TensorSpec((None,) + tuple(input_shape), tf.float32)])
-  converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()],
-                                                              module)
-  converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-  data = converter.convert()
+  data = _signed_converter(module.forward, input_shape, module).convert()
   check_builtin_only(data)
   return data
 

@@ -46,7 +46,13 @@ FIELDS = ["client_id", "variant", "size_bytes", "size_ratio_vs_dense", "latency_
           "latency_ms_p10", "latency_ms_p90", "latency_ms_median_2threads", "speedup_vs_dense",
           "speedup_vs_dense_2threads", "peak_memory_bytes", "accuracy", "same_class_as_keras",
           "max_abs_diff_vs_keras", "energy_mj_estimate", "energy_ratio_vs_dense_estimate",
-          "macs", "default", "file"]
+          "macs", "default", "latency_runtime", "file"]
+
+
+def latency_runtime() -> str:
+  """The runtime this report's latencies were measured with."""
+  import tensorflow as tf
+  return f"tf.lite.Interpreter of TensorFlow {tf.__version__} (XNNPACK on)"
 
 
 def _log(msg):
@@ -82,6 +88,9 @@ def evaluate_client(info, cid, args, baselines) -> list[dict]:
     with np.load(os.path.join(out_dir, "structured_demo_masks.npz")) as f:
       demo_masks = [bitpack.unpack_bits_np(f[f"mask_{i}"], s) for i, s in enumerate(info.shapes)]
     demo_ref = masked_model_with_masks(info.arch, demo_masks).predict(x, batch_size=256, verbose=0)
+  # What `python -m tflite.check_runtime` compares the phone's runtime (LiteRT) against.
+  np.savez_compressed(os.path.join(out_dir, "reference.npz"), x=x, y=y, keras_logits=ref,
+                      **({"keras_logits_structured_demo": demo_ref} if demo_ref is not None else {}))
   tfl = {k: v for k, v in files.items() if v.endswith(".tflite")}
   tfl.update(baselines["files"])
   tfl = {k: v for k, v in tfl.items() if v.endswith(".tflite")}
@@ -116,6 +125,7 @@ def evaluate_client(info, cid, args, baselines) -> list[dict]:
     row = {"client_id": cid, "variant": name, "size_bytes": os.path.getsize(path),
            "latency_ms_median": t1["median"], "latency_ms_p10": t1["p10"],
            "latency_ms_p90": t1["p90"], "latency_threads": args.threads[0],
+           "latency_runtime": latency_runtime(),
            "peak_memory_bytes": mem.get(name, {}).get("peak_memory_bytes"),
            "xnnpack_applied": mem.get(name, {}).get("xnnpack_applied"),
            **quality[name], "energy_mj_estimate": e["energy_mj_estimate"],
@@ -188,7 +198,9 @@ def markdown(rows) -> str:
   notes = ["", "Energy: **estimate** from counted MACs and memory traffic (" + energy.SOURCE + "); "
            "no power monitor was used.", "",
            "Ratios are dense ÷ variant (higher is better). Latency: batch 1, XNNPACK on, all "
-           "models interleaved in one process. Variants:"]
+           f"models interleaved in one process, measured with {latency_runtime()}; "
+           "`python -m tflite.check_runtime` runs the same files with LiteRT (the runtime Android "
+           "apps ship) and measures its latency. Variants:"]
   seen = set()
   for r in rows:
     if r["variant"] not in seen:

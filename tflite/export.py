@@ -113,9 +113,33 @@ def export_client(info: RunInfo, client_id: str, out_dir: str, *,
         convert.keras_to_tflite(graph.to_keras(demo_compacted, input_shape)))
     np.savez(os.path.join(out_dir, "structured_demo_masks.npz"),
              **{f"mask_{i}": bitpack.pack_bits_np(m) for i, m in enumerate(demo_masks)})
+  write_model_info(info, out_dir, files)
   with open(os.path.join(out_dir, "manifest.json"), "w") as f:
     json.dump(manifest, f, indent=1)
   return manifest
+
+
+def write_model_info(info: RunInfo, out_dir: str, files: dict) -> str:
+  """``model_info.json``: what an app needs beside the ``.tflite`` files (the sidecar of
+  docs/tflite.md): the signature's names, the input's shape and preprocessing, the labels."""
+  from tflite.runs import DEPLOYMENT
+  dataset = info.config.get("dataset", "fashion_mnist")
+  facts = DEPLOYMENT[dataset]
+  payload = {
+      "signature": convert.SIGNATURE_KEY,
+      "input": {"name": convert.INPUT_NAME, "shape": [-1, *info.arch.input_shape],
+                "dtype": "float32", **facts["input"]},
+      "output": {"name": convert.OUTPUT_NAME, "shape": [-1, info.arch.num_classes],
+                 "dtype": "float32",
+                 "meaning": "unnormalized logits; the predicted class is the argmax"},
+      "labels": facts["labels"][:info.arch.num_classes],
+      "dataset": dataset,
+      "models": {k: os.path.basename(v) for k, v in files.items() if v.endswith(".tflite")},
+      "note": "every model takes and returns float32 (the int8 model quantizes inside)"}
+  path = os.path.join(out_dir, "model_info.json")
+  with open(path, "w") as f:
+    json.dump(payload, f, indent=1)
+  return path
 
 
 def export_baselines(info: RunInfo, out_dir: str, dense_weights: Optional[str] = None,
@@ -152,6 +176,7 @@ def export_baselines(info: RunInfo, out_dir: str, dense_weights: Optional[str] =
     for layer in binarized.binary_layers(bnn):
       f.write(bitpack.pack_bits_np(binarized.sign_bits(layer.kernel).numpy()).tobytes())
   manifest["files"]["bnn_packed_storage"] = signs_path
+  write_model_info(info, out_dir, manifest["files"])
   with open(os.path.join(out_dir, "manifest.json"), "w") as f:
     json.dump(manifest, f, indent=1)
   return manifest

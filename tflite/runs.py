@@ -22,6 +22,17 @@ from fedmask_tff.layers import masked_layers, mask_variables
 
 # Input shape of each dataset a run can name (the data loaders' element shapes).
 INPUT_SHAPES = {"fashion_mnist": (28, 28, 1)}
+# What an app must do to the camera/file image before the model, and what the outputs mean
+# (written beside every exported model as model_info.json; fedmask_tff.data.fashion_mnist
+# divides the uint8 pixels by 255).
+DEPLOYMENT = {
+    "fashion_mnist": {
+        "input": {"layout": "NHWC, 28 x 28 grayscale, 1 channel, 0 = background",
+                  "preprocess": "float32 = uint8 pixel * scale + offset", "scale": 1.0 / 255.0,
+                  "offset": 0.0},
+        "labels": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                   "Sneaker", "Bag", "Ankle boot"]},
+}
 
 
 class ArtifactError(RuntimeError):
