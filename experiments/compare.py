@@ -155,8 +155,15 @@ def main(argv):
       raise runner.ConfigError(str(e)) from None
     out = FLAGS.output_dir
     base = run_cli.config_from_flags()
-    base = dataclasses.replace(base, output_dir=os.path.join(out, "_check"), overwrite=True)
-    base.validate()
+    variants = {name: {"algorithm": name, "learning_rate": rates.get(name)} for name in FLAGS.algorithms}
+    for name, overrides in variants.items():  # every run's settings checked before anything runs
+      dataclasses.replace(base, output_dir=os.path.join(out, "_check"), overwrite=True,
+                          **overrides).validate()
+    if FLAGS.dry_run:
+      print(f"{len(variants)} runs into {out}: {', '.join(variants)}; settings "
+            + json.dumps({k: v for k, v in dataclasses.asdict(base).items()
+                          if k not in runner.RESUME_FREE}))
+      return
     os.makedirs(out, exist_ok=True)
     if base.dataset in runner.POOLED_DATASETS:
       partition_path = base.partition_file or os.path.join(out, "partition.json")
@@ -168,10 +175,7 @@ def main(argv):
       base = dataclasses.replace(base, partition_file=partition_path)
     else:  # the split is fixed by the data files, the seed and the flags: the same for every run
       partition_path = f"fixed by the {base.dataset} files, seed {base.seed} and the flags"
-    all_results = run_variants(
-        base,
-        {name: {"algorithm": name, "learning_rate": rates.get(name)} for name in FLAGS.algorithms},
-        out)
+    all_results = run_variants(base, variants, out)
     header = (f"Comparison on {base.dataset}, partition {partition_path}, {base.rounds} rounds x "
               f"{base.clients_per_round} clients, {base.local_epochs} local epochs, batch "
               f"{base.batch_size}, model {base.model} (width {base.model_width}), seed {base.seed}. "

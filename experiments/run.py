@@ -135,6 +135,8 @@ flags.DEFINE_float("worker_memory_limit_mb", _D.worker_memory_limit_mb,
                    "this (MB; 0: half the machine's memory). Results are unchanged.")
 flags.DEFINE_bool("overwrite", _D.overwrite, "Replace the results in an existing --output_dir.")
 flags.DEFINE_bool("progress", _D.progress, "Show a progress bar over rounds.")
+flags.DEFINE_bool("dry_run", False, "Check every flag and print the settings (for compare and "
+                  "the studies: every planned run's), load no data, run nothing.")
 flags.DEFINE_bool("verbose", False, "Show TensorFlow's C++ log lines (silenced by default; see "
                   "experiments/__init__.py).")
 
@@ -151,6 +153,10 @@ def main(argv):
   signal.signal(signal.SIGINT, runner.request_stop)
   try:
     config = config_from_flags().validate()
+    if FLAGS.dry_run:
+      import json
+      print(json.dumps(dataclasses.asdict(config), indent=1))
+      return
     run(config)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)

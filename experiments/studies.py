@@ -60,7 +60,7 @@ flags.DEFINE_string("study", None, f"Which study: one of {', '.join(STUDIES)}.")
 flags.DEFINE_string("preset", "small", "small (minutes, Fashion-MNIST) or paper (the paper's set-up).")
 flags.DEFINE_list("devices", None, "devices study: participating devices (clients per round) to "
                   "compare (default: the preset's; paper 20,40,80).")
-flags.DEFINE_bool("dry_run", False, "Print the planned runs and their settings, run nothing.")
+# --dry_run (defined with the run flags): print the planned runs and their settings, run nothing.
 flags.DEFINE_list("epochs", None, "epochs study: local epochs to compare (default: the preset's; "
                   "paper 1,2,5, small 1,2).")
 

@@ -8,7 +8,6 @@ no TFF worker outlives the command.
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -284,64 +283,6 @@ def test_algorithm1_literally_end_to_end(data_dir, tmp_path):
   assert 0.0 <= r["final"]["accuracy_after_aggregation"] <= 1.0
   proc, _ = run_cli(args[:1] + [f"--output_dir={tmp_path}/bad", "--global_mask"])
   assert proc.returncode == 2 and "--global_mask" in proc.stderr
-
-
-def test_tflite_commands_of_the_docs_on_a_run_with_default_flags(data_dir, tmp_path):
-  """docs/tflite.md's two commands as a user types them (--model left at its default, which a
-  run records as None), with only size flags added: the export must find the run's model."""
-  out = str(tmp_path / "tfl_run")
-  proc, _ = run_cli([f"--data_dir={data_dir}", "--rounds=1", "--num_clients=4", "--clients_per_round=2",
-                     f"--output_dir={out}", "--progress=false", "--model_width=0.25"])
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  with open(os.path.join(out, "results.json")) as f:
-    cfg = json.load(f)["config"]
-  assert cfg["model"] is None and cfg["model_used"] == "cnn"
-  proc = subprocess.run([sys.executable, "-m", "tflite.evaluate", f"--run_dir={out}", "--runs=3",
-                         "--warmup=1", "--threads=1", "--skip_memory", "--max_test_examples=20"],
-                        cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), capture_output=True,
-                        text=True, timeout=600, stdin=subprocess.DEVNULL)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  with open(os.path.join(out, "tflite", "report.json")) as f:
-    report = json.load(f)
-  assert {r["variant"] for r in report} >= {"folded_float32", "compacted_float32", "compacted_int8"}
-  assert all(r["same_class_as_keras"] == 1.0 for r in report
-             if r["variant"] in ("folded_float32", "compacted_float32"))
-  assert all(r["latency_runtime"].startswith("tf.lite.Interpreter") for r in report
-             if r.get("latency_ms_median") is not None)
-  check_litert_runtime(out)
-
-
-LITERT_PYTHON = os.path.join(ROOT, ".venv-litert", "bin", "python")
-
-
-def check_litert_runtime(run_dir):
-  """docs/tflite.md's third command: LiteRT, in its own environment without TensorFlow, runs
-  every exported model through its named signature and agrees with Keras."""
-  assert os.path.exists(LITERT_PYTHON), "no .venv-litert: scripts/install.sh makes it"
-  no_tf = subprocess.run([LITERT_PYTHON, "-c", "import tensorflow"], capture_output=True)
-  assert no_tf.returncode != 0  # the phone's runtime alone
-  cmd = [LITERT_PYTHON, "-m", "tflite.check_runtime", f"--run_dir={run_dir}", "--runs=3"]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-  with open(os.path.join(run_dir, "tflite", "runtime_check.json")) as f:
-    check = json.load(f)
-  assert check["runtime"].startswith("LiteRT (ai-edge-litert ")
-  rows = {r["variant"]: r for r in check["rows"]}
-  for variant in ("folded_float32", "packed_runtime", "compacted_float32"):
-    assert rows[variant]["same_class_as_keras"] == 1.0 and rows[variant]["max_abs_diff_vs_keras"] < 1e-3
-  assert 0.0 <= rows["compacted_int8"]["same_class_as_keras"] <= 1.0
-  assert all(r["latency_ms_median"] > 0 for r in check["rows"])
-  client = next(d for d in os.listdir(os.path.join(run_dir, "tflite")) if d.startswith("client"))
-  with open(os.path.join(run_dir, "tflite", client, "model_info.json")) as f:
-    info = json.load(f)
-  assert (info["input"]["name"], info["output"]["name"]) == ("image", "logits")
-  assert len(info["labels"]) == 10 and info["input"]["scale"] == pytest.approx(1 / 255)
-  # A float model that is not the client's: the check fails, naming it.
-  folder = os.path.join(run_dir, "tflite")
-  shutil.copyfile(os.path.join(folder, "baselines", "bnn.tflite"),
-                  os.path.join(folder, client, "compacted_float32.tflite"))
-  bad = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert bad.returncode == 1 and "compacted_float32" in bad.stderr
 
 
 def test_console_is_quiet_and_says_what_loading_does(finished_run):
