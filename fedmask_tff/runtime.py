@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,6 +63,12 @@ def _load_libc():
 _LIBC = _load_libc()
 
 
+# util-linux's setpriv starts the worker with PDEATHSIG set. A Python preexec_fn (the fallback)
+# runs in the child between fork and exec, which can deadlock when the parent has other threads
+# (TFF's gRPC threads hold locks mid-run): seen when a worker was restarted after a round.
+_SETPRIV = shutil.which("setpriv")
+
+
 def _die_with_parent():  # Runs in the child between fork and exec.
   if _LIBC is not None:
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -73,13 +80,16 @@ def start_worker(port: Optional[int] = None, max_concurrent_computation_calls: i
   port = port or portpicker.pick_unused_port()
   args = [worker_binary_path(), f"--port={port}",
           f"--max_concurrent_computation_calls={max_concurrent_computation_calls}"]
+  preexec = _die_with_parent
+  if _SETPRIV:  # PDEATHSIG set by setpriv, then exec: no Python code between fork and exec
+    args, preexec = [_SETPRIV, "--pdeathsig", "KILL", "--", *args], None
   out = open(log_path, "ab") if log_path else subprocess.DEVNULL
   env = dict(os.environ)
   if log_path:  # The log file keeps the worker's warnings and errors, however quiet the console.
     env["TF_CPP_MIN_LOG_LEVEL"] = "0" if env.get("TF_CPP_MIN_LOG_LEVEL", "0") == "0" else "1"
   try:
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                            preexec_fn=_die_with_parent, close_fds=True, env=env)
+                            preexec_fn=preexec, close_fds=True, env=env)
   finally:
     if log_path:
       out.close()
