@@ -113,46 +113,94 @@ def test_the_documents_have_the_commands_this_file_runs():
 
 
 DRY_RUN = ("experiments.run", "experiments.compare", "experiments.studies")
-
-
-@pytest.mark.parametrize("where,argv", [(w, a) for w, a in documented_commands()
-                                        if module_of(a)[0] in DRY_RUN],
-                         ids=lambda v: v if isinstance(v, str) else None)
-def test_every_documented_command_has_valid_flags(where, argv, tmp_path):
-  module, args = module_of(argv)
-  # The output folder is moved into tmp_path, so that nothing in the checkout is touched.
-  args = [a for a in args if not a.startswith("--output_dir=")] + [f"--output_dir={tmp_path}/out"]
-  proc = subprocess.run([sys.executable, "-m", module, *args, "--dry_run"], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
-  assert proc.returncode == 0, f"{where}: {' '.join(argv)}\n{proc.stderr[-2000:]}"
-
-
 HELP_ONLY = ("experiments.compare_coding", "benchmarks.run", "benchmarks.workers",
              "benchmarks.long_run_memory")
 
+# One process per module checks all of its documented commands (a TensorFlow import each, not
+# one per command): absl modules re-parse their flags per command and, with --dry_run, run main.
+_CHECKER = """
+import contextlib, importlib, io, json, sys
+from absl import flags
+module, dry_run, commands = sys.argv[1], sys.argv[2] == "1", json.loads(sys.argv[3])
+m = importlib.import_module(module)
+results = []
+for args in commands:
+  err = io.StringIO()
+  code = 0
+  try:
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+      if hasattr(m, "FLAGS"):  # absl
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["prog", *args] + (["--dry_run"] if dry_run else []))
+        if dry_run:
+          m.main(["prog"])
+      else:  # argparse: parse only (a module named without arguments: its --help)
+        args = args or ["--help"]
+        import argparse
+        original = argparse.ArgumentParser.parse_args
+        def parse_only(self, a=None, n=None):
+          original(self, a, n)
+          raise SystemExit(0)
+        argparse.ArgumentParser.parse_args = parse_only
+        try:
+          m.main(args)
+        finally:
+          argparse.ArgumentParser.parse_args = original
+  except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+  except Exception as e:  # an unknown flag, a bad value
+    code, err = 1, io.StringIO(f"{type(e).__name__}: {e}")
+  results.append([code, err.getvalue()[-1500:]])
+print("RESULTS" + json.dumps(results))
+"""
 
-@pytest.mark.parametrize("where,argv", [(w, a) for w, a in documented_commands()
-                                        if module_of(a)[0] in HELP_ONLY]
-                         + documented_commands("reference"),
-                         ids=lambda v: v if isinstance(v, str) else None)
-def test_long_documented_commands_exist_and_know_their_flags(where, argv):
-  """Benchmarks and the coding comparison run for many minutes, and modules named in prose
-  have no arguments: the module must import and accept the documented flags (absl modules:
-  their flags parsed without running them; argparse modules: ``--help``)."""
-  module, args = module_of(argv)
-  if module.startswith("scripts/"):
-    assert os.path.isfile(os.path.join(ROOT, module)), where
-    return
-  check = ("import importlib, sys\n"
-           "from absl import flags\n"
-           f"m = importlib.import_module({module!r})\n"
-           "if hasattr(m, 'FLAGS'):  # an absl command line\n"
-           f"  flags.FLAGS(['prog', *{args!r}])\n"
-           "else:\n"
-           f"  sys.argv = ['prog', *{args!r}, '--help']; m.main()\n")
-  proc = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True,
-                        timeout=300, stdin=subprocess.DEVNULL)
-  assert proc.returncode == 0, f"{where}: {' '.join(argv)}\n{proc.stderr[-2000:]}"
+
+def _check_module(module, commands, dry_run, tmp_path):
+  import json as json_lib
+  proc = subprocess.run([sys.executable, "-c", _CHECKER, module, "1" if dry_run else "0",
+                         json_lib.dumps([args for _, args in commands])], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+  assert "RESULTS" in proc.stdout, proc.stderr[-3000:]
+  results = json_lib.loads(proc.stdout.split("RESULTS", 1)[1])
+  failed = [f"{where}: {module} {' '.join(args)}\n{err}"
+            for (where, args), (code, err) in zip(commands, results) if code != 0]
+  assert not failed, "\n".join(failed)
+
+
+def _by_module(commands, modules):
+  grouped = {}
+  for where, argv in commands:
+    module, args = module_of(argv)
+    if module in modules:
+      grouped.setdefault(module, []).append((where, args))
+  return grouped
+
+
+@pytest.mark.parametrize("module", DRY_RUN)
+def test_every_documented_command_has_valid_flags(module, tmp_path):
+  """Each command with --dry_run added: every flag and every planned run's settings checked.
+  The output folder is moved into tmp_path, so that nothing in the checkout is touched."""
+  commands = [(w, [a for a in args if not a.startswith("--output_dir=")]
+               + [f"--output_dir={tmp_path}/out{i}"])
+              for i, (w, args) in enumerate(_by_module(documented_commands(), DRY_RUN).get(module, []))]
+  assert commands, module
+  _check_module(module, commands, True, tmp_path)
+
+
+def test_long_documented_commands_exist_and_know_their_flags(tmp_path):
+  """Benchmarks, the coding comparison and the worker run for minutes or serve until stopped,
+  and modules named in prose have no arguments: each module must import and accept the
+  documented flags (parsed, not run)."""
+  commands = documented_commands("reference") + [
+      c for c in documented_commands() if module_of(c[1])[0] in HELP_ONLY + ("fedmask_tff.worker",)]
+  for where, argv in commands:
+    if module_of(argv)[0].startswith("scripts/"):
+      assert os.path.isfile(os.path.join(ROOT, module_of(argv)[0])), where
+  grouped = _by_module(commands, set(module_of(a)[0] for _, a in commands) - {None})
+  grouped = {m: c for m, c in grouped.items() if not m.startswith("scripts/")}
+  assert "fedmask_tff.worker" in grouped and "benchmarks.run" in grouped
+  for module, module_commands in grouped.items():
+    _check_module(module, module_commands, False, tmp_path)
 
 
 def test_every_documented_module_is_checked_somewhere():
@@ -161,24 +209,6 @@ def test_every_documented_module_is_checked_somewhere():
                                         "scripts/test.sh"}
   assert {module_of(a)[0] for _, a in documented_commands()} <= checked
   assert len(documented_commands("reference")) >= 3
-
-
-def test_the_worker_command_accepts_its_documented_flags():
-  """fedmask_tff.worker starts a process that serves until stopped: its documented flags are
-  checked with its own parser (tests/test_workers.py runs workers for real)."""
-  for where, argv in documented_commands():
-    module, args = module_of(argv)
-    if module == "fedmask_tff.worker":
-      proc = subprocess.run([sys.executable, "-c", (
-          "import sys, argparse\n"
-          "from fedmask_tff import worker\n"
-          "argparse.ArgumentParser.parse_args.__defaults__  # exists\n"
-          "orig = argparse.ArgumentParser.parse_args\n"
-          "def check(self, a=None, n=None):\n"
-          "  orig(self, a, n); sys.exit(0)\n"
-          "argparse.ArgumentParser.parse_args = check\n"
-          f"worker.main({args!r})\n")], cwd=ROOT, capture_output=True, text=True, timeout=120)
-      assert proc.returncode == 0, f"{where}: {' '.join(argv)}\n{proc.stderr[-1500:]}"
 
 
 def _sized(module, args, data_dir):

@@ -27,7 +27,8 @@ import time
 
 import numpy as np
 
-FLOAT_VARIANTS = ("folded_float32", "packed_runtime", "compacted_float32", "structured_demo_float32")
+FLOAT_VARIANTS = ("folded_float32", "packed_runtime", "compacted_float32", "compacted_sparse_float32",
+                  "structured_demo_float32")
 BASELINES = ("dense_float32", "bnn")
 
 

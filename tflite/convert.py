@@ -48,10 +48,16 @@ def _signed_converter(forward, input_shape, trackable) -> tf.lite.TFLiteConverte
   return converter
 
 
-def keras_to_tflite(model: tf.keras.Model, calibration: np.ndarray | None = None) -> bytes:
-  """Converts with ``TFLITE_BUILTINS`` only; int8 (full integer) when ``calibration`` is given."""
+def keras_to_tflite(model: tf.keras.Model, calibration: np.ndarray | None = None,
+                    sparse: bool = False) -> bytes:
+  """Converts with ``TFLITE_BUILTINS`` only; int8 (full integer) when ``calibration`` is given;
+  ``sparse``: the converter's sparse-weight encoding of float32 weights that are mostly zero
+  (``Optimize.EXPERIMENTAL_SPARSITY``, the format TFLite uses for pruned models; the runtime
+  densifies them when it loads the model, so the outputs are the same)."""
   _converter_quiet()
   converter = _signed_converter(lambda x: model(x, training=False), model.input_shape[1:], model)
+  if sparse:
+    converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
   if calibration is not None:
     calibration = np.asarray(calibration, np.float32)
 

@@ -37,6 +37,7 @@ DESCRIPTIONS = {
     "folded_float32": "W*m folded into float32 weights",
     "packed_runtime": "masks (and +-scale W signs) packed 8/byte inside the .tflite, unpacked every invocation",
     "compacted_float32": "dead/unused filters and neurons removed (exact), float32",
+    "compacted_sparse_float32": "compacted, float32 weights in TFLite's sparse encoding (the converter's EXPERIMENTAL_SPARSITY; densified at load)",
     "compacted_int8": "compacted, full-integer int8 (float32 in/out)",
     "structured_demo_float32": "NOT the client's model: its masks with the weakest 50% filters/neurons per hidden layer zeroed, compacted (what structured sparsity buys)",
     "dense_float32": "dense model of the same architecture (FedAvg's model)",

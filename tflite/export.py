@@ -10,6 +10,8 @@
   model, unpacked at run time with builtin ops;
 * ``compacted_float32.tflite``: hidden filters/neurons that are dead or unused
   removed (exact), so the dense model is physically smaller;
+* ``compacted_sparse_float32.tflite``: the compacted model with TFLite's sparse-weight
+  encoding of its zeros (the converter's ``EXPERIMENTAL_SPARSITY``), densified at load;
 * ``compacted_int8.tflite``: the compacted model, full-integer int8
   (float32 input/output);
 * ``structured_demo_float32.tflite``: **not the client's trained model**: its
@@ -43,7 +45,8 @@ from tflite import convert, graph, packed
 from tflite.runs import (ArtifactError, RunInfo, client_ids, load_client_masks, load_run,
                          masked_model_with_masks)
 
-CLIENT_VARIANTS = ("folded_float32", "packed_runtime", "compacted_float32", "compacted_int8",
+CLIENT_VARIANTS = ("folded_float32", "packed_runtime", "compacted_float32",
+                   "compacted_sparse_float32", "compacted_int8",
                    "structured_demo_float32")
 BASELINES = ("dense_float32", "bnn")
 
@@ -93,6 +96,9 @@ def export_client(info: RunInfo, client_id: str, out_dir: str, *,
   compacted_keras = graph.to_keras(compacted, input_shape)
   files["compacted_float32"] = _write(out_dir, "compacted_float32",
                                       convert.keras_to_tflite(compacted_keras))
+  _log(f"[tflite] {client_id}: compacted_sparse_float32 (TFLite's sparse-weight encoding)")
+  files["compacted_sparse_float32"] = _write(out_dir, "compacted_sparse_float32",
+                                             convert.keras_to_tflite(compacted_keras, sparse=True))
   if calibration is not None:
     _log(f"[tflite] {client_id}: compacted_int8 (calibrating on {len(calibration)} examples)")
     files["compacted_int8"] = _write(out_dir, "compacted_int8",
