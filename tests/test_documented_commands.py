@@ -264,6 +264,7 @@ def test_documented_workflows_run_end_to_end(workflows):
           "tflite.export", "tflite.check_runtime"} <= ran, ran
   assert any(c[0] == "bash" and c[1].endswith("scripts/demo.sh") for _, c, _ in done)
   assert os.path.isfile(work / "runs" / "figs" / "compare.png")
+  check_compare_of_all_algorithms(work / "runs" / "compare")
   assert os.path.isfile(work / "tmp" / "tfl_run" / "tflite" / "runtime_check.json")
   with open(work / "tmp" / "tfl_run" / "tflite" / "report.json") as f:
     report = json.load(f)
@@ -303,3 +304,30 @@ def check_litert_runtime(run_dir):
                   os.path.join(folder, client, "compacted_float32.tflite"))
   bad = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert bad.returncode == 1 and "compacted_float32" in bad.stderr
+
+
+def check_compare_of_all_algorithms(out):
+  """The README's compare command: all eight on one partition, bits as each algorithm sends them."""
+  import csv
+  with open(out / "partition.json") as f:
+    partition = json.load(f)["clients"]
+  with open(out / "comparison.csv") as f:
+    rows = {r["algorithm"]: r for r in csv.DictReader(f)}
+  assert list(rows) == ["fedmask", "local_masks", "standalone", "fedavg", "topk", "bnn_fedavg",
+                        "per_fedavg", "lg_fedavg"]
+  for name in rows:
+    with open(out / name / "results.json") as f:
+      results = json.load(f)
+    assert results["complete"] and results["algorithm"] == name
+    with open(out / name / "partition.json") as f:
+      assert json.load(f)["clients"] == partition
+  for name in ("standalone", "local_masks"):
+    assert float(rows[name]["uplink_bits_per_client_round"]) == 0.0
+    assert float(rows[name]["downlink_bits_per_client_round"]) == 0.0
+  with open(out / "fedavg" / "results.json") as f:
+    params = json.load(f)["config"]["model_parameters"]
+  assert float(rows["fedavg"]["downlink_bits_per_client_round"]) == 32 * params
+  # BNN: 1 bit per weight, padded to whole bytes; Top-k (10 %): k float32 values + k int32 indices.
+  assert float(rows["bnn_fedavg"]["uplink_bits_per_client_round"]) == 8 * -(-params // 8)
+  assert float(rows["topk"]["uplink_bits_per_client_round"]) == 64 * max(1, round(0.1 * params))
+  assert float(rows["fedmask"]["uplink_bits_per_client_round"]) < 2 * params
