@@ -155,7 +155,7 @@ print("RESULTS" + json.dumps(results))
 """
 
 
-def _check_module(module, commands, dry_run, tmp_path):
+def _check_module(module, commands, dry_run):
   import json as json_lib
   proc = subprocess.run([sys.executable, "-c", _CHECKER, module, "1" if dry_run else "0",
                          json_lib.dumps([args for _, args in commands])], cwd=ROOT,
@@ -184,10 +184,10 @@ def test_every_documented_command_has_valid_flags(module, tmp_path):
                + [f"--output_dir={tmp_path}/out{i}"])
               for i, (w, args) in enumerate(_by_module(documented_commands(), DRY_RUN).get(module, []))]
   assert commands, module
-  _check_module(module, commands, True, tmp_path)
+  _check_module(module, commands, True)
 
 
-def test_long_documented_commands_exist_and_know_their_flags(tmp_path):
+def test_long_documented_commands_exist_and_know_their_flags():
   """Benchmarks, the coding comparison and the worker run for minutes or serve until stopped,
   and modules named in prose have no arguments: each module must import and accept the
   documented flags (parsed, not run)."""
@@ -200,7 +200,7 @@ def test_long_documented_commands_exist_and_know_their_flags(tmp_path):
   grouped = {m: c for m, c in grouped.items() if not m.startswith("scripts/")}
   assert "fedmask_tff.worker" in grouped and "benchmarks.run" in grouped
   for module, module_commands in grouped.items():
-    _check_module(module, module_commands, False, tmp_path)
+    _check_module(module, module_commands, False)
 
 
 def test_every_documented_module_is_checked_somewhere():

@@ -56,25 +56,25 @@ def _read_json(path: str) -> dict:
     raise CheckError(f"{path} is unreadable: {e}") from e
 
 
-def run_model(interpreter_module, path: str, info: dict, x: np.ndarray) -> np.ndarray:
-  """Logits of the model at ``path`` for ``x`` (float32 ``[n, ...]``), one example per call
-  through the named signature, as an app does."""
+def load_runner(interpreter_module, path: str, info: dict):
+  """LiteRT's runner of the model's named signature (one thread), as an app uses it."""
   try:
     interp = interpreter_module.Interpreter(model_path=path, num_threads=1)
-    runner = interp.get_signature_runner(info["signature"])
+    return interp.get_signature_runner(info["signature"])
   except (ValueError, RuntimeError) as e:
     raise CheckError(f"{path} cannot be loaded by LiteRT or lacks signature "
                      f"{info['signature']!r}: {e}") from e
+
+
+def run_model(runner, info: dict, x: np.ndarray) -> np.ndarray:
+  """Logits for ``x`` (float32 ``[n, ...]``), one example per call."""
   outputs = [runner(**{info["input"]["name"]: x[i:i + 1].astype(np.float32)})[info["output"]["name"]]
              for i in range(x.shape[0])]
   return np.concatenate(outputs)
 
 
-def latency_ms(interpreter_module, path: str, info: dict, example: np.ndarray, runs: int,
-               warmup: int) -> float:
+def latency_ms(runner, info: dict, example: np.ndarray, runs: int, warmup: int) -> float:
   """Median wall time of one invocation (batch 1, one thread), milliseconds."""
-  runner = interpreter_module.Interpreter(model_path=path, num_threads=1).get_signature_runner(
-      info["signature"])
   feed = {info["input"]["name"]: example[None].astype(np.float32)}
   for _ in range(warmup):
     runner(**feed)
@@ -102,10 +102,11 @@ def check_client(interpreter_module, client_dir: str, baselines_dir: str, runs: 
   for variant, path in models.items():
     if not os.path.isfile(path):
       raise CheckError(f"{path} is missing")
-    logits = run_model(interpreter_module, path, info, x)
+    runner = load_runner(interpreter_module, path, info)
+    logits = run_model(runner, info, x)
     row = {"client_id": os.path.basename(client_dir), "variant": variant, "file": path,
            "examples": int(x.shape[0]), "accuracy": float((logits.argmax(-1) == y).mean()),
-           "latency_ms_median": latency_ms(interpreter_module, path, info, x[0], runs, warmup)}
+           "latency_ms_median": latency_ms(runner, info, x[0], runs, warmup)}
     reference = demo if variant == "structured_demo_float32" else keras
     if variant not in BASELINES and reference is not None:
       row["same_class_as_keras"] = float((logits.argmax(-1) == reference.argmax(-1)).mean())
