@@ -214,17 +214,11 @@ class MaskSpec:
 
 def mask_specs(model: tf.keras.Model, prune_last_layers: int) -> list[MaskSpec]:
   """The model's masked weights in order; those of the last ``prune_last_layers`` layers are prunable."""
-  layers = masked_layers(model)
-  if not layers:
-    raise ValueError(f"model {model.name!r} has no masked layers")
-  first_pruned = len(layers) - int(prune_last_layers)
-  specs = []
-  for i, layer in enumerate(layers):
-    for name, kernel, _, _ in layer.masked_weights:
-      # The variable's own name is unique in the model (two LSTMs both have a "cell").
-      specs.append(MaskSpec(kernel.name.split(":")[0], tuple(kernel.shape.as_list()),
-                            i >= first_pruned))
-  return specs
+  flags = pruning.prunable_flags(model, prune_last_layers)
+  kernels = [kernel for layer in masked_layers(model) for _, kernel, _, _ in layer.masked_weights]
+  # The variable's own name is unique in the model (two LSTMs both have a "cell").
+  return [MaskSpec(kernel.name.split(":")[0], tuple(kernel.shape.as_list()), prunable)
+          for kernel, prunable in zip(kernels, flags)]
 
 
 class FedMaskProcess(tff.templates.IterativeProcess):

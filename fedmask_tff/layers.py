@@ -24,7 +24,7 @@ from typing import Any, Optional
 import numpy as np
 import tensorflow as tf
 
-from fedmask_tff import masking
+from fedmask_tff import bitpack, masking
 
 KERNEL_INITS = ("signed_constant", "he_normal", "he_uniform")
 
@@ -285,3 +285,14 @@ def mask_variables(model: tf.keras.Model):
       scores.append(s)
       keeps.append(p)
   return kernels, scores, keeps
+
+
+def pack_masks(model: tf.keras.Model) -> list:
+  """The model's binary masks (``1[sigmoid(m_r) >= tau] * keep``), 1 bit per element.
+
+  Returns one uint8 numpy array of ``ceil(n / 8)`` bytes per masked weight of ``n`` elements
+  (``mask_variables`` order; bit order of :mod:`fedmask_tff.bitpack`): what a FedMask device
+  uploads. ``bitpack.unpack_bits_np(packed, kernel.shape)`` reads one back.
+  """
+  return [bitpack.pack_bits_np(mask.numpy())
+          for layer in masked_layers(model) for mask in layer.binary_masks()]

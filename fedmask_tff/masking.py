@@ -58,7 +58,9 @@ def ste_mask(scores: tf.Tensor, threshold: float = DEFAULT_THRESHOLD) -> tf.Tens
 
     return hard, _grad
 
-  return _forward(scores)
+  # A tensor, not the variable: Keras 3 variables would make custom_gradient ask for
+  # the gradient of the variable itself.
+  return _forward(tf.convert_to_tensor(scores))
 
 
 def soft_mask(scores: tf.Tensor) -> tf.Tensor:

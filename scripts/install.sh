@@ -5,19 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-find_python() {
-  for candidate in "${PYTHON:-}" python3.11 python3; do
-    [ -n "$candidate" ] || continue
-    if command -v "$candidate" >/dev/null 2>&1 &&
-       "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
-      command -v "$candidate"; return 0
-    fi
-  done
-  return 1
-}
+source scripts/find_python.sh
 
 if [ ! -x .venv/bin/python ]; then
-  PY=$(find_python) || { echo "error: fedmask_tff needs Python 3.11 (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
+  PY=$(find_python 3.11) || { echo "error: fedmask_tff needs Python 3.11 (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
   echo "[install] creating .venv with $PY" >&2
   "$PY" -m venv .venv
 fi
@@ -34,7 +25,7 @@ else
   # dependencies; requirements.txt has pinned all of them, with jax/jaxlib 0.4.13.
   .venv/bin/python -m pip install -q --no-deps -r requirements-tff.txt
   .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
-  .venv/bin/python -c 'import fedmask_tff, tensorflow_federated as tff; print("[install] ok: tensorflow_federated", tff.__version__)' 2>/dev/null >&2
+  .venv/bin/python -c 'import fedmask_tff, tensorflow_federated as tff; print("[install] ok: tensorflow_federated", tff.__version__)' >&2 2>/dev/null
   echo "$want" > "$stamp"
 fi
 
@@ -43,7 +34,7 @@ fi
 litert_stamp=.venv-litert/.fedmask-install-stamp
 litert_want=$(sha256sum requirements-litert.txt | cut -d' ' -f1)
 if [ ! -f "$litert_stamp" ] || [ "$(cat "$litert_stamp")" != "$litert_want" ]; then
-  PY=$(find_python) || { echo "error: the LiteRT environment needs Python 3.11" >&2; exit 1; }
+  PY=$(find_python 3.11) || { echo "error: the LiteRT environment needs Python 3.11" >&2; exit 1; }
   echo "[install] creating .venv-litert (LiteRT, no TensorFlow) ..." >&2
   rm -rf .venv-litert
   "$PY" -m venv .venv-litert

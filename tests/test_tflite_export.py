@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from fedmask_tff import pruning
 from fedmask_tff.client_state import ClientStateStore
 from fedmask_tff.layers import masked_layers
 from tflite import convert, energy, export, graph, measure, packed
@@ -24,9 +25,10 @@ class _Spec:
 
 def mask_specs(model, prune_last_layers):
   """Like ``fedmask_tff.fedmask.mask_specs`` without importing TFF."""
-  layers = masked_layers(model)
-  return [_Spec(f"{l.name}/{n}", tuple(k.shape.as_list()), i >= len(layers) - prune_last_layers)
-          for i, l in enumerate(layers) for n, k, _, _ in l.masked_weights]
+  weights = [(f"{l.name}/{n}", tuple(k.shape.as_list()))
+             for l in masked_layers(model) for n, k, _, _ in l.masked_weights]
+  return [_Spec(name, shape, prunable) for (name, shape), prunable
+          in zip(weights, pruning.prunable_flags(model, prune_last_layers))]
 
 
 def _make_run(tmp_path, model="mlp", clients=("c0",), zero_groups=False, seed=3):
