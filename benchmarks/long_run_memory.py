@@ -60,7 +60,7 @@ def main(argv):
 
   def sample():
     while not stop.is_set():
-      worker = runtime._workers[0].pid if runtime._workers else None  # pylint: disable=protected-access
+      worker = (runtime.local_worker_pids() or [None])[0]
       samples.append({"t": time.time(), "round": _rounds_done(config.output_dir),
                       "driver_rss": _rss_bytes(os.getpid()),
                       "worker_rss": _rss_bytes(worker) if worker else 0})

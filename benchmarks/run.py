@@ -66,7 +66,7 @@ def _status_kb(pid, field):
 
 def _worker_pids():
   from fedmask_tff import runtime
-  return [p.pid for p in runtime._workers]  # pylint: disable=protected-access
+  return runtime.local_worker_pids()
 
 
 def _reset_peaks():

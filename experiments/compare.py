@@ -141,7 +141,6 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from fedmask_tff import runner
   from fedmask_tff.data import DataError
-  from fedmask_tff.data import partition_file as partition_file_lib
   try:
     unknown = [a for a in FLAGS.algorithms if a not in ALGORITHMS]
     if unknown:
@@ -167,12 +166,7 @@ def main(argv):
     os.makedirs(out, exist_ok=True)
     if base.dataset in runner.POOLED_DATASETS:
       partition_path = base.partition_file or os.path.join(out, "partition.json")
-      if not os.path.exists(partition_path):
-        split = runner.load_split(base)
-        source, n = runner._source_description(base.dataset, split)  # pylint: disable=protected-access
-        partition_file_lib.save_partition(partition_path, split, base.dataset, source, n)
-        print(f"[compare] partition written to {partition_path}", file=sys.stderr)
-      base = dataclasses.replace(base, partition_file=partition_path)
+      base = runner.with_shared_partition(base, partition_path)
     else:  # the split is fixed by the data files, the seed and the flags: the same for every run
       partition_path = f"fixed by the {base.dataset} files, seed {base.seed} and the flags"
     all_results = run_variants(base, variants, out)

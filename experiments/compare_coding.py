@@ -66,7 +66,6 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from fedmask_tff import runner
   from fedmask_tff.data import DataError
-  from fedmask_tff.data import partition_file as partition_file_lib
   try:
     try:
       epsilons = [float(e) for e in FLAGS.ldp_epsilons]
@@ -81,13 +80,7 @@ def main(argv):
     for overrides in chosen.values():
       dataclasses.replace(base, **overrides).validate()
     os.makedirs(out, exist_ok=True)
-    partition_path = base.partition_file or os.path.join(out, "partition.json")
-    if base.dataset in runner.POOLED_DATASETS:
-      if not os.path.exists(partition_path):
-        split = runner.load_split(base)
-        source, n = runner._source_description(base.dataset, split)  # pylint: disable=protected-access
-        partition_file_lib.save_partition(partition_path, split, base.dataset, source, n)
-      base = dataclasses.replace(base, partition_file=partition_path)
+    base = runner.with_shared_partition(base, base.partition_file or os.path.join(out, "partition.json"))
     all_results = compare.run_variants(base, chosen, out)
     table = rows(all_results, chosen)
     with open(os.path.join(out, "coding.csv"), "w", newline="") as f:

@@ -269,9 +269,7 @@ def ensure_partition(base, out: str):
             "another --output_dir or pass --overwrite to replace it (and the runs using it)")
       os.remove(path)
   if not os.path.exists(path):
-    split = runner.load_split(base)
-    source, n = runner._source_description(base.dataset, split)  # pylint: disable=protected-access
-    partition_file_lib.save_partition(path, split, base.dataset, source, n)
+    partition_file_lib.save_split_partition(path, runner.load_split(base), base.dataset)
     with open(settings_path, "w") as f:
       json.dump(settings, f, indent=2)
     _log(f"partition written to {path}")
@@ -607,13 +605,13 @@ SIZE_COLUMNS = ("model", "architecture", "input_shape", "classes", "width", "par
 def size_row(label: str, name: str, input_shape, classes: int, width: float, prune_rate: float) -> dict:
   """One model's Table-5 sizes (builds the masked model; no training)."""
   import tensorflow as tf
-  from fedmask_tff import models, paper_models
+  from fedmask_tff import model_registry, paper_models
   from fedmask_tff.layers import masked_layers
   from fedmask_tff.pruning import kept_count
   tf.keras.backend.clear_session()
-  model = models.masked_builder(name)(input_shape, classes, width=width, seed=0)
+  model = model_registry.masked_builder(name)(input_shape, classes, width=width, seed=0)
   report = paper_models.model_size_report(model)
-  prune_last = paper_models.prune_last_layers_for(name, 2)  # what the runner uses
+  prune_last = model_registry.prune_last_layers(name)  # what the runner uses
   layers = masked_layers(model)
   first_pruned = len(layers) - prune_last
   pruned_n, removed, pruned_mask_bytes, once_bytes, pruned_names = 0, 0, 0, 0, []

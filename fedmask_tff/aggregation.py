@@ -10,15 +10,21 @@ Per mask element ``e``, with ``keep[c, e]`` = 1 when client ``c``'s pruning kept
 
 The rule needs only the two sums, so it splits into a server part
 (:func:`mask_sums`, summable, e.g. by secure aggregation) and a client part
-(:func:`apply_rule`), which each client runs with its own pruning mask.
-:func:`aggregate_masks` composes both over stacked masks.
+(:func:`received`, then :func:`apply_rule`), which each client runs with its own
+pruning mask. :func:`aggregate_masks` composes both over stacked masks.
+
+One home: :func:`votes` and :func:`received` are the TensorFlow code the FedMask process runs
+(its server votes, its downlink, its late joiners); they take numpy arrays or tensors, and the
+numpy helpers here call them, so the tests check the code production runs.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import tensorflow as tf
 
 MIN_SHARED_CLIENTS = 2
+UNCHANGED = -1.0  # what a client receives where no average applies: "keep your own value"
 
 
 def _check_binary(name, array):
@@ -48,6 +54,27 @@ def mask_sums(masks, keep):
   return (masks * keep).sum(axis=0), keep.sum(axis=0)
 
 
+def votes(total, count, min_shared: int = MIN_SHARED_CLIENTS):
+  """Per element, ``(v, shared)``: the vote ``v = clip(total / count, 0, 1)`` (0 where no
+  client keeps the element) and ``shared = count >= min_shared``. Arrays or tensors of one
+  shape in (``total`` may be a debiased estimate); tensors out, in ``total``'s float dtype."""
+  total = tf.convert_to_tensor(total)
+  if not total.dtype.is_floating:
+    total = tf.cast(total, tf.float64)
+  count = tf.cast(count, total.dtype)
+  return (tf.clip_by_value(tf.math.divide_no_nan(total, count), 0.0, 1.0),
+          count >= min_shared)
+
+
+def received(keep, total, count, min_shared: int = MIN_SHARED_CLIENTS):
+  """Client part, step 1: what a client with pruning mask ``keep`` receives per element:
+  the vote ``v`` where it keeps an element that at least ``min_shared`` clients keep,
+  :data:`UNCHANGED` (-1) elsewhere. ``keep`` may carry a leading clients axis."""
+  v, shared = votes(total, count, min_shared)
+  keep = tf.cast(keep, v.dtype)
+  return tf.where(tf.logical_and(keep > 0, shared), v, tf.constant(UNCHANGED, v.dtype))
+
+
 def apply_rule(own, keep, total, count, min_shared: int = MIN_SHARED_CLIENTS):
   """Client part: this client's new mask values from the two sums.
 
@@ -57,16 +84,14 @@ def apply_rule(own, keep, total, count, min_shared: int = MIN_SHARED_CLIENTS):
   """
   own = np.asarray(own, dtype=np.float64)
   keep = np.asarray(keep, dtype=np.float64)
-  total = np.asarray(total, dtype=np.float64)
-  count = np.asarray(count, dtype=np.float64)
-  shared = count >= min_shared
-  mean = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
-  return np.where((keep > 0) & shared, mean, own) * keep
+  value = np.asarray(received(keep, np.asarray(total, np.float64), count, min_shared))
+  return np.where(value >= 0, value, own) * keep
 
 
 def aggregated_positions(keep, count, min_shared: int = MIN_SHARED_CLIENTS):
   """0/1: where a client (``keep``) receives an average instead of keeping its own value."""
-  return ((np.asarray(keep) > 0) & (np.asarray(count) >= min_shared)).astype(np.float64)
+  count = np.asarray(count, np.float64)
+  return (np.asarray(received(keep, np.zeros_like(count), count, min_shared)) >= 0).astype(np.float64)
 
 
 def aggregate_masks(masks, keep, min_shared: int = MIN_SHARED_CLIENTS) -> np.ndarray:

@@ -37,6 +37,8 @@ import math
 
 import tensorflow as tf
 
+from fedmask_tff.models import scaled
+
 LATENT_BOUND = 1.0
 
 
@@ -177,11 +179,6 @@ def binary_layers(model: tf.keras.Model) -> list:
   return [l for l in model.layers if isinstance(l, (BinaryDense, BinaryConv2D))]
 
 
-def _scaled(channels: int, width: float) -> int:
-  from fedmask_tff.models import _scaled as scaled
-  return scaled(channels, width)
-
-
 def build_binary_cnn(input_shape=(28, 28, 1), num_classes: int = 10, width: float = 1.0,
                      seed: int = 0) -> tf.keras.Model:
   """The binarized :func:`fedmask_tff.models.build_reference_cnn`: same layers, names and shapes.
@@ -193,14 +190,14 @@ def build_binary_cnn(input_shape=(28, 28, 1), num_classes: int = 10, width: floa
   init = lambda offset: ClippedHeNormal(seed=seed + offset)  # noqa: E731
   return tf.keras.Sequential([
       tf.keras.Input(shape=input_shape, dtype=tf.float32),
-      BinaryConv2D(_scaled(32, width), 3, padding="same", activation="relu",
+      BinaryConv2D(scaled(32, width), 3, padding="same", activation="relu",
                    kernel_initializer=init(0), name="conv1"),
       tf.keras.layers.MaxPool2D(2),
-      BinaryConv2D(_scaled(64, width), 3, padding="same", activation="relu",
+      BinaryConv2D(scaled(64, width), 3, padding="same", activation="relu",
                    kernel_initializer=init(1000), name="conv2"),
       tf.keras.layers.MaxPool2D(2),
       tf.keras.layers.Flatten(),
-      BinaryDense(_scaled(128, width), activation="relu", kernel_initializer=init(2000),
+      BinaryDense(scaled(128, width), activation="relu", kernel_initializer=init(2000),
                   name="fc1"),
       BinaryDense(num_classes, kernel_initializer=init(3000), name="fc2"),
   ], name="binary_cnn")
@@ -213,8 +210,8 @@ def build_binary_mlp(input_shape=(28, 28, 1), num_classes: int = 10, width: floa
   return tf.keras.Sequential([
       tf.keras.Input(shape=input_shape, dtype=tf.float32),
       tf.keras.layers.Flatten(),
-      BinaryDense(_scaled(200, width), activation="relu", kernel_initializer=init(0), name="fc1"),
-      BinaryDense(_scaled(200, width), activation="relu", kernel_initializer=init(1000),
+      BinaryDense(scaled(200, width), activation="relu", kernel_initializer=init(0), name="fc1"),
+      BinaryDense(scaled(200, width), activation="relu", kernel_initializer=init(1000),
                   name="fc2"),
       BinaryDense(num_classes, kernel_initializer=init(2000), name="fc3"),
   ], name="binary_mlp")

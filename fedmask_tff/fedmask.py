@@ -42,11 +42,11 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedmask_tff import (bitpack, costs, evaluation, ldp, masking, payloads, pruning, quantization,
+from fedmask_tff import (aggregation, bitpack, costs, evaluation, ldp, masking, payloads, pruning, quantization,
                          regularizers)
 from fedmask_tff.layers import mask_variables, masked_layers
 
-DOWNLINK_UNCHANGED = -1.0
+DOWNLINK_UNCHANGED = aggregation.UNCHANGED
 UPLOADS = ("mask", "bernoulli", "score_sign")
 
 
@@ -138,7 +138,7 @@ class FedMaskConfig:
   score_restart: str = "scaled_logit"
   restart_scale: float = 0.1
   restart_eps: float = 0.01
-  min_shared: int = 2
+  min_shared: int = aggregation.MIN_SHARED_CLIENTS
   group_lasso: float = 0.0
   secure_aggregation: bool = False
   secure_bitwidth: int = 16
@@ -485,13 +485,12 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     for i in range(len(specs)):
       keep = state["keep"][i]
       count = sums["count"][i]
-      shared = tf.logical_and(keep > 0, count >= config.min_shared)
       total = sums["total"][i]
       if config.ldp_epsilon > 0:  # Unbiased estimate of the true count of ones.
         total = ldp.debias_sum_tf(total, count, config.ldp_epsilon)
-      mean = tf.clip_by_value(tf.math.divide_no_nan(total, count), 0.0, 1.0)
-      message = tf.boolean_mask(tf.reshape(tf.where(shared, mean, DOWNLINK_UNCHANGED), [-1]),
-                                tf.reshape(keep > 0, [-1]))  # float32, one per kept element
+      message = tf.boolean_mask(  # float32, one per kept element
+          tf.reshape(aggregation.received(keep, total, count, config.min_shared), [-1]),
+          tf.reshape(keep > 0, [-1]))
       if config.downlink_bits == 1:
         # The paper's binary downlink: the vote's decision 1[v >= tau] where averaged, the
         # client's own bit elsewhere; 1 bit per kept element.
@@ -598,8 +597,7 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     for total, count in zip(sums["total"], sums["count"]):
       if config.ldp_epsilon > 0:
         total = ldp.debias_sum_tf(total, count, config.ldp_epsilon)
-      votes.append((tf.clip_by_value(tf.math.divide_no_nan(total, count), 0.0, 1.0),
-                    count >= config.min_shared))
+      votes.append(aggregation.votes(total, count, config.min_shared))
     return votes
 
   @tff.tensorflow.computation(global_state_type, sums_type)

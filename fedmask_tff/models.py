@@ -3,7 +3,8 @@
 Each builder returns an uncompiled ``tf.keras.Model`` whose masked layers draw
 their frozen weights from ``seed`` (layer ``i`` uses ``seed + 1000 * i``), so
 every process that calls the builder with the same arguments gets the same W.
-``MODEL_BUILDERS`` maps the ``--model`` names to builders.
+``MODEL_BUILDERS`` maps the ``--model`` names to builders; :mod:`fedmask_tff.model_registry`
+holds every model's builders.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import tensorflow as tf
 from fedmask_tff.layers import MaskedConv2D, MaskedDense
 
 
-def _scaled(channels: int, width: float) -> int:
+def scaled(channels: int, width: float) -> int:
+  """``channels`` times the width multiplier, rounded, at least 1."""
   if not width > 0:
     raise ValueError(f"model width must be > 0, got {width}")
   return max(1, int(round(channels * width)))
@@ -32,13 +34,13 @@ def build_cnn(input_shape=(28, 28, 1), num_classes: int = 10, width: float = 1.0
   common = dict(mask_mode=mask_mode, score_init=score_init, kernel_init=kernel_init)
   return tf.keras.Sequential([
       tf.keras.Input(shape=input_shape, dtype=tf.float32),
-      MaskedConv2D(_scaled(32, width), 3, activation="relu", seed=seed, name="conv1", **common),
+      MaskedConv2D(scaled(32, width), 3, activation="relu", seed=seed, name="conv1", **common),
       tf.keras.layers.MaxPool2D(2),
-      MaskedConv2D(_scaled(64, width), 3, activation="relu", seed=seed + 1000, name="conv2",
+      MaskedConv2D(scaled(64, width), 3, activation="relu", seed=seed + 1000, name="conv2",
                    **common),
       tf.keras.layers.MaxPool2D(2),
       tf.keras.layers.Flatten(),
-      MaskedDense(_scaled(128, width), activation="relu", seed=seed + 2000, name="fc1", **common),
+      MaskedDense(scaled(128, width), activation="relu", seed=seed + 2000, name="fc1", **common),
       MaskedDense(num_classes, seed=seed + 3000, name="fc2", **common),
   ], name="masked_cnn")
 
@@ -51,8 +53,8 @@ def build_mlp(input_shape=(28, 28, 1), num_classes: int = 10, width: float = 1.0
   return tf.keras.Sequential([
       tf.keras.Input(shape=input_shape, dtype=tf.float32),
       tf.keras.layers.Flatten(),
-      MaskedDense(_scaled(200, width), activation="relu", seed=seed, name="fc1", **common),
-      MaskedDense(_scaled(200, width), activation="relu", seed=seed + 1000, name="fc2", **common),
+      MaskedDense(scaled(200, width), activation="relu", seed=seed, name="fc1", **common),
+      MaskedDense(scaled(200, width), activation="relu", seed=seed + 1000, name="fc2", **common),
       MaskedDense(num_classes, seed=seed + 2000, name="fc3", **common),
   ], name="masked_mlp")
 
@@ -69,14 +71,14 @@ def build_reference_cnn(input_shape=(28, 28, 1), num_classes: int = 10, width: f
   init = lambda offset: tf.keras.initializers.HeNormal(seed=seed + offset)  # noqa: E731
   return tf.keras.Sequential([
       tf.keras.Input(shape=input_shape, dtype=tf.float32),
-      tf.keras.layers.Conv2D(_scaled(32, width), 3, padding="same", activation="relu",
+      tf.keras.layers.Conv2D(scaled(32, width), 3, padding="same", activation="relu",
                              use_bias=False, kernel_initializer=init(0), name="conv1"),
       tf.keras.layers.MaxPool2D(2),
-      tf.keras.layers.Conv2D(_scaled(64, width), 3, padding="same", activation="relu",
+      tf.keras.layers.Conv2D(scaled(64, width), 3, padding="same", activation="relu",
                              use_bias=False, kernel_initializer=init(1000), name="conv2"),
       tf.keras.layers.MaxPool2D(2),
       tf.keras.layers.Flatten(),
-      tf.keras.layers.Dense(_scaled(128, width), activation="relu", use_bias=False,
+      tf.keras.layers.Dense(scaled(128, width), activation="relu", use_bias=False,
                             kernel_initializer=init(2000), name="fc1"),
       tf.keras.layers.Dense(num_classes, use_bias=False, kernel_initializer=init(3000), name="fc2"),
   ], name="reference_cnn")
@@ -89,9 +91,9 @@ def build_reference_mlp(input_shape=(28, 28, 1), num_classes: int = 10, width: f
   return tf.keras.Sequential([
       tf.keras.Input(shape=input_shape, dtype=tf.float32),
       tf.keras.layers.Flatten(),
-      tf.keras.layers.Dense(_scaled(200, width), activation="relu", use_bias=False,
+      tf.keras.layers.Dense(scaled(200, width), activation="relu", use_bias=False,
                             kernel_initializer=init(0), name="fc1"),
-      tf.keras.layers.Dense(_scaled(200, width), activation="relu", use_bias=False,
+      tf.keras.layers.Dense(scaled(200, width), activation="relu", use_bias=False,
                             kernel_initializer=init(1000), name="fc2"),
       tf.keras.layers.Dense(num_classes, use_bias=False, kernel_initializer=init(2000), name="fc3"),
   ], name="reference_mlp")
@@ -99,32 +101,3 @@ def build_reference_mlp(input_shape=(28, 28, 1), num_classes: int = 10, width: f
 
 # The dense, trainable counterparts that FedAvg-style baselines train, by ``--model`` name.
 DENSE_MODEL_BUILDERS = {"cnn": build_reference_cnn, "mlp": build_reference_mlp}
-
-
-def masked_builder(name: str):
-  """The masked (FedMask) builder of ``--model`` ``name``: ``cnn``, ``mlp`` or a paper model."""
-  from fedmask_tff import paper_models
-  table = {**MODEL_BUILDERS, **paper_models.PAPER_MODEL_BUILDERS}
-  if name not in table:
-    raise ValueError(f"unknown model {name!r}; valid: {', '.join(sorted(table))}")
-  return table[name]
-
-
-def dense_builder(name: str):
-  """The dense, trainable counterpart of ``name`` (what FedAvg-style baselines train)."""
-  from fedmask_tff import paper_models
-  table = {**DENSE_MODEL_BUILDERS, **paper_models.PAPER_DENSE_BUILDERS}
-  if name not in table:
-    raise ValueError(f"unknown model {name!r}; valid: {', '.join(sorted(table))}")
-  return table[name]
-
-
-def binary_builder(name: str):
-  """The binarized counterpart of ``name`` (BNN-FedAvg); LSTM models have none."""
-  from fedmask_tff import binarized, paper_models
-  table = {**binarized.BINARY_MODEL_BUILDERS, **paper_models.PAPER_BINARY_BUILDERS}
-  if name not in table:
-    raise ValueError(f"model {name!r} has no binarized counterpart (BNN-FedAvg needs Dense/Conv2D "
-                     f"layers); models with one: {', '.join(sorted(table))}")
-  return table[name]
-

@@ -99,7 +99,7 @@ import tensorflow as tf
 from fedmask_tff.binarized import BinaryConv2D, BinaryDense, ClippedHeNormal
 from fedmask_tff.layers import MaskedConv2D, MaskedDense, mask_variables
 from fedmask_tff.lstm import MaskedLSTM
-from fedmask_tff.models import _scaled
+from fedmask_tff.models import scaled
 
 # The number of last masked layers one-shot pruning thins, per model (the paper's setup).
 PRUNE_LAST_LAYERS = {"vgg16": 8, "har_mlp": 2, "shakespeare_lstm": 2}
@@ -158,7 +158,7 @@ def _vgg_plan(input_shape, width: float):
       h, w = math.ceil(h / 2), math.ceil(w / 2)
       plan.append(("pool", None))
     else:
-      plan.append(("conv", _scaled(item, width)))
+      plan.append(("conv", scaled(item, width)))
   return plan
 
 
@@ -185,7 +185,7 @@ def build_vgg16(input_shape=(32, 32, 3), num_classes: int = 10, width: float = 1
     i += 1
   layers.append(tf.keras.layers.Flatten())
   for j, units in enumerate(VGG16_CLASSIFIER):
-    layers.append(MaskedDense(_scaled(units, width), activation="relu",
+    layers.append(MaskedDense(scaled(units, width), activation="relu",
                               seed=seed + SEED_STRIDE * (i + j), name=f"fc{j + 1}", **common))
   layers.append(MaskedDense(num_classes, seed=seed + SEED_STRIDE * (i + 2), name="fc3", **common))
   return tf.keras.Sequential(layers, name="masked_vgg16")
@@ -209,7 +209,7 @@ def _vgg16_trainable(conv_cls, dense_cls, init_fn, name, input_shape, num_classe
     i += 1
   layers.append(tf.keras.layers.Flatten())
   for j, units in enumerate(VGG16_CLASSIFIER):
-    layers.append(dense_cls(_scaled(units, width), activation="relu",
+    layers.append(dense_cls(scaled(units, width), activation="relu",
                             kernel_initializer=init_fn(SEED_STRIDE * (i + j)), name=f"fc{j + 1}",
                             **conv_kwargs))
   layers.append(dense_cls(num_classes, kernel_initializer=init_fn(SEED_STRIDE * (i + 2)),
@@ -245,7 +245,7 @@ def build_har_mlp(input_shape=(128, 9), num_classes: int = 6, width: float = 1.0
   common = dict(mask_mode=mask_mode, score_init=score_init, kernel_init=kernel_init)
   layers = [tf.keras.Input(shape=input_shape, dtype=tf.float32), tf.keras.layers.Flatten()]
   for i, units in enumerate(HAR_HIDDEN):
-    layers.append(MaskedDense(_scaled(units, width), activation="relu",
+    layers.append(MaskedDense(scaled(units, width), activation="relu",
                               seed=seed + SEED_STRIDE * i, name=f"fc{i + 1}", **common))
   layers.append(MaskedDense(num_classes, seed=seed + SEED_STRIDE * len(HAR_HIDDEN),
                             name=f"fc{len(HAR_HIDDEN) + 1}", **common))
@@ -255,7 +255,7 @@ def build_har_mlp(input_shape=(128, 9), num_classes: int = 6, width: float = 1.0
 def _har_trainable(dense_cls, init_fn, name, input_shape, num_classes, width, **kwargs):
   layers = [tf.keras.Input(shape=input_shape, dtype=tf.float32), tf.keras.layers.Flatten()]
   for i, units in enumerate(HAR_HIDDEN):
-    layers.append(dense_cls(_scaled(units, width), activation="relu",
+    layers.append(dense_cls(scaled(units, width), activation="relu",
                             kernel_initializer=init_fn(SEED_STRIDE * i), name=f"fc{i + 1}",
                             **kwargs))
   layers.append(dense_cls(num_classes, kernel_initializer=init_fn(SEED_STRIDE * len(HAR_HIDDEN)),
@@ -296,8 +296,8 @@ def build_shakespeare_lstm(input_shape=(80,), num_classes: int = SHAKESPEARE_VOC
   """
   _check_sequence_input(input_shape)
   common = dict(mask_mode=mask_mode, score_init=score_init, kernel_init=kernel_init)
-  u1, u2 = (_scaled(u, width) for u in SHAKESPEARE_LSTM_UNITS)
-  h1, h2 = (_scaled(u, width) for u in SHAKESPEARE_HIDDEN)
+  u1, u2 = (scaled(u, width) for u in SHAKESPEARE_LSTM_UNITS)
+  h1, h2 = (scaled(u, width) for u in SHAKESPEARE_HIDDEN)
   return tf.keras.Sequential([
       tf.keras.Input(shape=input_shape, dtype=tf.int32),
       tf.keras.layers.Embedding(vocab_size, SHAKESPEARE_EMBEDDING_DIM, trainable=False,
@@ -323,8 +323,8 @@ def build_reference_shakespeare_lstm(input_shape=(80,), num_classes: int = SHAKE
   layers without bias.
   """
   _check_sequence_input(input_shape)
-  u1, u2 = (_scaled(u, width) for u in SHAKESPEARE_LSTM_UNITS)
-  h1, h2 = (_scaled(u, width) for u in SHAKESPEARE_HIDDEN)
+  u1, u2 = (scaled(u, width) for u in SHAKESPEARE_LSTM_UNITS)
+  h1, h2 = (scaled(u, width) for u in SHAKESPEARE_HIDDEN)
   he = lambda offset: tf.keras.initializers.HeNormal(seed=seed + offset)  # noqa: E731
 
   def lstm(units, offset, name, return_sequences=False):

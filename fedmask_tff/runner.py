@@ -352,13 +352,6 @@ def _loading_words(config: RunConfig) -> str:
   return f"loading {config.dataset} and partitioning it into {config.num_clients} clients ({how})"
 
 
-def _source_description(dataset: str, split) -> tuple[str, int]:
-  n = split.num_source_examples if split.num_source_examples is not None else -1
-  if dataset == "fashion_mnist":
-    return ("positions in the pooled Fashion-MNIST: the train images, then the t10k images", n)
-  return (f"positions in the {dataset} loader's source order", n)
-
-
 def load_split(config: RunConfig):
   """The run's :class:`FederatedSplit` (from ``--partition_file`` when given)."""
   from fedmask_tff import data as data_lib
@@ -375,6 +368,20 @@ def load_split(config: RunConfig):
       data_dir=config.data_dir, num_clients=config.num_clients, partition=config.partition,
       classes_per_client=config.classes_per_client, dirichlet_alpha=config.dirichlet_alpha,
       test_fraction=config.test_fraction, seed=config.seed, partition_file=config.partition_file)
+
+
+def with_shared_partition(config: RunConfig, path: str) -> RunConfig:
+  """For runs that must share one partition (a comparison, a study): on the pooled data sets,
+  writes the split of ``config`` to ``path`` unless that file exists, and returns ``config``
+  reading its clients from ``path``. Other data sets are split by their files, the seed and
+  the flags alike for every run: ``config`` is returned unchanged."""
+  if config.dataset not in POOLED_DATASETS:
+    return config
+  if not os.path.exists(path):
+    from fedmask_tff.data import partition_file as partition_file_lib
+    partition_file_lib.save_split_partition(path, load_split(config), config.dataset)
+    _log(f"[fedmask_tff] partition written to {path}")
+  return dataclasses.replace(config, partition_file=path)
 
 
 def run(config: RunConfig) -> dict[str, Any]:
@@ -421,10 +428,9 @@ def _run(config: RunConfig) -> dict[str, Any]:
     raise ConfigError(f"--clients_per_round={config.clients_per_round} but {config.dataset} has "
                       f"only {len(training_ids)} training clients here"
                       + (f" ({len(unseen)} held out by --unseen_clients)" if unseen else ""))
-  from fedmask_tff import paper_models
-  model_name = config.model or paper_models.DEFAULT_MODEL_FOR_DATASET.get(config.dataset, "cnn")
-  prune_last = (config.prune_last_layers if config.prune_last_layers is not None
-                else paper_models.prune_last_layers_for(model_name, 2))
+  from fedmask_tff import model_registry
+  model_name = model_registry.model_for(config.dataset, config.model)
+  prune_last = model_registry.prune_last_layers(model_name, config.prune_last_layers)
   summary = split.summary()
   _log(f"[fedmask_tff] data: {summary}")
 
@@ -438,9 +444,8 @@ def _run(config: RunConfig) -> dict[str, Any]:
         os.remove(target)
 
   os.makedirs(config.output_dir, exist_ok=True)
-  source, n_source = _source_description(config.dataset, partition_split)
   if not resuming:
-    partition_file_lib.save_partition(partition_path, partition_split, config.dataset, source, n_source)
+    partition_file_lib.save_split_partition(partition_path, partition_split, config.dataset)
   if config.workers:
     try:
       addresses = runtime.install_remote_context(config.workers)

@@ -160,6 +160,11 @@ def _compile(comp):
   return tff.backends.native.desugar_and_transform_to_native(comp)
 
 
+def local_worker_pids() -> list[int]:
+  """Process ids of the TFF workers this process started (empty when there is none)."""
+  return [proc.pid for proc in _workers]
+
+
 def local_worker_rss_mb() -> float:
   """Resident memory (MB) of this process's local TFF worker; 0 when there is none."""
   total = 0.0

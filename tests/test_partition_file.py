@@ -7,7 +7,7 @@ import pytest
 
 from fedmask_tff.data import DataError
 from fedmask_tff.data import partition_file
-from fedmask_tff.data.federated import build_federated_split
+from fedmask_tff.data.federated import build_federated_split, split_from_partition_file
 from fedmask_tff.data.partition import pathological_partition
 
 
@@ -23,7 +23,7 @@ def test_round_trip_gives_the_identical_split(tmp_path):
   images, labels, split = _split()
   path = str(tmp_path / "partition.json")
   partition_file.save_partition(path, split, "toy", "positions in the toy array", labels.size)
-  again = partition_file.split_from_partition_file(path, images, labels, 4, dataset="toy")
+  again = split_from_partition_file(path, images, labels, 4, dataset="toy")
   assert again.client_ids == split.client_ids
   for cid in split.client_ids:
     np.testing.assert_array_equal(again.train_indices[cid], split.train_indices[cid])
@@ -61,7 +61,7 @@ def test_bad_files_are_named(tmp_path, mutate, message):
   mutate(payload)
   json.dump(payload, open(path, "w"))
   with pytest.raises(DataError, match=message):
-    partition_file.split_from_partition_file(path, images, labels, 4, dataset="toy")
+    split_from_partition_file(path, images, labels, 4, dataset="toy")
 
 
 def test_missing_and_truncated_files(tmp_path):

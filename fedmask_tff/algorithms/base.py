@@ -86,8 +86,8 @@ class BuildContext:
 
   def dense_model_fn(self) -> Callable[[], tf.keras.Model]:
     """The dense, trainable counterpart of the run's model (what FedAvg-style methods train)."""
-    from fedmask_tff import models
-    builder = models.dense_builder(self.model)
+    from fedmask_tff import model_registry
+    builder = model_registry.dense_builder(self.model)
     return lambda: builder(input_shape=self.input_shape, num_classes=self.num_classes,
                            width=self.model_width, seed=self.seed)
 

@@ -110,7 +110,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedmask_tff import binarized, bitpack, costs, evaluation, models, payloads
+from fedmask_tff import binarized, bitpack, costs, evaluation, model_registry, payloads
 from fedmask_tff.algorithms import local_training
 from fedmask_tff.algorithms.base import BuildContext, FederatedAlgorithm
 from fedmask_tff.payloads import eval_dicts, tensor_bits
@@ -361,7 +361,7 @@ class BnnFedAvg(FederatedAlgorithm):
 
 def binary_model_fn(context: BuildContext) -> Callable[[], tf.keras.Model]:
   """The binarized counterpart of ``context.dense_model_fn()`` (same arguments)."""
-  builder = models.binary_builder(context.model)
+  builder = model_registry.binary_builder(context.model)
   return lambda: builder(input_shape=context.input_shape, num_classes=context.num_classes,
                          width=context.model_width, seed=context.seed)
 

@@ -16,8 +16,8 @@ class FedMask(FederatedAlgorithm):
 
   def __init__(self, context: BuildContext, config: fedmask_process.FedMaskConfig,
                uplink_coding: str = "none"):
-    from fedmask_tff import models
-    builder = models.masked_builder(context.model)
+    from fedmask_tff import model_registry
+    builder = model_registry.masked_builder(context.model)
 
     def model_fn():
       return builder(input_shape=context.input_shape, num_classes=context.num_classes,
@@ -67,11 +67,12 @@ class FedMask(FederatedAlgorithm):
     return ClientStateStore(directory, [s.shape for s in self.specs], self.process.initial_client_state)
 
   def late_joiner_states(self, server_state, store, count):
-    """The server's view for a newcomer: per element, the mean of the personal masks of every
-    client that keeps it (clients with a stored state); the newcomer restarts its scores from
+    """The server's view for a newcomer: per element, the mean of the personal masks of the
+    clients (with a stored state) that keep it, where with the newcomer at least ``min_shared``
+    do (FedMask's rule, :mod:`fedmask_tff.aggregation`); the newcomer restarts its scores from
     it with the run's rule (``masking.apply_vote``), keeps everything, and prunes at its first round."""
     import numpy as np
-    from fedmask_tff import masking
+    from fedmask_tff import aggregation, masking
     if self.process.global_scores or self.process.config.global_mask:
       # A newcomer starts from the server's scores (or m^T), like anyone.
       init = self.process.initial_client_state()
@@ -87,7 +88,8 @@ class FedMask(FederatedAlgorithm):
     scores = []
     init = self.process.initial_client_state()
     for i, (t, c) in enumerate(zip(totals, counts)):
-      received = np.where(c > 0, t / np.maximum(c, 1), -1.0)
+      # The newcomer keeps every element and counts as one of the clients sharing it.
+      received = np.asarray(aggregation.received(np.ones_like(c), t, c, max(1, config.min_shared - 1)))
       scores.append(np.asarray(masking.apply_vote(
           np.asarray(init["scores"][i], np.float32), received.astype(np.float32), config.score_restart,
           config.restart_scale, config.restart_eps), np.float32))

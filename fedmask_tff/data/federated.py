@@ -11,6 +11,7 @@ import numpy as np
 
 from fedmask_tff.data import fashion_mnist
 from fedmask_tff.data import partition as partition_lib
+from fedmask_tff.data import partition_file as partition_file_lib
 from fedmask_tff.data.errors import DataError
 
 if TYPE_CHECKING:
@@ -366,9 +367,8 @@ def load_partitioned_fashion_mnist(
       or invalid files, or an impossible partition.
   """
   if partition_file is not None:
-    from fedmask_tff.data import partition_file as partition_file_lib  # pylint: disable=g-import-not-at-top
     images, labels = fashion_mnist.load_fashion_mnist(data_dir)
-    return partition_file_lib.split_from_partition_file(
+    return split_from_partition_file(
         partition_file, images, labels, fashion_mnist.NUM_CLASSES, dataset='fashion_mnist')
   if partition not in PARTITIONS:
     raise DataError(
@@ -391,3 +391,12 @@ def load_partitioned_fashion_mnist(
       seed=seed,
       num_classes=fashion_mnist.NUM_CLASSES,
   )
+
+
+def split_from_partition_file(path: str, images, labels, num_classes: int, dataset: str):
+  """The :class:`FederatedSplit` that partition file ``path`` describes, over pooled
+  ``images``/``labels``."""
+  ids, splits = partition_file_lib.load_partition(path, dataset=dataset,
+                                                  num_source_examples=int(np.shape(labels)[0]))
+  return build_federated_split(images, labels, None, num_classes=num_classes,
+                               client_splits=splits, client_ids=ids)

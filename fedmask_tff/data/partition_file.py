@@ -90,9 +90,16 @@ def load_partition(path: str, dataset: Optional[str] = None,
   return ids, splits
 
 
-def split_from_partition_file(path: str, images, labels, num_classes: int, dataset: str):
-  """The :class:`FederatedSplit` that ``path`` describes, over pooled ``images``/``labels``."""
-  from fedmask_tff.data.federated import build_federated_split
-  ids, splits = load_partition(path, dataset=dataset, num_source_examples=int(np.shape(labels)[0]))
-  return build_federated_split(images, labels, None, num_classes=num_classes,
-                               client_splits=splits, client_ids=ids)
+def source_description(dataset: str, split) -> tuple[str, int]:
+  """What a partition file's indices point into, and how many source examples there are
+  (-1 when the loader does not say)."""
+  n = split.num_source_examples if split.num_source_examples is not None else -1
+  if dataset == "fashion_mnist":
+    return ("positions in the pooled Fashion-MNIST: the train images, then the t10k images", n)
+  return (f"positions in the {dataset} loader's source order", n)
+
+
+def save_split_partition(path: str, split, dataset: str) -> None:
+  """Writes ``split``'s clients (their train/test example indices) to ``path``."""
+  source, n = source_description(dataset, split)
+  save_partition(path, split, dataset, source, n)

@@ -237,3 +237,33 @@ def test_non_numeric_and_scalar():
     aggregate_masks(np.array([["1", "0"]]), np.array([["1", "1"]]))
   with pytest.raises(ValueError, match="leading clients dimension"):
     aggregate_masks(np.float32(1), np.float32(1))
+
+
+# --- the TF functions the FedMask process runs (one home for the rule) -----------------------
+
+def test_votes_and_received_by_hand():
+  from fedmask_tff.aggregation import UNCHANGED, received, votes
+  total = np.array([2.0, 1.0, 0.0, 3.0])
+  count = np.array([3.0, 1.0, 0.0, 2.0])  # element 3: a debiased total above the count
+  v, shared = votes(total, count)
+  np.testing.assert_allclose(v.numpy(), [2 / 3, 1.0, 0.0, 1.0])
+  np.testing.assert_array_equal(shared.numpy(), [True, False, False, True])
+  keep = np.array([1.0, 1.0, 1.0, 0.0])
+  np.testing.assert_allclose(received(keep, total, count).numpy(),
+                             [2 / 3, UNCHANGED, UNCHANGED, UNCHANGED])
+  np.testing.assert_allclose(received(keep, total, count, min_shared=1).numpy(),
+                             [2 / 3, 1.0, UNCHANGED, UNCHANGED])
+
+
+def test_received_in_a_tf_function_matches_apply_rule():
+  import tensorflow as tf
+  from fedmask_tff.aggregation import received
+  rng = np.random.default_rng(7)
+  masks = (rng.random((5, 40)) < 0.5).astype(np.float32)
+  keep = (rng.random((5, 40)) < 0.6).astype(np.float32)
+  total, count = mask_sums(masks, keep)
+  graph = tf.function(lambda k, t, c: received(k, t, c))(
+      tf.constant(keep[0]), tf.constant(total, tf.float32), tf.constant(count, tf.float32))
+  value = graph.numpy()
+  expected = apply_rule(masks[0], keep[0], total, count)
+  np.testing.assert_allclose(np.where(value >= 0, value, masks[0]) * keep[0], expected, atol=1e-6)
