@@ -10,7 +10,7 @@ writes ``benchmarks/results/latest.json`` and ``benchmarks/results/latest.md``:
   counterpart of the same CNN, same clients, batch size and epochs; the two
   alternate round by round (interleaved), after warm-up rounds.
 * ``cnn_fraction_of_peak_flops`` (and the LSTM's): client training throughput
-  (examples/s, training FLOPs/s counted by :mod:`fedmask_tff.costs`) over the
+  (examples/s, training FLOPs/s counted by :mod:`fedmask_tff.models.costs`) over the
   machine's own float32 peak, measured in the same process with a large matmul.
 * scaling rows: FedMask round time and peak memory (this process and the TFF
   worker) for 20/40/80 clients per round, and for 100/1000/3000 total clients
@@ -115,10 +115,11 @@ def _batched_spec(split):
 
 def _fedmask_round_fn(split, clients, batch_size, epochs, store_dir):
   """A callable running one FedMask round on ``clients`` as the runner does (with state I/O)."""
-  from fedmask_tff import fedmask, models
-  from fedmask_tff.client_state import ClientStateStore
+  from fedmask_tff.algorithms import fedmask
+  from fedmask_tff.models import basic
+  from fedmask_tff.wire.client_state import ClientStateStore
   process = fedmask.build_fedmask_process(
-      lambda: models.build_cnn(seed=0), _batched_spec(split),
+      lambda: basic.build_cnn(seed=0), _batched_spec(split),
       fedmask.FedMaskConfig(local_epochs=epochs))
   store = ClientStateStore(store_dir, [s.shape for s in process.specs], process.initial_client_state)
   state = [process.initialize()]
@@ -134,12 +135,12 @@ def _fedmask_round_fn(split, clients, batch_size, epochs, store_dir):
 def _fedavg_round_fn(split, clients, batch_size, epochs):
   import tensorflow as tf
   import tensorflow_federated as tff
-  from fedmask_tff import models
+  from fedmask_tff.models import basic
   spec = _batched_spec(split)
 
   def model_fn():
     return tff.learning.models.from_keras_model(
-        models.build_reference_cnn(seed=0), input_spec=spec,
+        basic.build_reference_cnn(seed=0), input_spec=spec,
         loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 
   process = tff.learning.algorithms.build_weighted_fed_avg(
@@ -226,13 +227,13 @@ def _training_throughput(model, x, y, batch_size, steps):
 def bench_throughput(x, y, quick):
   import numpy as np
   import tensorflow as tf
-  from fedmask_tff import costs, models
-  from fedmask_tff.lstm import MaskedLSTM
+  from fedmask_tff.models import costs, basic
+  from fedmask_tff.masks.lstm import MaskedLSTM
   peak = _peak_matmul_flops()
   rows = {"peak_matmul_flops": peak}
   steps = 40 if quick else 200
   xs, ys = tf.constant(x[:4096]), tf.constant(y[:4096])
-  for name, model in (("cnn", models.build_cnn(seed=0)), ("reference_cnn", models.build_reference_cnn(seed=0))):
+  for name, model in (("cnn", basic.build_cnn(seed=0)), ("reference_cnn", basic.build_reference_cnn(seed=0))):
     for bs in (32, 128):
       eps = _training_throughput(model, xs, ys, bs, steps)
       flops = eps * costs.train_flops_per_example(model)
@@ -399,7 +400,7 @@ def main(argv):
   res["targets"] = {k: {"op": op, "target": t} for k, (op, t) in TARGETS.items()}
   res["wall_s"] = time.perf_counter() - t0
   os.makedirs(FLAGS.output_dir, exist_ok=True)
-  from fedmask_tff.outputs import write_json_atomic
+  from fedmask_tff.simulation.outputs import write_json_atomic
   write_json_atomic(os.path.join(FLAGS.output_dir, "latest.json"), res)
   with open(os.path.join(FLAGS.output_dir, "latest.md"), "w") as f:
     f.write(_markdown(res))

@@ -6,7 +6,7 @@ clients, ``--clients_per_round`` per round, ``--rounds`` rounds, cnn), run as it
 The variants are interleaved ``--repeats`` times (A B C D A B C D ...), since the machine is
 shared and noisy; a variant's time is the median over repeats of its median round time after
 round 1 (tracing and pruning). Ratios are to the local, driver-built variant of the same run.
-Workers are started on loopback with ``python -m fedmask_tff.worker``; every run's results must
+Workers are started on loopback with ``python -m fedmask_tff.runtime.worker``; every run's results must
 be identical to the local run's (checked), so the table compares the same work.
 
 On a machine with few cores, several workers on one host share those cores: the table then shows
@@ -59,7 +59,7 @@ def _run(out_dir, extra):
 
 def main(argv):
   del argv
-  from fedmask_tff import worker
+  from fedmask_tff.runtime import worker
   import portpicker
   ports = [portpicker.pick_unused_port() for _ in range(FLAGS.workers)]
   procs = [worker.start(p) for p in ports]

@@ -51,7 +51,7 @@ def _parse_rates(items):
 def complete_results(results_path, config):
   """The finished results at ``results_path`` if they were made with exactly ``config``'s
   settings (those that change results), else ``None``."""
-  from fedmask_tff import runner
+  from fedmask_tff.simulation import runner
   if not os.path.exists(results_path):
     return None
   try:
@@ -70,7 +70,7 @@ def run_variants(base, variants: dict, out: str, log=None) -> dict:
   Finished runs with the same settings are skipped; an unfinished one resumes
   (the runner's checkpoint); one with other settings is replaced.
   """
-  from fedmask_tff import runner
+  from fedmask_tff.simulation import runner
   log = log or (lambda m: print(m, file=sys.stderr, flush=True))
   all_results = {}
   for i, (name, overrides) in enumerate(variants.items()):
@@ -139,7 +139,7 @@ def write_table(output_dir: str, rows: list[dict], header: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from fedmask_tff import runner
+  from fedmask_tff.simulation import runner
   from fedmask_tff.data import DataError
   try:
     unknown = [a for a in FLAGS.algorithms if a not in ALGORITHMS]
@@ -173,7 +173,7 @@ def main(argv):
     header = (f"Comparison on {base.dataset}, partition {partition_path}, {base.rounds} rounds x "
               f"{base.clients_per_round} clients, {base.local_epochs} local epochs, batch "
               f"{base.batch_size}, model {base.model} (width {base.model_width}), seed {base.seed}. "
-              f"Bits are counted from the payloads; FLOPs by fedmask_tff.costs.train_flops.")
+              f"Bits are counted from the payloads; FLOPs by fedmask_tff.models.costs.train_flops.")
     text = write_table(out, table_rows(all_results), header)
     print(text)
   except (runner.ConfigError, DataError) as e:

@@ -64,7 +64,7 @@ def rows(all_results: dict, chosen: dict) -> list[dict]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from fedmask_tff import runner
+  from fedmask_tff.simulation import runner
   from fedmask_tff.data import DataError
   try:
     try:

@@ -65,7 +65,8 @@ def train_and_evaluate(model, variables, learning_rate, train, test, epochs, bat
 def run_study(base, preset: str, out: str, log, epochs=None) -> str:
   """Trains the masked and the dense network of ``base``'s model on its pooled data."""
   import tensorflow as tf
-  from fedmask_tff import algorithms, model_registry, runner
+  from fedmask_tff import algorithms, models
+  from fedmask_tff.simulation import runner
   from fedmask_tff.data.validation import holdout_validation
   epochs = int(epochs or EPOCHS[preset])
   split = runner.load_split(base)
@@ -73,13 +74,13 @@ def run_study(base, preset: str, out: str, log, epochs=None) -> str:
     split = holdout_validation(split, base.validation_fraction, base.seed)
   train = pooled_arrays(split.train, split.client_ids)
   test = pooled_arrays(split.test, split.client_ids)
-  model_name = model_registry.model_for(base.dataset, base.model)
+  model_name = models.model_for(base.dataset, base.model)
   kwargs = dict(input_shape=train[0].shape[1:], num_classes=split.num_classes,
                 width=base.model_width, seed=base.seed)
   results = {}
-  for network, builder, rate_of in (("masked (scores trained, W frozen)", model_registry.masked_builder,
+  for network, builder, rate_of in (("masked (scores trained, W frozen)", models.masked_builder,
                                      "local_masks"),
-                                    ("dense (weights trained)", model_registry.dense_builder, "standalone")):
+                                    ("dense (weights trained)", models.dense_builder, "standalone")):
     tf.keras.utils.set_random_seed(base.seed)
     model = builder(model_name)(**kwargs)
     rate = algorithms.default_learning_rate(rate_of)

@@ -51,7 +51,7 @@ def labels(all_results: list[dict]) -> tuple[list[str], str]:
   A run's label is its algorithm plus the settings it uses in which the runs differ, or that
   leave the default and only some runs use; settings every run uses with one non-default value
   go to the common line. A setting a run's results predate counts as its default."""
-  from fedmask_tff import runner
+  from fedmask_tff.simulation import runner
   default = runner.RunConfig()
   fields = [f for f in runner.RunConfig.__dataclass_fields__ if f not in _UNLABELLED | {"algorithm"}]
   configs = [{f: r["config"].get(f, getattr(default, f)) for f in fields + ["algorithm"]}

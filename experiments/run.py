@@ -14,9 +14,9 @@ import sys
 
 from absl import app, flags
 
-from fedmask_tff.vote_rules import RESTART_RULES
-from fedmask_tff.worker import WorkerError
-from fedmask_tff.runner import ALGORITHMS, DATASETS, MODELS, PARTITIONS, ConfigError, RunConfig, run
+from fedmask_tff.masks.vote_rules import RESTART_RULES
+from fedmask_tff.runtime.worker import WorkerError
+from fedmask_tff.simulation.runner import ALGORITHMS, DATASETS, MODELS, PARTITIONS, ConfigError, RunConfig, run
 
 _D = RunConfig()
 FLAGS = flags.FLAGS
@@ -85,9 +85,9 @@ flags.DEFINE_float("score_init_noise", _D.score_init_noise, "fedmask: add unifor
 flags.DEFINE_enum("score_restart", _D.score_restart, list(RESTART_RULES), "How the aggregated "
                   "vote moves a client's scores m_r: scaled_logit/linear overwrite them; vote_shift, "
                   "disagree_shift, disagree_restart keep them between rounds and move them "
-                  "(fedmask_tff.masking.apply_vote).")
+                  "(fedmask_tff.masks.masking.apply_vote).")
 flags.DEFINE_float("restart_scale", _D.restart_scale, "Scale of the rule (restart scale or shift "
-                   "step; default: the rule's own, fedmask_tff.vote_rules).")
+                   "step; default: the rule's own, fedmask_tff.masks.vote_rules).")
 flags.DEFINE_enum("upload", _D.upload, ["mask", "bernoulli", "score_sign"], "fedmask: what the 1 "
                   "bit per element says: 'mask' (the paper: the binary mask, averaged by the server), "
                   "'bernoulli' (a sample of Bernoulli(sigmoid(m_r)), after FedPM) or "
@@ -121,7 +121,7 @@ flags.DEFINE_integer("eval_batch_size", _D.eval_batch_size, "Batch size of evalu
 flags.DEFINE_integer("max_concurrent_clients", _D.max_concurrent_clients,
                      "Cap on client computations run in parallel (-1: no cap).")
 flags.DEFINE_string("workers", None, "HOST:PORT,... of TFF workers started with `python -m "
-                    "fedmask_tff.worker --port=PORT`: each round's clients are split over them "
+                    "fedmask_tff.runtime.worker --port=PORT`: each round's clients are split over them "
                     "(default: one local worker). See docs/workers.md.")
 flags.DEFINE_enum("client_datasets", _D.client_datasets, ["driver", "workers"],
                   "Where each round's client datasets are built: driver (serialized into the "
@@ -149,7 +149,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import signal
-  from fedmask_tff import runner
+  from fedmask_tff.simulation import runner
   signal.signal(signal.SIGINT, runner.request_stop)
   try:
     config = config_from_flags().validate()

@@ -169,7 +169,7 @@ def sweep_values(study: str, preset: str) -> list[int]:
 
 
 def _config_error(message):
-  from fedmask_tff import runner
+  from fedmask_tff.simulation import runner
   return runner.ConfigError(message)
 
 
@@ -178,7 +178,7 @@ def _config_error(message):
 
 def base_config(study: str, preset: str):
   """The study's RunConfig before the per-run changes: defaults < preset < given flags."""
-  from fedmask_tff.runner import RunConfig
+  from fedmask_tff.simulation.runner import RunConfig
   dataset = FLAGS.dataset if FLAGS["dataset"].present else ("fashion_mnist" if preset == "small"
                                                              else "cifar10")
   values = dataclasses.asdict(RunConfig())
@@ -249,7 +249,7 @@ PARTITION_KEYS = ("dataset", "data_dir", "partition", "classes_per_client", "dir
 
 def ensure_partition(base, out: str):
   """Writes ``<out>/partition.json`` once (Fashion-MNIST); returns the config that uses it."""
-  from fedmask_tff import runner
+  from fedmask_tff.simulation import runner
   from fedmask_tff.data import partition_file as partition_file_lib
   if base.dataset not in runner.POOLED_DATASETS or base.partition_file:
     return base  # other data sets: the split is fixed by the files, the seed and the flags
@@ -288,7 +288,7 @@ def base_overwrite() -> bool:
 
 def execute(runs) -> dict:
   """Runs (or skips, or resumes) every planned run; returns ``{name: results}``."""
-  from fedmask_tff import runner
+  from fedmask_tff.simulation import runner
   all_results = {}
   n = len(runs)
   for i, (name, _, config) in enumerate(runs, start=1):
@@ -540,7 +540,7 @@ FIGURE_TITLES = {"communication": "Accuracy vs. communication (cf. FedMask Fig. 
 
 
 def training_study(study: str, preset: str, out: str) -> str:
-  from fedmask_tff import runner
+  from fedmask_tff.simulation import runner
   base = base_config(study, preset)
   runs = plan_runs(study, preset, base, out)
   for _, _, config in runs:  # every value checked before anything runs
@@ -568,7 +568,7 @@ def training_study(study: str, preset: str, out: str) -> str:
             "accuracy (example-weighted) after the last round. "
             "Bits per client are measured from the payloads (mean over each round's clients); "
             "cumulative = summed over rounds, i.e. what one device taking part in every round "
-            f"would send and receive; MB = 10^6 bytes. FLOPs: fedmask_tff.costs.train_flops.")
+            f"would send and receive; MB = 10^6 bytes. FLOPs: fedmask_tff.models.costs.train_flops.")
   if study in ("communication", "computation"):
     compare.write_table(out, compare.table_rows({r["algorithm"]: all_results[r["run"]] for r in records}),
                         header)
@@ -605,13 +605,14 @@ SIZE_COLUMNS = ("model", "architecture", "input_shape", "classes", "width", "par
 def size_row(label: str, name: str, input_shape, classes: int, width: float, prune_rate: float) -> dict:
   """One model's Table-5 sizes (builds the masked model; no training)."""
   import tensorflow as tf
-  from fedmask_tff import model_registry, paper_models
-  from fedmask_tff.layers import masked_layers
-  from fedmask_tff.pruning import kept_count
+  from fedmask_tff import models
+  from fedmask_tff.models import paper
+  from fedmask_tff.masks.layers import masked_layers
+  from fedmask_tff.masks.pruning import kept_count
   tf.keras.backend.clear_session()
-  model = model_registry.masked_builder(name)(input_shape, classes, width=width, seed=0)
-  report = paper_models.model_size_report(model)
-  prune_last = model_registry.prune_last_layers(name)  # what the runner uses
+  model = models.masked_builder(name)(input_shape, classes, width=width, seed=0)
+  report = paper.model_size_report(model)
+  prune_last = models.prune_last_layers(name)  # what the runner uses
   layers = masked_layers(model)
   first_pruned = len(layers) - prune_last
   pruned_n, removed, pruned_mask_bytes, once_bytes, pruned_names = 0, 0, 0, 0, []
@@ -648,7 +649,7 @@ def size_row(label: str, name: str, input_shape, classes: int, width: float, pru
 
 SIZE_NOTES = """How the sizes are counted (MB = 10^6 bytes):
 
-- **parameters**: the network's weights as a dense model has them (`paper_models.model_size_report`:
+- **parameters**: the network's weights as a dense model has them (`paper.model_size_report`:
   the frozen W, frozen biases and embedding; not the mask scores, which are training state);
   **float32 MB** = 4 bytes each.
 - **1-bit mask MB**: one bit per masked element (every Dense/Conv2D/LSTM kernel), packed per tensor
@@ -688,9 +689,9 @@ def _dense_parameters(sizes) -> int:
 
 def _vgg16_imagenet_parameters(classes: int) -> int:
   """VGG-16 (configuration D) with biases and the ImageNet classifier 25088-4096-4096-classes."""
-  from fedmask_tff import paper_models
+  from fedmask_tff.models import paper
   convs, channels = 0, 3
-  for c in paper_models.VGG16_FEATURES:
+  for c in paper.VGG16_FEATURES:
     if c != "M":
       convs += 9 * channels * c + c
       channels = c
@@ -784,7 +785,7 @@ def main(argv):
   if len(argv) > 1:
     print(f"error: unexpected arguments: {argv[1:]}", file=sys.stderr)
     sys.exit(2)
-  from fedmask_tff import runner
+  from fedmask_tff.simulation import runner
   from fedmask_tff.data import DataError
   try:
     if FLAGS.study not in STUDIES:

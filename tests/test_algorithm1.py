@@ -10,7 +10,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from fedmask_tff import fedmask, masking
+from fedmask_tff.algorithms import fedmask
+from fedmask_tff.masks import masking
 from test_fedmask_process import (CONFIG, ELEMENT_SPEC, KEPT, NUM_CLIENTS, SHAPES, make_data,
                                   model_fn, to_datasets)
 

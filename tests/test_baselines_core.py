@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedmask_tff import costs, evaluation
+from fedmask_tff.models import costs
+from fedmask_tff.algorithms import evaluation
 from fedmask_tff.algorithms.base import BuildContext
-from fedmask_tff.client_state import ArrayStateStore, ClientStateError
+from fedmask_tff.wire.client_state import ArrayStateStore, ClientStateError
 
 SPEC = collections.OrderedDict(x=tf.TensorSpec([None, 28, 28, 1], tf.float32),
                                y=tf.TensorSpec([None], tf.int32))
@@ -121,7 +122,7 @@ def test_array_state_store_round_trip_and_corruption(tmp_path):
 
 
 def test_dropout_share_is_exact_never_all_and_independent_of_sampling():
-  from fedmask_tff.runner import _dropped_clients
+  from fedmask_tff.simulation.runner import _dropped_clients
   clients = [f"c{i}" for i in range(10)]
   assert _dropped_clients(clients, 0.0, 0, 1) == set()
   d = _dropped_clients(clients, 0.3, 0, 1)

@@ -1,4 +1,4 @@
-"""Tests of the binarized Keras layers (fedmask_tff.binarized); plain Keras, no TFF.
+"""Tests of the binarized Keras layers (fedmask_tff.models.binarized); plain Keras, no TFF.
 
 Expected outputs and gradients are computed by hand in numpy: the effective
 weight is ``sign(latent) * sqrt(2 / fan_in)`` (sign(0) = +1) and the
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedmask_tff import binarized, costs, models
-from fedmask_tff.binarized import BinaryConv2D, BinaryDense
+from fedmask_tff.models import binarized, costs, basic
+from fedmask_tff.models.binarized import BinaryConv2D, BinaryDense
 
 
 def _dense(units, latent, activation=None):
@@ -97,7 +97,7 @@ def test_clip_latent_and_keras_constraint_keep_weights_in_range():
 @pytest.mark.parametrize("kind", ["cnn", "mlp"])
 def test_builders_match_reference_shapes_names_and_signs(kind):
   binary = binarized.BINARY_MODEL_BUILDERS[kind](width=0.25, seed=7)
-  ref = models.DENSE_MODEL_BUILDERS[kind](width=0.25, seed=7)
+  ref = basic.DENSE_MODEL_BUILDERS[kind](width=0.25, seed=7)
   assert [w.name for w in binary.weights] == [w.name for w in ref.weights]
   assert [w.shape for w in binary.weights] == [w.shape for w in ref.weights]
   assert [l.name for l in binarized.binary_layers(binary)] == \

@@ -18,10 +18,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedmask_tff import binarized, bitpack, costs, evaluation
+from fedmask_tff.models import binarized, costs
+from fedmask_tff.wire import bitpack
+from fedmask_tff.algorithms import evaluation
 from fedmask_tff.algorithms import bnn_fedavg, local_training
 from fedmask_tff.algorithms.base import BuildContext
-from fedmask_tff.binarized import BinaryDense
+from fedmask_tff.models.binarized import BinaryDense
 
 LR = 3.0
 N_WEIGHTS = 8 * 5 + 5 * 3

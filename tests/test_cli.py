@@ -296,7 +296,7 @@ def test_console_is_quiet_and_says_what_loading_does(finished_run):
 
 
 def test_loading_words_for_data_federated_by_nature():
-  from fedmask_tff.runner import RunConfig, _loading_words
+  from fedmask_tff.simulation.runner import RunConfig, _loading_words
   assert "one client per subject" in _loading_words(RunConfig(dataset="har", num_clients=30))
   assert "partitioning" not in _loading_words(RunConfig(dataset="femnist_leaf"))
   assert "dirichlet, alpha 0.1" in _loading_words(RunConfig(partition="dirichlet", dirichlet_alpha=0.1))

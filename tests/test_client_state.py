@@ -1,4 +1,4 @@
-"""Tests of the on-disk client state store (fedmask_tff.client_state)."""
+"""Tests of the on-disk client state store (fedmask_tff.wire.client_state)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from fedmask_tff import bitpack
-from fedmask_tff.client_state import ClientStateError, ClientStateStore
+from fedmask_tff.wire import bitpack
+from fedmask_tff.wire.client_state import ClientStateError, ClientStateStore
 
 SHAPES = [(4, 5), (7,), (2, 3, 2)]
 
@@ -219,7 +219,7 @@ def test_checksum_mismatch(tmp_path):
 
 @pytest.mark.parametrize("missing", ["keep_2", "scores_0", "personal_1", "rounds"])
 def test_missing_part_with_valid_checksum(tmp_path, missing):
-  from fedmask_tff.client_state import digest as _digest
+  from fedmask_tff.wire.client_state import digest as _digest
   store = make_store(tmp_path)
   store.put("m", random_state(9))
   path = store.path("m")
@@ -243,7 +243,7 @@ def test_wrong_shapes_on_load(tmp_path):
   assert path in str(e.value)
   fewer_scores = ClientStateStore(store.directory, [(4, 5), (7,), (2, 3, 2)], lambda: None)
   arrays = _read(path)
-  from fedmask_tff.client_state import digest as _digest
+  from fedmask_tff.wire.client_state import digest as _digest
   del arrays["sha256"]
   arrays["scores_1"] = arrays["scores_1"][:-1]  # one kept score missing
   arrays["sha256"] = np.array(_digest(arrays))

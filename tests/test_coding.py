@@ -1,4 +1,4 @@
-"""Tests of the uplink mask coder (fedmask_tff.coding): exact, compact, fast, self-checking."""
+"""Tests of the uplink mask coder (fedmask_tff.wire.coding): exact, compact, fast, self-checking."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedmask_tff import coding
+from fedmask_tff.wire import coding
 
 
 def pair(n, flip_rate, seed=0, ref_density=0.3):

@@ -2,13 +2,13 @@
 
 import tensorflow as tf
 
-from fedmask_tff import costs, models
-from fedmask_tff.layers import MaskedConv2D, MaskedDense
-from fedmask_tff.lstm import MaskedLSTM
+from fedmask_tff.models import costs, basic
+from fedmask_tff.masks.layers import MaskedConv2D, MaskedDense
+from fedmask_tff.masks.lstm import MaskedLSTM
 
 
 def test_cnn_forward_flops_by_hand():
-  model = models.build_cnn()
+  model = basic.build_cnn()
   conv1 = 2 * 28 * 28 * 3 * 3 * 1 * 32
   conv2 = 2 * 14 * 14 * 3 * 3 * 32 * 64
   fc1 = 2 * (7 * 7 * 64) * 128
@@ -18,8 +18,8 @@ def test_cnn_forward_flops_by_hand():
 
 
 def test_masked_and_dense_counterparts_count_the_same():
-  assert (costs.forward_flops_per_example(models.build_cnn())
-          == costs.forward_flops_per_example(models.build_reference_cnn()))
+  assert (costs.forward_flops_per_example(basic.build_cnn())
+          == costs.forward_flops_per_example(basic.build_reference_cnn()))
 
 
 def test_strided_valid_conv_and_3d_dense():

@@ -108,7 +108,7 @@ def test_the_documents_have_the_commands_this_file_runs():
   commands = [module_of(a)[0] for _, a in documented_commands()]
   for expected in ("scripts/demo.sh", "scripts/test.sh", "experiments.run", "experiments.compare",
                    "experiments.plot", "experiments.studies", "tflite.evaluate", "tflite.export",
-                   "tflite.check_runtime", "fedmask_tff.worker"):
+                   "tflite.check_runtime", "fedmask_tff.runtime.worker"):
     assert expected in commands, expected
 
 
@@ -192,19 +192,19 @@ def test_long_documented_commands_exist_and_know_their_flags():
   and modules named in prose have no arguments: each module must import and accept the
   documented flags (parsed, not run)."""
   commands = documented_commands("reference") + [
-      c for c in documented_commands() if module_of(c[1])[0] in HELP_ONLY + ("fedmask_tff.worker",)]
+      c for c in documented_commands() if module_of(c[1])[0] in HELP_ONLY + ("fedmask_tff.runtime.worker",)]
   for where, argv in commands:
     if module_of(argv)[0].startswith("scripts/"):
       assert os.path.isfile(os.path.join(ROOT, module_of(argv)[0])), where
   grouped = _by_module(commands, set(module_of(a)[0] for _, a in commands) - {None})
   grouped = {m: c for m, c in grouped.items() if not m.startswith("scripts/")}
-  assert "fedmask_tff.worker" in grouped and "benchmarks.run" in grouped
+  assert "fedmask_tff.runtime.worker" in grouped and "benchmarks.run" in grouped
   for module, module_commands in grouped.items():
     _check_module(module, module_commands, False)
 
 
 def test_every_documented_module_is_checked_somewhere():
-  checked = set(DRY_RUN + HELP_ONLY) | {"fedmask_tff.worker", "experiments.plot", "tflite.evaluate",
+  checked = set(DRY_RUN + HELP_ONLY) | {"fedmask_tff.runtime.worker", "experiments.plot", "tflite.evaluate",
                                         "tflite.export", "tflite.check_runtime", "scripts/demo.sh",
                                         "scripts/test.sh"}
   assert {module_of(a)[0] for _, a in documented_commands()} <= checked
@@ -240,7 +240,7 @@ def workflows(tmp_path_factory):
   for where, argv in documented_commands():
     module, args = module_of(argv)
     text = " ".join(argv)
-    if module in ("scripts/test.sh", "fedmask_tff.worker", "experiments.studies") + HELP_ONLY \
+    if module in ("scripts/test.sh", "fedmask_tff.runtime.worker", "experiments.studies") + HELP_ONLY \
         or "--workers=" in text or "--dataset=" in text and "--dataset=fashion_mnist" not in text:
       continue  # the suite itself; a server; studies (dry-run above); long runs; data not in CI
     args = _sized(module, [re.sub(r"(^|=)/tmp/", rf"\g<1>{work}/tmp/", a) for a in args], data_dir)

@@ -1,10 +1,10 @@
-"""Tests of the FedMask iterative process on TFF (fedmask_tff.fedmask).
+"""Tests of the FedMask iterative process on TFF (fedmask_tff.algorithms.fedmask.process).
 
 A tiny model (8 inputs -> 16 -> 12 -> 3, all MaskedDense) and four clients with
 16 examples each keep every TFF call well under a second. The aggregation done
 inside ``next`` is reproduced independently: ``client_update`` is called per
 client, the uploaded binary masks are aggregated with the pure numpy rule
-(:func:`fedmask_tff.aggregation.aggregate_masks`) and the restarted scores
+(:func:`fedmask_tff.masks.aggregation.aggregate_masks`) and the restarted scores
 compared with what ``next`` returns for the same inputs.
 """
 
@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedmask_tff import aggregation, bitpack, fedmask, pruning
-from fedmask_tff.layers import MaskedDense, mask_variables
-from fedmask_tff.masking import scores_from_mask_values
+from fedmask_tff.masks import aggregation, pruning
+from fedmask_tff.wire import bitpack
+from fedmask_tff.algorithms import fedmask
+from fedmask_tff.masks.layers import MaskedDense, mask_variables
+from fedmask_tff.masks.masking import scores_from_mask_values
 
 NUM_CLIENTS = 4
 BATCH = 4
@@ -419,7 +421,7 @@ def _run(config, data, rounds=2):
 @pytest.mark.parametrize("bits", [2, 8])
 def test_quantized_downlink_counts_its_bits_and_stays_close(tff_context, data, bits):
   import dataclasses
-  from fedmask_tff import quantization
+  from fedmask_tff.wire import quantization
   plain_states, plain = _run(CONFIG, data)
   q_states, q = _run(dataclasses.replace(CONFIG, downlink_bits=bits), data)
   for m in q:  # b bits per kept element, whole bytes per masked weight

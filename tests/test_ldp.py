@@ -1,4 +1,4 @@
-"""Tests of randomized response (fedmask_tff.ldp): flip rate, unbiased debiasing, accounting."""
+"""Tests of randomized response (fedmask_tff.wire.ldp): flip rate, unbiased debiasing, accounting."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedmask_tff import ldp
+from fedmask_tff.wire import ldp
 
 
 @pytest.mark.parametrize("epsilon", [0.1, 1.0, 3.0])

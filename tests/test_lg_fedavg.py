@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedmask_tff import costs
+from fedmask_tff.models import costs
 from fedmask_tff.algorithms import lg_fedavg
 from fedmask_tff.algorithms.base import BuildContext
-from fedmask_tff.client_state import ArrayStateStore
-from fedmask_tff.evaluation import dataset_metrics
+from fedmask_tff.wire.client_state import ArrayStateStore
+from fedmask_tff.algorithms.evaluation import dataset_metrics
 
 SPEC = collections.OrderedDict(x=tf.TensorSpec([None, 28, 28, 1], tf.float32),
                                y=tf.TensorSpec([None], tf.int32))

@@ -1,4 +1,4 @@
-"""Tests of the FedMask paper's models (fedmask_tff.paper_models); plain Keras, no TFF."""
+"""Tests of the FedMask paper's models (fedmask_tff.models.paper); plain Keras, no TFF."""
 
 from __future__ import annotations
 
@@ -6,13 +6,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedmask_tff import costs, models, paper_models
-from fedmask_tff.binarized import BinaryConv2D, BinaryDense
-from fedmask_tff.layers import MaskedConv2D, MaskedDense, mask_variables, masked_layers
-from fedmask_tff.lstm import MaskedLSTM
-from fedmask_tff.paper_models import (DEFAULT_MODEL_FOR_DATASET, PAPER_BINARY_BUILDERS,
-                                      PAPER_DENSE_BUILDERS, PAPER_MODEL_BUILDERS,
-                                      PRUNE_LAST_LAYERS, model_size_report)
+from fedmask_tff.models import costs, basic, paper
+from fedmask_tff.models.binarized import BinaryConv2D, BinaryDense
+from fedmask_tff.masks.layers import MaskedConv2D, MaskedDense, mask_variables, masked_layers
+from fedmask_tff.masks.lstm import MaskedLSTM
+from fedmask_tff.models.paper import DEFAULT_MODEL_FOR_DATASET, PAPER_BINARY_BUILDERS, PAPER_DENSE_BUILDERS, PAPER_MODEL_BUILDERS, PRUNE_LAST_LAYERS, model_size_report
 
 CI_WIDTH = 0.125
 SETUPS = {  # name: (input_shape, num_classes, expected weight tensors in costs.weight_costs)
@@ -116,22 +114,22 @@ def test_config_round_trip(name):
 
 
 def test_vgg16_layout_and_small_inputs():
-  model = paper_models.build_vgg16((32, 32, 3), 10, width=CI_WIDTH)
+  model = paper.build_vgg16((32, 32, 3), 10, width=CI_WIDTH)
   convs = [l for l in model.layers if isinstance(l, MaskedConv2D)]
   assert [l.filters for l in convs] == [8, 8, 16, 16, 32, 32, 32, 64, 64, 64, 64, 64, 64]
   assert [l.units for l in model.layers if isinstance(l, MaskedDense)] == [64, 64, 10]
   assert sum(isinstance(l, tf.keras.layers.MaxPool2D) for l in model.layers) == 5
   # 28x28x1 (Fashion-MNIST / FEMNIST): "same" pools 28-14-7-4-2-1.
-  small = paper_models.build_vgg16((28, 28, 1), 10, width=CI_WIDTH)
+  small = paper.build_vgg16((28, 28, 1), 10, width=CI_WIDTH)
   assert small.get_layer("fc1").kernel.shape == (64, 64)
   assert small(np.zeros((2, 28, 28, 1), np.float32)).shape == (2, 10)
-  dense28 = paper_models.build_reference_vgg16((28, 28, 1), 10, width=CI_WIDTH)
+  dense28 = paper.build_reference_vgg16((28, 28, 1), 10, width=CI_WIDTH)
   assert _kernel_shapes(dense28) == _kernel_shapes(small)
   # 8x8: after three pools the map is 1x1, the last two pools are skipped.
-  tiny = paper_models.build_vgg16((8, 8, 3), 10, width=CI_WIDTH)
+  tiny = paper.build_vgg16((8, 8, 3), 10, width=CI_WIDTH)
   assert sum(isinstance(l, tf.keras.layers.MaxPool2D) for l in tiny.layers) == 3
   assert tiny.output_shape == (None, 10)
-  bn = paper_models.build_reference_vgg16((32, 32, 3), 10, width=CI_WIDTH, batch_norm=True)
+  bn = paper.build_reference_vgg16((32, 32, 3), 10, width=CI_WIDTH, batch_norm=True)
   assert _kernel_shapes(bn) == _kernel_shapes(model)
   assert bn(np.zeros((2, 32, 32, 3), np.float32)).shape == (2, 10)
 
@@ -147,13 +145,13 @@ def test_parameter_counts_and_size_report():
     for width, count in ((1.0, full), (CI_WIDTH, ci)):
       report = model_size_report(PAPER_MODEL_BUILDERS[name](shape, classes, width=width))
       assert report["mask_parameters"] == count, (name, width)
-  har = model_size_report(paper_models.build_har_mlp(width=CI_WIDTH))
+  har = model_size_report(paper.build_har_mlp(width=CI_WIDTH))
   assert har == {"parameters": 156_032, "float32_bytes": 624_128, "mask_parameters": 156_032,
                  "mask_bytes": 19_504, "other_parameters": 0, "other_float32_bytes": 0,
                  "compression": 32.0}
-  assert model_size_report(paper_models.build_reference_har_mlp(width=CI_WIDTH)) == har
+  assert model_size_report(paper.build_reference_har_mlp(width=CI_WIDTH)) == har
   # Shakespeare: embedding (90 x 8) and the LSTM biases (4u each) are outside the masks.
-  lstm = model_size_report(paper_models.build_shakespeare_lstm((12,), 90, width=CI_WIDTH))
+  lstm = model_size_report(paper.build_shakespeare_lstm((12,), 90, width=CI_WIDTH))
   assert lstm["other_parameters"] == 90 * 8 + 4 * 32 * 2
   assert lstm["parameters"] == lstm["mask_parameters"] + lstm["other_parameters"]
 
@@ -164,21 +162,21 @@ def test_registries_and_pruning_constants():
   from fedmask_tff.data.registry import DATASETS
   assert set(DEFAULT_MODEL_FOR_DATASET) == set(DATASETS)
   for model_name in DEFAULT_MODEL_FOR_DATASET.values():
-    assert model_name in PAPER_MODEL_BUILDERS or model_name in models.MODEL_BUILDERS
+    assert model_name in PAPER_MODEL_BUILDERS or model_name in basic.MODEL_BUILDERS
   for name, (shape, classes, _) in SETUPS.items():
     model = PAPER_MODEL_BUILDERS[name](shape, classes, width=CI_WIDTH)
     assert PRUNE_LAST_LAYERS[name] <= len(masked_layers(model))
-  assert paper_models.prune_last_layers_for("vgg16") == 8
-  assert paper_models.prune_last_layers_for("cnn", default=2) == 2
+  assert paper.prune_last_layers_for("vgg16") == 8
+  assert paper.prune_last_layers_for("cnn", default=2) == 2
   with pytest.raises(KeyError):
-    paper_models.prune_last_layers_for("cnn")
+    paper.prune_last_layers_for("cnn")
 
 
 def test_bad_input_shapes_raise():
   with pytest.raises(ValueError, match="vgg16"):
-    paper_models.build_vgg16((128, 9), 6)
+    paper.build_vgg16((128, 9), 6)
   with pytest.raises(ValueError, match="shakespeare_lstm"):
-    paper_models.build_shakespeare_lstm((80, 1), 90)
+    paper.build_shakespeare_lstm((80, 1), 90)
 
 
 @pytest.mark.parametrize("name", sorted(SETUPS))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedmask_tff import costs
+from fedmask_tff.models import costs
 from fedmask_tff.algorithms import per_fedavg
 from fedmask_tff.algorithms.base import BuildContext
 

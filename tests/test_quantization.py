@@ -1,4 +1,4 @@
-"""Tests of downlink quantization (fedmask_tff.quantization): error bounds, sentinel, packing, TF == numpy."""
+"""Tests of downlink quantization (fedmask_tff.wire.quantization): error bounds, sentinel, packing, TF == numpy."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedmask_tff import quantization as q
+from fedmask_tff.wire import quantization as q
 
 ALL_BITS = list(range(2, 17))
 

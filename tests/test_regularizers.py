@@ -1,4 +1,4 @@
-"""Tests of the group-lasso mask penalty (fedmask_tff.regularizers); plain Keras, no TFF.
+"""Tests of the group-lasso mask penalty (fedmask_tff.masks.regularizers); plain Keras, no TFF.
 
 Expected values are computed by hand in numpy: ``sum_g sqrt(|g|) * ||M_g||_2``.
 """
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedmask_tff import regularizers as R
-from fedmask_tff.layers import MaskedConv2D, MaskedDense
-from fedmask_tff.lstm import MaskedLSTM
+from fedmask_tff.masks import regularizers as R
+from fedmask_tff.masks.layers import MaskedConv2D, MaskedDense
+from fedmask_tff.masks.lstm import MaskedLSTM
 
 
 def _sigmoid(x):

@@ -63,7 +63,8 @@ def test_worker_dies_when_python_is_killed():
 RUNS_SCRIPT = r"""
 import json, sys
 import psutil
-from fedmask_tff import runner, runtime
+from fedmask_tff.simulation import runner
+from fedmask_tff import runtime
 data_dir, out = sys.argv[1], sys.argv[2]
 seen = []
 for i in range(2):

@@ -40,7 +40,7 @@ def test_model_size_counts_equal_the_models(model_size):
     study = json.load(f)
   rows = {r["model"]: r for r in study["models"]}
   assert study["width"] == 1.0 and study["prune_rate"] == 0.2
-  # The masked-element counts of fedmask_tff.paper_models (asserted in test_paper_models.py too).
+  # The masked-element counts of fedmask_tff.models.paper (asserted in test_paper_models.py too).
   assert rows["vgg16 (CIFAR-10)"]["mask_parameters"] == 15_239_872
   assert rows["har_mlp (HAR)"]["mask_parameters"] == 1_707_008
   assert rows["shakespeare_lstm (Shakespeare)"]["mask_parameters"] == 904_448
@@ -54,12 +54,12 @@ def test_model_size_counts_equal_the_models(model_size):
     assert round(paper[task]["baseline_network_float32_mb"], 2) == paper[task]["baseline_mb"], task
   # And against the models themselves, built here (the small ones; no TFF).
   import tensorflow as tf
-  from fedmask_tff import model_registry
-  from fedmask_tff.layers import mask_variables
-  from fedmask_tff.pruning import kept_count
+  from fedmask_tff import models
+  from fedmask_tff.masks.layers import mask_variables
+  from fedmask_tff.masks.pruning import kept_count
   for label, name, shape, classes in (("har_mlp (HAR)", "har_mlp", (128, 9), 6),
                                       ("cnn (Fashion-MNIST)", "cnn", (28, 28, 1), 10)):
-    model = model_registry.masked_builder(name)(shape, classes, width=1.0, seed=0)
+    model = models.masked_builder(name)(shape, classes, width=1.0, seed=0)
     kernels = mask_variables(model)[0]  # the frozen W of each masked layer, in order
     row = rows[label]
     assert row["parameters"] == sum(int(tf.size(w)) for w in kernels)  # no biases in these

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedmask_tff import pruning
-from fedmask_tff.client_state import ClientStateStore
-from fedmask_tff.layers import masked_layers
+from fedmask_tff.masks import pruning
+from fedmask_tff.wire.client_state import ClientStateStore
+from fedmask_tff.masks.layers import masked_layers
 from tflite import convert, energy, export, graph, measure, packed
 from tflite.runs import Architecture, ArtifactError, load_run, masked_model_with_masks
 
@@ -24,7 +24,7 @@ class _Spec:
 
 
 def mask_specs(model, prune_last_layers):
-  """Like ``fedmask_tff.fedmask.mask_specs`` without importing TFF."""
+  """Like ``fedmask_tff.algorithms.fedmask.process.mask_specs`` without importing TFF."""
   weights = [(f"{l.name}/{n}", tuple(k.shape.as_list()))
              for l in masked_layers(model) for n, k, _, _ in l.masked_weights]
   return [_Spec(name, shape, prunable) for (name, shape), prunable

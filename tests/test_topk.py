@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedmask_tff import costs
+from fedmask_tff.models import costs
 from fedmask_tff.algorithms import topk
 from fedmask_tff.algorithms.base import BuildContext
 

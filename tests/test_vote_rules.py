@@ -1,4 +1,4 @@
-"""The rules by which the vote moves a client's scores (fedmask_tff.masking.apply_vote), checked
+"""The rules by which the vote moves a client's scores (fedmask_tff.masks.masking.apply_vote), checked
 against numbers computed by hand, and their use inside the FedMask process: persistent rules,
 the 1-bit downlink, the random score start, and the local_masks ablation."""
 
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedmask_tff import aggregation, fedmask, masking, vote_rules
+from fedmask_tff.masks import aggregation, masking, vote_rules
+from fedmask_tff.algorithms import fedmask
 
 # One client's scores and the vote it received (-1: not averaged, "keep yours").
 SCORES = np.array([0.3, -0.2, 0.8, -0.6, 0.1, -0.1], np.float32)
@@ -225,7 +226,7 @@ def test_start_from_global_mixes_by_weight_at_kept_positions(tff_context, weight
 def test_bernoulli_upload_samples_around_the_mask_probability(tff_context, data):
   """upload='bernoulli': bits ~ Bernoulli(sigmoid(m_r)) at kept positions, zero elsewhere; the
   personal mask stays the thresholded one."""
-  from fedmask_tff import bitpack
+  from fedmask_tff.wire import bitpack
   config = dataclasses.replace(CONFIG, upload="bernoulli", score_init_noise=0.0)
   process = fedmask.build_fedmask_process(model_fn, ELEMENT_SPEC, config)
   ds = to_datasets(data)[0]
@@ -275,7 +276,7 @@ def test_score_sign_quantized_downlink_counts_its_bits_and_stays_close(tff_conte
 
 def test_runs_differ_only_in_settings_their_algorithm_uses():
   """Resume and compare look only at settings that can change a run's results."""
-  from fedmask_tff.runner import RunConfig, differing_settings
+  from fedmask_tff.simulation.runner import RunConfig, differing_settings
   import dataclasses as dc
   stored = dc.asdict(RunConfig(personal_head=False, score_restart="linear"))
   assert differing_settings(stored, RunConfig(algorithm="fedavg", personal_head=False,

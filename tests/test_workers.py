@@ -1,4 +1,4 @@
-"""Remote TFF workers: ``python -m fedmask_tff.worker`` and ``experiments.run --workers``.
+"""Remote TFF workers: ``python -m fedmask_tff.runtime.worker`` and ``experiments.run --workers``.
 
 * ``parse_workers`` accepts what the docs say and names what it rejects;
 * the worker CLI refuses a port in use and ``--isolation=none`` without ``--address=0.0.0.0``;
@@ -30,7 +30,7 @@ import portpicker
 import psutil
 import pytest
 
-from fedmask_tff import worker
+from fedmask_tff.runtime import worker
 from test_cli import ROOT, _orphan_workers, run_cli
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -182,7 +182,7 @@ def test_parse_workers_rejects(spec, names):
 # --- 2. worker CLI errors and lifecycle ----------------------------------------------------------
 
 def _worker_cli(*flags, timeout=120):
-  return subprocess.run([sys.executable, "-m", "fedmask_tff.worker", *flags], cwd=ROOT, env=ENV,
+  return subprocess.run([sys.executable, "-m", "fedmask_tff.runtime.worker", *flags], cwd=ROOT, env=ENV,
                         capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -198,7 +198,7 @@ def test_worker_cli_port_in_use_exits_2_naming_the_address():
 
 def test_worker_cli_isolation_none_needs_all_interfaces():
   port = portpicker.pick_unused_port()
-  procs = [subprocess.Popen([sys.executable, "-m", "fedmask_tff.worker", f"--port={port}",
+  procs = [subprocess.Popen([sys.executable, "-m", "fedmask_tff.runtime.worker", f"--port={port}",
                              "--isolation=none", *address], cwd=ROOT, env=ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
            for address in ([], ["--address=127.0.0.1"])]
@@ -229,7 +229,7 @@ def test_worker_cli_leaves_nothing_behind(sig):
   if _isolation() != "netns":
     pytest.skip("no network namespaces here")
   port = portpicker.pick_unused_port()
-  cli = subprocess.Popen([sys.executable, "-m", "fedmask_tff.worker", f"--port={port}"], cwd=ROOT,
+  cli = subprocess.Popen([sys.executable, "-m", "fedmask_tff.runtime.worker", f"--port={port}"], cwd=ROOT,
                          env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          stdin=subprocess.DEVNULL)
   spawned = []

@@ -139,7 +139,7 @@ class _PackedModule(tf.Module):
 
 def packed_runtime_tflite(masked_model: tf.keras.Model, masks) -> bytes:
   """A ``.tflite`` that stores the masks packed and unpacks them at each invocation."""
-  from fedmask_tff.layers import mask_variables
+  from fedmask_tff.masks.layers import mask_variables
   _converter_quiet()
   ops, input_shape = graph.from_keras(masked_model, masks)
   kernels = [k.numpy() for k in mask_variables(masked_model)[0]]

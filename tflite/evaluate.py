@@ -85,7 +85,7 @@ def evaluate_client(info, cid, args, baselines) -> list[dict]:
   ref = keras_model.predict(x, batch_size=256, verbose=0)
   demo_ref = None
   if "structured_demo_float32" in files:
-    from fedmask_tff import bitpack
+    from fedmask_tff.wire import bitpack
     with np.load(os.path.join(out_dir, "structured_demo_masks.npz")) as f:
       demo_masks = [bitpack.unpack_bits_np(f[f"mask_{i}"], s) for i, s in enumerate(info.shapes)]
     demo_ref = masked_model_with_masks(info.arch, demo_masks).predict(x, batch_size=256, verbose=0)

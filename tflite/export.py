@@ -40,7 +40,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from fedmask_tff import bitpack
+from fedmask_tff.wire import bitpack
 from tflite import convert, graph, packed
 from tflite.runs import (ArtifactError, RunInfo, client_ids, load_client_masks, load_run,
                          masked_model_with_masks)
@@ -151,7 +151,7 @@ def write_model_info(info: RunInfo, out_dir: str, files: dict) -> str:
 def export_baselines(info: RunInfo, out_dir: str, dense_weights: Optional[str] = None,
                      bnn_weights: Optional[str] = None) -> dict:
   """``dense_float32.tflite`` and ``bnn.tflite`` (+ ``bnn.signs``) for the run's architecture."""
-  from fedmask_tff import binarized
+  from fedmask_tff.models import binarized
   os.makedirs(out_dir, exist_ok=True)
   manifest = {"files": {}, "facts": {}}
   dense = info.arch.build_dense()

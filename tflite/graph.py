@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from fedmask_tff.layers import MaskedConv2D, MaskedDense
+from fedmask_tff.masks.layers import MaskedConv2D, MaskedDense
 
 _PASS_THROUGH = (tf.keras.layers.MaxPool2D, tf.keras.layers.AveragePooling2D,
                  tf.keras.layers.Dropout)
@@ -42,7 +42,7 @@ def _activation_name(layer) -> str:
 
 
 def _effective_kernel(layer, mask) -> np.ndarray:
-  from fedmask_tff import binarized
+  from fedmask_tff.models import binarized
   if isinstance(layer, (MaskedConv2D, MaskedDense)):
     m = layer.binary_masks()[0].numpy() if mask is None else np.asarray(mask, np.float32)
     return (layer.kernel.numpy() * m).astype(np.float32)

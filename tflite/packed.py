@@ -2,7 +2,7 @@
 
 A FedMask client's model is W * m with W rebuilt from a seed, so all a device
 needs to store or receive is the architecture, the seed and the client's
-binary masks, 1 bit per element (8 per byte, :mod:`fedmask_tff.bitpack` order).
+binary masks, 1 bit per element (8 per byte, :mod:`fedmask_tff.wire.bitpack` order).
 
 File layout (``.fmpk``)::
 
@@ -28,7 +28,7 @@ import zlib
 import numpy as np
 import tensorflow as tf
 
-from fedmask_tff import bitpack
+from fedmask_tff.wire import bitpack
 from tflite.runs import Architecture, ArtifactError, masked_model_with_masks
 
 MAGIC = b"FMPK"

@@ -16,9 +16,9 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from fedmask_tff import models
-from fedmask_tff.client_state import ClientStateError, ClientStateStore
-from fedmask_tff.layers import masked_layers, mask_variables
+from fedmask_tff.models import basic
+from fedmask_tff.wire.client_state import ClientStateError, ClientStateStore
+from fedmask_tff.masks.layers import masked_layers, mask_variables
 
 # Input shape of each dataset a run can name (the data loaders' element shapes).
 INPUT_SHAPES = {"fashion_mnist": (28, 28, 1)}
@@ -64,9 +64,9 @@ class Architecture:
 
   def build_masked(self) -> tf.keras.Model:
     """The run's masked model (frozen W from the seed, masks all ones until set)."""
-    if self.model not in models.MODEL_BUILDERS:
-      raise ArtifactError(f"unknown model {self.model!r}; known: {sorted(models.MODEL_BUILDERS)}")
-    return models.MODEL_BUILDERS[self.model](
+    if self.model not in basic.MODEL_BUILDERS:
+      raise ArtifactError(f"unknown model {self.model!r}; known: {sorted(basic.MODEL_BUILDERS)}")
+    return basic.MODEL_BUILDERS[self.model](
         input_shape=self.input_shape, num_classes=self.num_classes, width=self.width,
         seed=self.seed, mask_mode=self.mask_mode, score_init=self.score_init,
         kernel_init=self.kernel_init)
@@ -74,7 +74,7 @@ class Architecture:
   def build_dense(self) -> tf.keras.Model:
     """The dense (unmasked, trainable) model of the same architecture: the FedAvg baseline."""
     builders = getattr(models, "DENSE_MODEL_BUILDERS",
-                       {"cnn": models.build_reference_cnn, "mlp": models.build_reference_mlp})
+                       {"cnn": basic.build_reference_cnn, "mlp": basic.build_reference_mlp})
     return builders[self.model](input_shape=self.input_shape, num_classes=self.num_classes,
                                 width=self.width, seed=self.seed)
 

@@ -22,9 +22,9 @@ def default_learning_rate(name: str) -> float:
 def build_algorithm(name: str, context, config):
   """Builds algorithm ``name``; ``config`` is the runner's RunConfig (its algorithm flags are read)."""
   if name in ("fedmask", "local_masks"):
-    from fedmask_tff import fedmask as fedmask_process
-    from fedmask_tff import vote_rules
-    from fedmask_tff.algorithms.fedmask import build_fedmask, build_local_masks
+    from fedmask_tff.algorithms.fedmask import process as fedmask_process
+    from fedmask_tff.masks import vote_rules
+    from fedmask_tff.algorithms.fedmask.algorithm import build_fedmask, build_local_masks
     fedmask_config = fedmask_process.FedMaskConfig(
         local_epochs=config.local_epochs, learning_rate=context.learning_rate,
         prune_rate=config.prune_rate, prune_last_layers=config.prune_last_layers,

@@ -21,7 +21,7 @@ Conventions, for every algorithm:
     round, **counted from the payload tensors** (8 bits per uint8 byte, 32 per
     float32 / int32 element), never from a formula;
   - ``train_flops``: FLOPs of this client's local training this round, from
-    :func:`fedmask_tff.costs.train_flops` with the examples actually processed.
+    :func:`fedmask_tff.models.costs.train_flops` with the examples actually processed.
 
 * ``evaluate(server_state, test_datasets, client_states, train_datasets)``
   returns, per client, ``dict(correct, examples, loss_sum)`` of the client's
@@ -86,8 +86,8 @@ class BuildContext:
 
   def dense_model_fn(self) -> Callable[[], tf.keras.Model]:
     """The dense, trainable counterpart of the run's model (what FedAvg-style methods train)."""
-    from fedmask_tff import model_registry
-    builder = model_registry.dense_builder(self.model)
+    from fedmask_tff import models
+    builder = models.dense_builder(self.model)
     return lambda: builder(input_shape=self.input_shape, num_classes=self.num_classes,
                            width=self.model_width, seed=self.seed)
 
@@ -153,7 +153,7 @@ class FederatedAlgorithm(abc.ABC):
     """The client-state store (``None`` for stateless algorithms)."""
     if self.initial_client_state() is None:
       return None
-    from fedmask_tff.client_state import ArrayStateStore
+    from fedmask_tff.wire.client_state import ArrayStateStore
     return ArrayStateStore(directory, self.initial_client_state)
 
   @abc.abstractmethod
@@ -177,7 +177,7 @@ class FederatedAlgorithm(abc.ABC):
 
   def global_model(self, server_state):
     """``(model_fn, weights)`` of the final global model (weights in
-    :func:`fedmask_tff.evaluation.model_weights` order), or ``None`` when the
+    :func:`fedmask_tff.algorithms.evaluation.model_weights` order), or ``None`` when the
     algorithm has none (personalized-only methods). The runner saves it as
     ``global_model.weights.h5`` (Keras) for export and deployment."""
     return None

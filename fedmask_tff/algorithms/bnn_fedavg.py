@@ -1,6 +1,6 @@
 """FedAvg on a binarized network (``build_bnn_fedavg``; BNN of Hubara et al. 2016).
 
-The model is :mod:`fedmask_tff.binarized`'s counterpart of the run's dense
+The model is :mod:`fedmask_tff.models.binarized`'s counterpart of the run's dense
 model (same layers, names and shapes; no biases): each weight has a real
 *latent* value in ``[-1, 1]``; the forward pass uses ``sign(latent) * scale``
 with the per-layer constant ``scale = sqrt(2 / fan_in)``. The scale is fixed
@@ -17,11 +17,11 @@ split over TFF workers):
    tensors); the client loads them as its latent weights.
 2. **Client work** (``client_update``): ``local_epochs`` epochs of SGD on the
    latent weights (:func:`fedmask_tff.algorithms.local_training.sgd_epochs`
-   with :func:`fedmask_tff.binarized.clip_latent` after each step).
+   with :func:`fedmask_tff.models.binarized.clip_latent` after each step).
 3. **Upload**: the sign of every latent weight (bit 1 for ``latent >= 0``,
    i.e. +1; 0 for -1), all ``n`` weights flattened in
-   :func:`fedmask_tff.evaluation.model_weights` order into one vector and
-   bit-packed with :func:`fedmask_tff.bitpack.pack_bits_tf`: a uint8 tensor
+   :func:`fedmask_tff.algorithms.evaluation.model_weights` order into one vector and
+   bit-packed with :func:`fedmask_tff.wire.bitpack.pack_bits_tf`: a uint8 tensor
    of ``ceil(n / 8)`` bytes; ``uplink_bits`` = 8 per byte sent.
 4. **Server** (``decode_upload`` + sums + ``server_update``): unpack each
    upload to ``+-1`` and take the example-weighted mean per weight,
@@ -110,10 +110,13 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedmask_tff import binarized, bitpack, costs, evaluation, model_registry, payloads
+from fedmask_tff.models import binarized, costs
+from fedmask_tff.wire import bitpack, payloads
+from fedmask_tff.algorithms import evaluation
+from fedmask_tff import models
 from fedmask_tff.algorithms import local_training
 from fedmask_tff.algorithms.base import BuildContext, FederatedAlgorithm
-from fedmask_tff.payloads import eval_dicts, tensor_bits
+from fedmask_tff.wire.payloads import eval_dicts, tensor_bits
 
 # SGD step size on the latent weights. dL/dlatent = scale * dL/dw_eff, with
 # scale = sqrt(2 / fan_in) (0.03-0.5 in the CNN), so useful step sizes are far
@@ -169,7 +172,7 @@ def build_bnn_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
 
   Args:
     model_fn: no-argument callable returning a fresh binarized Keras model
-      (:mod:`fedmask_tff.binarized` layers only carry weights; logits out),
+      (:mod:`fedmask_tff.models.binarized` layers only carry weights; logits out),
       with the same initial latent weights on every call.
     element_spec: element spec of a *batched* training dataset.
     learning_rate, local_epochs: local SGD settings.
@@ -361,7 +364,7 @@ class BnnFedAvg(FederatedAlgorithm):
 
 def binary_model_fn(context: BuildContext) -> Callable[[], tf.keras.Model]:
   """The binarized counterpart of ``context.dense_model_fn()`` (same arguments)."""
-  builder = model_registry.binary_builder(context.model)
+  builder = models.binary_builder(context.model)
   return lambda: builder(input_shape=context.input_shape, num_classes=context.num_classes,
                          width=context.model_width, seed=context.seed)
 

@@ -13,7 +13,7 @@ Costs, from the payloads of TFF's process:
   client receives: ``8 * nbytes`` of those arrays (float32: 32 bits each);
 * uplink: the client's model delta (the trainable weights' shapes and dtypes)
   plus its aggregation weight (one float32): ``8 * nbytes``;
-* train_flops: :func:`fedmask_tff.costs.train_flops` of the dense model over
+* train_flops: :func:`fedmask_tff.models.costs.train_flops` of the dense model over
   the examples each client processed (counted from its dataset, all epochs).
 
 TFF reports the training loss aggregated over the round's clients, not per
@@ -26,7 +26,9 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from fedmask_tff import costs, evaluation, payloads
+from fedmask_tff.models import costs
+from fedmask_tff.algorithms import evaluation
+from fedmask_tff.wire import payloads
 from fedmask_tff.algorithms.base import BuildContext, FederatedAlgorithm
 
 DEFAULT_LEARNING_RATE = 0.05  # SGD, batch 32: McMahan et al. (2017) use 0.05-0.2 for their MNIST CNN.

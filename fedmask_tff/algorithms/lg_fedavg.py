@@ -52,10 +52,11 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedmask_tff import costs, payloads
+from fedmask_tff.models import costs
+from fedmask_tff.wire import payloads
 from fedmask_tff.algorithms.base import BuildContext, FederatedAlgorithm
 from fedmask_tff.algorithms.local_training import sgd_epochs
-from fedmask_tff.evaluation import dataset_metrics
+from fedmask_tff.algorithms.evaluation import dataset_metrics
 
 DEFAULT_LEARNING_RATE = 0.05
 DEFAULT_GLOBAL_LAYERS = 2

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 
 import tensorflow as tf
 
-from fedmask_tff.evaluation import loss_fn
+from fedmask_tff.algorithms.evaluation import loss_fn
 
 
 def sgd_epochs(model: tf.keras.Model, variables: Sequence[tf.Variable], dataset: tf.data.Dataset,

@@ -69,9 +69,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedmask_tff import costs, payloads
+from fedmask_tff.models import costs
+from fedmask_tff.wire import payloads
 from fedmask_tff.algorithms.base import BuildContext, FederatedAlgorithm
-from fedmask_tff.evaluation import assign_weights, dataset_metrics, loss_fn, model_weights
+from fedmask_tff.algorithms.evaluation import assign_weights, dataset_metrics, loss_fn, model_weights
 
 DEFAULT_ALPHA = 0.01
 DEFAULT_BETA = 0.01

@@ -20,7 +20,9 @@ import collections
 import numpy as np
 import tensorflow as tf
 
-from fedmask_tff import costs, evaluation, payloads
+from fedmask_tff.models import costs
+from fedmask_tff.algorithms import evaluation
+from fedmask_tff.wire import payloads
 from fedmask_tff.algorithms.base import BuildContext, FederatedAlgorithm
 from fedmask_tff.algorithms.local_training import sgd_epochs
 

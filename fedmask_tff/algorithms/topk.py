@@ -11,7 +11,7 @@ split over TFF workers):
    mini-batch SGD (:func:`fedmask_tff.algorithms.local_training.sgd_epochs`),
    and form the update ``delta = local - global`` flattened over *all*
    weights into one vector of ``n`` elements (the order of
-   :func:`fedmask_tff.evaluation.model_weights`). With error feedback the
+   :func:`fedmask_tff.algorithms.evaluation.model_weights`). With error feedback the
    client's residual ``r`` is added first: ``u = delta + r``.
 3. **Upload**: the ``k = max(1, round(fraction * n))`` entries of ``u`` of
    largest magnitude over the whole vector (``tf.math.top_k`` of ``|u|``;
@@ -35,7 +35,7 @@ not finite, or whose indices are not distinct and in ``[0, n)`` (weight 0,
 global weights unchanged.
 
 Server state: the global weights, a tuple of float32 tensors in
-:func:`fedmask_tff.evaluation.model_weights` order. Client state: the residual
+:func:`fedmask_tff.algorithms.evaluation.model_weights` order. Client state: the residual
 (same tuple of shapes) with error feedback, else none. Evaluation: the global
 model on each client's test data.
 """
@@ -50,8 +50,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedmask_tff import costs, evaluation, payloads
-from fedmask_tff.payloads import eval_dicts, flatten, tensor_bits, unflatten  # noqa: F401  (re-exported)
+from fedmask_tff.models import costs
+from fedmask_tff.algorithms import evaluation
+from fedmask_tff.wire import payloads
+from fedmask_tff.wire.payloads import eval_dicts, flatten, tensor_bits, unflatten  # noqa: F401  (re-exported)
 from fedmask_tff.algorithms import local_training
 from fedmask_tff.algorithms.base import BuildContext, FederatedAlgorithm
 

@@ -1,4 +1,4 @@
-"""Tests of FedMask's aggregation rule (fedmask_tff.aggregation).
+"""Tests of FedMask's aggregation rule (fedmask_tff.masks.aggregation).
 
 Hand cases have their expected values written out as literals; the property
 checks compare against a per-element loop written from the rule's definition.
@@ -11,7 +11,7 @@ import itertools
 import numpy as np
 import pytest
 
-from fedmask_tff.aggregation import aggregate_masks, aggregated_positions, apply_rule, mask_sums
+from fedmask_tff.masks.aggregation import aggregate_masks, aggregated_positions, apply_rule, mask_sums
 
 # 3 clients x 6 elements. Columns:
 #   0: kept by all three, masks 1,0,1            -> 2/3 for everyone
@@ -242,7 +242,7 @@ def test_non_numeric_and_scalar():
 # --- the TF functions the FedMask process runs (one home for the rule) -----------------------
 
 def test_votes_and_received_by_hand():
-  from fedmask_tff.aggregation import UNCHANGED, received, votes
+  from fedmask_tff.masks.aggregation import UNCHANGED, received, votes
   total = np.array([2.0, 1.0, 0.0, 3.0])
   count = np.array([3.0, 1.0, 0.0, 2.0])  # element 3: a debiased total above the count
   v, shared = votes(total, count)
@@ -257,7 +257,7 @@ def test_votes_and_received_by_hand():
 
 def test_received_in_a_tf_function_matches_apply_rule():
   import tensorflow as tf
-  from fedmask_tff.aggregation import received
+  from fedmask_tff.masks.aggregation import received
   rng = np.random.default_rng(7)
   masks = (rng.random((5, 40)) < 0.5).astype(np.float32)
   keep = (rng.random((5, 40)) < 0.6).astype(np.float32)

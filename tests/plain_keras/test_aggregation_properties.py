@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedmask_tff.aggregation import aggregate_masks, mask_sums
+from fedmask_tff.masks.aggregation import aggregate_masks, mask_sums
 
 
 @st.composite

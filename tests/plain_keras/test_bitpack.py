@@ -1,4 +1,4 @@
-"""Tests of mask bit-packing (fedmask_tff.bitpack): numpy and TF give the same bytes."""
+"""Tests of mask bit-packing (fedmask_tff.wire.bitpack): numpy and TF give the same bytes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedmask_tff import bitpack
+from fedmask_tff.wire import bitpack
 
 SHAPES = [(1,), (7,), (8,), (9,), (1000,), (3, 5, 7), (2, 8), (4, 3, 2, 2)]
 

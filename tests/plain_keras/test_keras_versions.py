@@ -19,9 +19,10 @@ import pytest
 import tensorflow as tf
 
 import fedmask_tff
-from fedmask_tff import MaskedConv2D, MaskedDense, MaskedLSTM, bitpack, pack_masks, prune_model
-from fedmask_tff.layers import mask_variables, masked_layers
-from fedmask_tff.pruning import kept_count, prunable_flags, top_magnitude_keep
+from fedmask_tff import MaskedConv2D, MaskedDense, MaskedLSTM, pack_masks, prune_model
+from fedmask_tff.wire import bitpack
+from fedmask_tff.masks.layers import mask_variables, masked_layers
+from fedmask_tff.masks.pruning import kept_count, prunable_flags, top_magnitude_keep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -162,7 +163,8 @@ def test_pruning_refuses_mismatched_shapes_and_bad_arguments():
 
 def test_plain_keras_modules_import_without_tff():
   code = ("import sys; import fedmask_tff; "
-          "from fedmask_tff import aggregation, bitpack, layers, lstm, masking, pruning, vote_rules; "
+          "from fedmask_tff.masks import aggregation, layers, lstm, masking, pruning, regularizers, "
+          "vote_rules; from fedmask_tff.wire import bitpack; "
           "assert 'tensorflow_federated' not in sys.modules, 'TFF was imported'")
   subprocess.run([sys.executable, "-c", code], check=True, timeout=300,
                  env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})

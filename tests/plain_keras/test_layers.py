@@ -1,4 +1,4 @@
-"""Tests of the masked Keras layers (fedmask_tff.layers and fedmask_tff.lstm).
+"""Tests of the masked Keras layers (fedmask_tff.masks.layers and fedmask_tff.masks.lstm).
 
 The expected values are computed independently of the layers: with numpy
 (matmul, a loop-based conv, a loop-based LSTM) or with Keras' own LSTM.
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedmask_tff import layers as L
-from fedmask_tff.layers import MaskedConv2D, MaskedDense, masked_layers, mask_variables
-from fedmask_tff.lstm import MaskedLSTM, MaskedLSTMCell
+from fedmask_tff.masks import layers as L
+from fedmask_tff.masks.layers import MaskedConv2D, MaskedDense, masked_layers, mask_variables
+from fedmask_tff.masks.lstm import MaskedLSTM, MaskedLSTMCell
 
 RTOL, ATOL = 1e-4, 1e-5
 GATES = "ifco"

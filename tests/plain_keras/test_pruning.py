@@ -1,5 +1,5 @@
-"""Tests of one-shot pruning (fedmask_tff.pruning) and of the score restart rule
-(fedmask_tff.masking.scores_from_mask_values)."""
+"""Tests of one-shot pruning (fedmask_tff.masks.pruning) and of the score restart rule
+(fedmask_tff.masks.masking.scores_from_mask_values)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedmask_tff import masking, pruning
-from fedmask_tff.masking import scores_from_mask_values
+from fedmask_tff.masks import masking, pruning
+from fedmask_tff.masks.masking import scores_from_mask_values
 
 LOGIT_099 = math.log(0.99 / 0.01)  # 4.59511985...
 

@@ -30,9 +30,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from fedmask_tff.client_state import digest
+from fedmask_tff.wire.client_state import digest
 
-FORMAT = "fedmask_tff.checkpoint/v1"
+FORMAT = "fedmask_tff.simulation.checkpoint/v1"
 
 
 class CheckpointError(RuntimeError):

@@ -48,8 +48,8 @@ from typing import Optional, Sequence
 
 import tensorflow as tf
 
-from fedmask_tff import masking
-from fedmask_tff.layers import masked_layers
+from fedmask_tff.masks import masking
+from fedmask_tff.masks.layers import masked_layers
 
 KINDS = ("conv", "dense", "auto")
 GROUPINGS = ("out", "in")

@@ -1,4 +1,4 @@
-"""Start one TFF worker for ``--workers``: ``python -m fedmask_tff.worker --port=P``.
+"""Start one TFF worker for ``--workers``: ``python -m fedmask_tff.runtime.worker --port=P``.
 
 The worker is TFF's own C++ ``worker_binary`` (shipped in the pip package), the
 same engine that runs every local simulation. A driver started with
@@ -227,7 +227,7 @@ def _wait_port(proc, host, port, timeout_s):
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m fedmask_tff.worker",
+  parser = argparse.ArgumentParser(prog="python -m fedmask_tff.runtime.worker",
                                    description="Start one TFF worker for --workers.")
   parser.add_argument("--port", type=int, required=True, help="TCP port to listen on.")
   parser.add_argument("--address", default="127.0.0.1",

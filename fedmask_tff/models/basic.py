@@ -3,7 +3,7 @@
 Each builder returns an uncompiled ``tf.keras.Model`` whose masked layers draw
 their frozen weights from ``seed`` (layer ``i`` uses ``seed + 1000 * i``), so
 every process that calls the builder with the same arguments gets the same W.
-``MODEL_BUILDERS`` maps the ``--model`` names to builders; :mod:`fedmask_tff.model_registry`
+``MODEL_BUILDERS`` maps the ``--model`` names to builders; :mod:`fedmask_tff.models`
 holds every model's builders.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from fedmask_tff.layers import MaskedConv2D, MaskedDense
+from fedmask_tff.masks.layers import MaskedConv2D, MaskedDense
 
 
 def scaled(channels: int, width: float) -> int:

@@ -9,8 +9,8 @@ An LSTM step (gate order i, f, c, o, as in Keras' ``LSTM``)::
 
 ``masked_gates`` selects the gates whose columns (in both W_x and W_h) are
 *masked*: frozen random weights from ``seed`` times a learned mask, exactly as
-in :class:`fedmask_tff.layers.MaskedDense` (``kernel`` / ``scores`` / ``keep``
-through :class:`~fedmask_tff.layers.MaskedWeightsMixin`). The columns of the
+in :class:`fedmask_tff.masks.layers.MaskedDense` (``kernel`` / ``scores`` / ``keep``
+through :class:`~fedmask_tff.masks.layers.MaskedWeightsMixin`). The columns of the
 other gates are ordinary real-valued, trainable weights. The paper (Li et al.,
 SenSys 2021) reports that masking *every* gate of an LSTM hurts accuracy, so
 which gates are masked is a setting; the default ``"ifco"`` masks all of them
@@ -30,7 +30,7 @@ Weights of a cell with ``m`` masked and ``r = 4 - m`` real gates:
 
 :class:`MaskedLSTM` runs the cell over a sequence; it computes the masked
 (effective) weights once per call, not once per time step. It holds the cell
-as ``.cell``; :func:`fedmask_tff.layers.masked_layers` finds the cell there.
+as ``.cell``; :func:`fedmask_tff.masks.layers.masked_layers` finds the cell there.
 The cell alone also works in ``tf.keras.layers.RNN``.
 """
 
@@ -41,8 +41,8 @@ from typing import Optional
 
 import tensorflow as tf
 
-from fedmask_tff import masking
-from fedmask_tff.layers import MaskedWeightsMixin, _training_flag
+from fedmask_tff.masks import masking
+from fedmask_tff.masks.layers import MaskedWeightsMixin, _training_flag
 
 GATES = "ifco"
 
@@ -110,7 +110,7 @@ class MaskedLSTMCell(MaskedWeightsMixin, tf.keras.layers.Layer):
     use_bias: add the frozen, unmasked bias ``b`` (default True).
     bias_initializer: initializer of ``b`` (default zeros).
     seed: integer seed of the frozen weights (and of the real weights' initial values).
-    mask_mode, threshold, score_init, kernel_init: as :class:`~fedmask_tff.layers.MaskedDense`.
+    mask_mode, threshold, score_init, kernel_init: as :class:`~fedmask_tff.masks.layers.MaskedDense`.
   """
 
   def __init__(self, units: int, masked_gates: str = GATES, unit_forget_bias: bool = False,

@@ -23,11 +23,11 @@ constraint (applied by Keras optimizers after each step in ``model.fit``) and
 Initialisation (:class:`ClippedHeNormal`): the reference model's He-normal
 draw (``tf.keras.initializers.HeNormal(seed)``, std ``sqrt(2 / fan_in)``),
 clipped to ``[-1, 1]``; with the same seed the binary model's signs are those
-of :func:`fedmask_tff.models.build_reference_cnn`'s weights.
+of :func:`fedmask_tff.models.basic.build_reference_cnn`'s weights.
 
 Everything here is ordinary Keras (``get_config`` round-trips, registered
 under the package ``fedmask_tff``); nothing knows TFF. The layers subclass
-``tf.keras.layers.Dense`` / ``Conv2D``, so :mod:`fedmask_tff.costs` counts
+``tf.keras.layers.Dense`` / ``Conv2D``, so :mod:`fedmask_tff.models.costs` counts
 their FLOPs like the dense layers'.
 """
 
@@ -37,7 +37,7 @@ import math
 
 import tensorflow as tf
 
-from fedmask_tff.models import scaled
+from fedmask_tff.models.basic import scaled
 
 LATENT_BOUND = 1.0
 
@@ -181,7 +181,7 @@ def binary_layers(model: tf.keras.Model) -> list:
 
 def build_binary_cnn(input_shape=(28, 28, 1), num_classes: int = 10, width: float = 1.0,
                      seed: int = 0) -> tf.keras.Model:
-  """The binarized :func:`fedmask_tff.models.build_reference_cnn`: same layers, names and shapes.
+  """The binarized :func:`fedmask_tff.models.basic.build_reference_cnn`: same layers, names and shapes.
 
   conv3x3(32, same)-pool-conv3x3(64, same)-pool-fc(128)-fc(classes), ReLU, no
   biases, logits out; ``width`` scales the hidden layers. Latent init:
@@ -205,7 +205,7 @@ def build_binary_cnn(input_shape=(28, 28, 1), num_classes: int = 10, width: floa
 
 def build_binary_mlp(input_shape=(28, 28, 1), num_classes: int = 10, width: float = 1.0,
                      seed: int = 0) -> tf.keras.Model:
-  """The binarized :func:`fedmask_tff.models.build_reference_mlp`: flatten-fc(200)-fc(200)-fc(classes)."""
+  """The binarized :func:`fedmask_tff.models.basic.build_reference_mlp`: flatten-fc(200)-fc(200)-fc(classes)."""
   init = lambda offset: ClippedHeNormal(seed=seed + offset)  # noqa: E731
   return tf.keras.Sequential([
       tf.keras.Input(shape=input_shape, dtype=tf.float32),

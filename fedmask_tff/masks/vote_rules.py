@@ -1,6 +1,6 @@
 """Names of the rules by which the aggregated vote moves a client's mask scores (no TensorFlow
 import, so the command line can check them before loading anything). The maths is
-:func:`fedmask_tff.masking.apply_vote`."""
+:func:`fedmask_tff.masks.masking.apply_vote`."""
 
 # Rules that overwrite the score of every averaged element (the client's evidence below the
 # threshold is lost) ...

@@ -22,7 +22,7 @@ different numbers: only deterministic rounding is bit-identical across them).
 
 Packing: element ``i``'s code bit ``k`` (least significant first) is global bit
 ``i * b + k``, stored as bit ``p % 8`` of byte ``p // 8`` (the little-endian
-order of :mod:`fedmask_tff.bitpack`, padded with zeros): ``n`` values take
+order of :mod:`fedmask_tff.wire.bitpack`, padded with zeros): ``n`` values take
 ``ceil(n b / 8)`` bytes; the message costs ``8 * packed.size`` bits.
 """
 
@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from fedmask_tff import bitpack
+from fedmask_tff.wire import bitpack
 
 SENTINEL = -1.0
 MIN_BITS, MAX_BITS = 2, 16

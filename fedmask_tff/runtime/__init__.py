@@ -12,7 +12,7 @@ the worker ourselves, from the main thread, with
 
 Call :func:`install_local_context` once before running computations, or
 :func:`install_remote_context` to run them on TFF workers started elsewhere
-(``python -m fedmask_tff.worker``), each round split over the workers by TFF's
+(``python -m fedmask_tff.runtime.worker``), each round split over the workers by TFF's
 mergeable execution context.
 """
 
@@ -32,7 +32,7 @@ import grpc
 import portpicker
 import tensorflow_federated as tff
 
-from fedmask_tff.worker import WorkerError, parse_workers  # noqa: F401  (re-exported)
+from fedmask_tff.runtime.worker import WorkerError, parse_workers  # noqa: F401  (re-exported)
 
 _GRPC_OPTIONS = [
     ("grpc.max_message_length", 2_000_000_000),
@@ -388,7 +388,7 @@ def install_remote_context(workers: str | list, ready_timeout_s: float = 30.0) -
     except grpc.FutureTimeoutError:
       channel.close()
       raise WorkerError(f"no TFF worker answers at {address} within {ready_timeout_s:.0f} s; start "
-                        f"one there with `python -m fedmask_tff.worker --port={address.rsplit(':', 1)[1]}`")
+                        f"one there with `python -m fedmask_tff.runtime.worker --port={address.rsplit(':', 1)[1]}`")
     contexts.append(async_remote_context(
         _fail_fast_stub(tff.framework.RemoteExecutorGrpcStub(channel), address)))
 

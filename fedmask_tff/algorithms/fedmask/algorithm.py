@@ -1,11 +1,11 @@
-"""FedMask under the shared algorithm interface (the process is :mod:`fedmask_tff.fedmask`)."""
+"""FedMask under the shared algorithm interface (the process is :mod:`fedmask_tff.algorithms.fedmask.process`)."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from fedmask_tff import fedmask as fedmask_process
-from fedmask_tff import payloads
+from fedmask_tff.algorithms.fedmask import process as fedmask_process
+from fedmask_tff.wire import payloads
 from fedmask_tff.algorithms.base import BuildContext, FederatedAlgorithm
 
 
@@ -16,8 +16,8 @@ class FedMask(FederatedAlgorithm):
 
   def __init__(self, context: BuildContext, config: fedmask_process.FedMaskConfig,
                uplink_coding: str = "none"):
-    from fedmask_tff import model_registry
-    builder = model_registry.masked_builder(context.model)
+    from fedmask_tff import models
+    builder = models.masked_builder(context.model)
 
     def model_fn():
       return builder(input_shape=context.input_shape, num_classes=context.num_classes,
@@ -63,16 +63,16 @@ class FedMask(FederatedAlgorithm):
     return self.process.initial_client_state()
 
   def make_store(self, directory):
-    from fedmask_tff.client_state import ClientStateStore
+    from fedmask_tff.wire.client_state import ClientStateStore
     return ClientStateStore(directory, [s.shape for s in self.specs], self.process.initial_client_state)
 
   def late_joiner_states(self, server_state, store, count):
     """The server's view for a newcomer: per element, the mean of the personal masks of the
     clients (with a stored state) that keep it, where with the newcomer at least ``min_shared``
-    do (FedMask's rule, :mod:`fedmask_tff.aggregation`); the newcomer restarts its scores from
+    do (FedMask's rule, :mod:`fedmask_tff.masks.aggregation`); the newcomer restarts its scores from
     it with the run's rule (``masking.apply_vote``), keeps everything, and prunes at its first round."""
     import numpy as np
-    from fedmask_tff import aggregation, masking
+    from fedmask_tff.masks import aggregation, masking
     if self.process.global_scores or self.process.config.global_mask:
       # A newcomer starts from the server's scores (or m^T), like anyone.
       init = self.process.initial_client_state()
@@ -122,7 +122,7 @@ class FedMask(FederatedAlgorithm):
     sends once at its first round. ``uplink_bits_packed`` keeps the uncoded figure.
     """
     import numpy as np
-    from fedmask_tff import coding
+    from fedmask_tff.wire import coding
     metrics["uplink_bits_packed"] = metrics["uplink_bits"]
     if not metrics["upload_valid"]:
       return

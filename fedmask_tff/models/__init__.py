@@ -1,8 +1,8 @@
 """The one registry of models: ``--model`` names to their masked, dense and binarized builders,
 each data set's default model, and how many last masked layers one-shot pruning thins.
 
-Builders live in :mod:`fedmask_tff.models` (``cnn``, ``mlp``), :mod:`fedmask_tff.paper_models`
-(the paper's ``vgg16``, ``har_mlp``, ``shakespeare_lstm``) and :mod:`fedmask_tff.binarized`;
+Builders live in :mod:`fedmask_tff.models.basic` (``cnn``, ``mlp``), :mod:`fedmask_tff.models.paper`
+(the paper's ``vgg16``, ``har_mlp``, ``shakespeare_lstm``) and :mod:`fedmask_tff.models.binarized`;
 this module imports them, never the reverse.
 """
 
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from fedmask_tff import binarized, models, paper_models
+from fedmask_tff.models import binarized, basic, paper
 
-MASKED_BUILDERS = {**models.MODEL_BUILDERS, **paper_models.PAPER_MODEL_BUILDERS}
-DENSE_BUILDERS = {**models.DENSE_MODEL_BUILDERS, **paper_models.PAPER_DENSE_BUILDERS}
-BINARY_BUILDERS = {**binarized.BINARY_MODEL_BUILDERS, **paper_models.PAPER_BINARY_BUILDERS}
+MASKED_BUILDERS = {**basic.MODEL_BUILDERS, **paper.PAPER_MODEL_BUILDERS}
+DENSE_BUILDERS = {**basic.DENSE_MODEL_BUILDERS, **paper.PAPER_DENSE_BUILDERS}
+BINARY_BUILDERS = {**binarized.BINARY_MODEL_BUILDERS, **paper.PAPER_BINARY_BUILDERS}
 # Models without a paper pruning setting prune their last two masked layers.
 DEFAULT_PRUNE_LAST_LAYERS = 2
 
@@ -43,7 +43,7 @@ def binary_builder(name: str) -> Callable:
 
 def model_for(dataset: str, model: Optional[str] = None) -> str:
   """``model`` if given, else the paper's model for ``dataset`` (``cnn`` for others)."""
-  return model or paper_models.DEFAULT_MODEL_FOR_DATASET.get(dataset, "cnn")
+  return model or paper.DEFAULT_MODEL_FOR_DATASET.get(dataset, "cnn")
 
 
 def prune_last_layers(model_name: str, requested: Optional[int] = None) -> int:
@@ -51,4 +51,4 @@ def prune_last_layers(model_name: str, requested: Optional[int] = None) -> int:
   for the model, else :data:`DEFAULT_PRUNE_LAST_LAYERS`."""
   if requested is not None:
     return int(requested)
-  return paper_models.prune_last_layers_for(model_name, DEFAULT_PRUNE_LAST_LAYERS)
+  return paper.prune_last_layers_for(model_name, DEFAULT_PRUNE_LAST_LAYERS)

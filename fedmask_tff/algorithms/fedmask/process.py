@@ -19,13 +19,13 @@ client rebuilds it from the model's seed):
    float32 value per element it keeps: the mean over the clients sharing the
    element where at least ``min_shared`` (2) keep it, else -1 ("unchanged").
    The client restarts ``m_r`` from the means
-   (:func:`fedmask_tff.masking.scores_from_mask_values`) and keeps its own
+   (:func:`fedmask_tff.masks.masking.scores_from_mask_values`) and keeps its own
    scores elsewhere. Bits are counted from that float32 message.
 
 ``next(server_state, client_data, client_states)`` returns
 ``(server_state, client_states, client_metrics)``; the states are
 CLIENTS-placed values, kept between rounds by
-:class:`fedmask_tff.client_state.ClientStateStore` in the driver. ``next`` is the
+:class:`fedmask_tff.wire.client_state.ClientStateStore` in the driver. ``next`` is the
 composition of ``process.client_work`` (steps 1-2, no aggregation) and
 ``process.aggregate`` (steps 3-4, one sum), which ``--workers`` calls one after
 the other so that TFF's mergeable context can split each over several workers.
@@ -42,9 +42,11 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedmask_tff import (aggregation, bitpack, costs, evaluation, ldp, masking, payloads, pruning, quantization,
-                         regularizers)
-from fedmask_tff.layers import mask_variables, masked_layers
+from fedmask_tff.masks import aggregation, masking, pruning, regularizers
+from fedmask_tff.wire import bitpack, ldp, payloads, quantization
+from fedmask_tff.models import costs
+from fedmask_tff.algorithms import evaluation
+from fedmask_tff.masks.layers import mask_variables, masked_layers
 
 DOWNLINK_UNCHANGED = aggregation.UNCHANGED
 UPLOADS = ("mask", "bernoulli", "score_sign")
@@ -79,11 +81,11 @@ class FedMaskConfig:
       must exceed the clients per round).
     downlink_bits: 0 sends one float32 per kept element; 1 sends the vote's
       decision ``1[v >= tau]`` (the client's own bit where not averaged), as the
-      paper's "updated binary masks"; ``b`` in [2, 16] quantizes each to ``b`` bits (:mod:`fedmask_tff.quantization`: levels
+      paper's "updated binary masks"; ``b`` in [2, 16] quantizes each to ``b`` bits (:mod:`fedmask_tff.wire.quantization`: levels
       ``i / (2^b - 2)``, the top code means "keep yours").
     downlink_stochastic: stochastic (unbiased) instead of nearest rounding.
     ldp_epsilon: > 0 turns on randomized response on the uploaded mask bits
-      (:mod:`fedmask_tff.ldp`; each bit kept with probability
+      (:mod:`fedmask_tff.wire.ldp`; each bit kept with probability
       e^eps / (1 + e^eps)); the server debiases the sums. 0 = off. The
       client's own (personalized) mask is not randomized.
     score_init_noise: > 0 adds uniform noise in [-a, a] (seeded by ``seed``, the
@@ -563,7 +565,7 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
   def quantized_global(g, keep, seed):
     """score_sign with ``downlink_bits=b``: what the client receives of ``G`` at its kept
     positions: ``lo`` and ``hi`` (two float32) and each value as a ``b``-bit level of
-    ``(G - lo) / (hi - lo)`` (:mod:`fedmask_tff.quantization`); elsewhere ``G`` is unused."""
+    ``(G - lo) / (hi - lo)`` (:mod:`fedmask_tff.wire.quantization`); elsewhere ``G`` is unused."""
     flat_keep = tf.reshape(keep > 0, [-1])
     values = tf.boolean_mask(tf.reshape(g, [-1]), flat_keep)
     lo, hi = tf.reduce_min(values), tf.reduce_max(values)

@@ -27,7 +27,7 @@ TRAIN_TO_FORWARD = 3
 
 
 def _layer_flops(layer) -> int:
-  from fedmask_tff.layers import MaskedConv2D, MaskedDense
+  from fedmask_tff.masks.layers import MaskedConv2D, MaskedDense
   out_shape = layer.output_shape if not isinstance(layer.output_shape, list) else layer.output_shape[0]
   if isinstance(layer, (tf.keras.layers.Conv2D, MaskedConv2D)):
     kh, kw, cin, cout = layer.kernel.shape
@@ -87,9 +87,9 @@ def weight_costs(model: tf.keras.Model) -> list[WeightCost]:
   """The multiply-add weights of a built model (Dense, Conv2D, LSTM; masked or not), in order.
 
   For masked layers the order is that of ``layer.masked_weights`` (the order of
-  :func:`fedmask_tff.fedmask.mask_specs`); biases are left out (element-wise).
+  :func:`fedmask_tff.algorithms.fedmask.process.mask_specs`); biases are left out (element-wise).
   """
-  from fedmask_tff.layers import MaskedConv2D, MaskedDense
+  from fedmask_tff.masks.layers import MaskedConv2D, MaskedDense
 
   out: list[WeightCost] = []
 

@@ -4,7 +4,7 @@ TFF keeps no client state: the driver loads the states of the sampled clients,
 passes them into ``next`` as CLIENTS-placed values and stores what comes back.
 Memory is bounded by the clients of one round: nothing is cached.
 
-A client's state (see :func:`fedmask_tff.fedmask.build_fedmask_process`) is
+A client's state (see :func:`fedmask_tff.algorithms.fedmask.process.build_fedmask_process`) is
 ``OrderedDict(scores=(S_i...), keep=(S_i...), personal=(S_i...), rounds=int32)``.
 On disk, one ``.npz`` file per client holds
 
@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from fedmask_tff import bitpack
+from fedmask_tff.wire import bitpack
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.\-]+$")
 

@@ -5,15 +5,15 @@ and layer names:
 
 * **masked** (``PAPER_MODEL_BUILDERS``, what FedMask trains): every Dense/Conv2D/
   LSTM kernel is a frozen random W (drawn from ``seed``) times a learned binary
-  mask (:mod:`fedmask_tff.layers`, :mod:`fedmask_tff.lstm`); signature
+  mask (:mod:`fedmask_tff.masks.layers`, :mod:`fedmask_tff.masks.lstm`); signature
   ``builder(input_shape, num_classes, width=1.0, seed=0, mask_mode="ste",
   score_init=0.05, kernel_init="signed_constant")`` like
-  :data:`fedmask_tff.models.MODEL_BUILDERS`;
+  :data:`fedmask_tff.models.basic.MODEL_BUILDERS`;
 * **dense** (``PAPER_DENSE_BUILDERS``, what FedAvg-style baselines train):
   ordinary trainable Keras layers, no biases on Dense/Conv2D, He-normal
   initialisation from ``seed``; ``builder(input_shape, num_classes, width=1.0, seed=0)``;
-* **binarized** (``PAPER_BINARY_BUILDERS``): :class:`~fedmask_tff.binarized.BinaryConv2D` /
-  :class:`~fedmask_tff.binarized.BinaryDense` in place of Conv2D/Dense. Only for
+* **binarized** (``PAPER_BINARY_BUILDERS``): :class:`~fedmask_tff.models.binarized.BinaryConv2D` /
+  :class:`~fedmask_tff.models.binarized.BinaryDense` in place of Conv2D/Dense. Only for
   ``vgg16`` and ``har_mlp``: there is no binarized LSTM layer, so
   ``shakespeare_lstm`` has no BNN counterpart.
 
@@ -21,7 +21,7 @@ Every version outputs ``[batch, num_classes]`` logits. ``width`` scales every
 hidden layer's channels/units (``max(1, round(c * width))``; the output layer
 keeps ``num_classes``); ``width=0.125`` gives models small enough for CI. Weight
 layer ``i`` (0-based, in order) draws from ``seed + 1000 * i``, as in
-:mod:`fedmask_tff.models`, so the same arguments give the same W in every
+:mod:`fedmask_tff.models.basic`, so the same arguments give the same W in every
 process.
 
 Architectures
@@ -59,7 +59,7 @@ vocab (logits over the 90 characters for the next character). The embedding
 size (8) is not scaled by ``width``; the LSTMs and the two hidden FC layers
 are. In the masked model the embedding is frozen and random (not masked, a
 fixed function of ``seed``: not trained, not communicated) and the LSTMs are
-:class:`~fedmask_tff.lstm.MaskedLSTM` (frozen zero bias with forget-gate bias
+:class:`~fedmask_tff.masks.lstm.MaskedLSTM` (frozen zero bias with forget-gate bias
 1; ``masked_gates`` selects the masked gates, default all four, note that
 FedMask's client loop only trains the scores); in the dense model the
 embedding is trainable and the LSTMs are Keras ``LSTM`` (Glorot-uniform /
@@ -96,10 +96,10 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from fedmask_tff.binarized import BinaryConv2D, BinaryDense, ClippedHeNormal
-from fedmask_tff.layers import MaskedConv2D, MaskedDense, mask_variables
-from fedmask_tff.lstm import MaskedLSTM
-from fedmask_tff.models import scaled
+from fedmask_tff.models.binarized import BinaryConv2D, BinaryDense, ClippedHeNormal
+from fedmask_tff.masks.layers import MaskedConv2D, MaskedDense, mask_variables
+from fedmask_tff.masks.lstm import MaskedLSTM
+from fedmask_tff.models.basic import scaled
 
 # The number of last masked layers one-shot pruning thins, per model (the paper's setup).
 PRUNE_LAST_LAYERS = {"vgg16": 8, "har_mlp": 2, "shakespeare_lstm": 2}

@@ -86,7 +86,7 @@ class RunConfig:
   eval_every: int = 0
   eval_batch_size: int = 256
   max_concurrent_clients: int = -1
-  workers: Optional[str] = None  # "host:port,...": TFF workers (python -m fedmask_tff.worker)
+  workers: Optional[str] = None  # "host:port,...": TFF workers (python -m fedmask_tff.runtime.worker)
   worker_memory_limit_mb: float = 0.0  # restart the local worker above this RSS (0: half the RAM)
   client_datasets: str = "driver"  # "workers": built inside the round's computation from files
   client_data_dir: Optional[str] = None  # where those files go (default OUTPUT_DIR/client_data)
@@ -175,7 +175,7 @@ class RunConfig:
          f"--global_weight must be in (0, 1], got {self.global_weight}")
     need(math.isfinite(self.score_init_noise) and self.score_init_noise >= 0,
          f"--score_init_noise must be a finite number >= 0, got {self.score_init_noise}")
-    from fedmask_tff.vote_rules import RESTART_RULES
+    from fedmask_tff.masks.vote_rules import RESTART_RULES
     need(self.score_restart in RESTART_RULES,
          f"--score_restart must be one of {RESTART_RULES}, got {self.score_restart!r}")
     need(self.restart_scale is None or (math.isfinite(self.restart_scale) and self.restart_scale > 0),
@@ -200,7 +200,7 @@ class RunConfig:
     need(self.client_data_dir is None or self.client_datasets == "workers",
          "--client_data_dir is where --client_datasets=workers writes client files; it needs that flag")
     if self.workers is not None:
-      from fedmask_tff.worker import parse_workers
+      from fedmask_tff.runtime.worker import parse_workers
       try:
         parse_workers(self.workers)
       except ValueError as e:
@@ -407,7 +407,7 @@ def _run(config: RunConfig) -> dict[str, Any]:
   from fedmask_tff import algorithms, runtime
   from fedmask_tff.algorithms.base import BuildContext
   from fedmask_tff.data import partition_file as partition_file_lib
-  from fedmask_tff.outputs import RunOutputs
+  from fedmask_tff.simulation.outputs import RunOutputs
 
   t_start = time.perf_counter()
   tf.keras.utils.set_random_seed(config.seed)
@@ -428,9 +428,9 @@ def _run(config: RunConfig) -> dict[str, Any]:
     raise ConfigError(f"--clients_per_round={config.clients_per_round} but {config.dataset} has "
                       f"only {len(training_ids)} training clients here"
                       + (f" ({len(unseen)} held out by --unseen_clients)" if unseen else ""))
-  from fedmask_tff import model_registry
-  model_name = model_registry.model_for(config.dataset, config.model)
-  prune_last = model_registry.prune_last_layers(model_name, config.prune_last_layers)
+  from fedmask_tff import models
+  model_name = models.model_for(config.dataset, config.model)
+  prune_last = models.prune_last_layers(model_name, config.prune_last_layers)
   summary = split.summary()
   _log(f"[fedmask_tff] data: {summary}")
 
@@ -493,7 +493,7 @@ def _run(config: RunConfig) -> dict[str, Any]:
   participated: set[str] = set()
   first_round, previous_rows, initialization = 1, [], None
   if resuming:
-    from fedmask_tff import checkpoint
+    from fedmask_tff.simulation import checkpoint
     try:
       ckpt = checkpoint.load(checkpoint_path, server_state)
     except checkpoint.CheckpointError as e:
@@ -606,8 +606,8 @@ def _run(config: RunConfig) -> dict[str, Any]:
       if not math.isfinite(loss):
         raise FloatingPointError(f"round {round_num}: training loss is {loss}; lower --learning_rate")
       participated.update(sampled)
-      # Checkpoint first, then the client files (see fedmask_tff.checkpoint).
-      from fedmask_tff import checkpoint
+      # Checkpoint first, then the client files (see fedmask_tff.simulation.checkpoint).
+      from fedmask_tff.simulation import checkpoint
       encoded = [store.encode(st, c) for c, st in zip(sampled, new_states)] if store is not None else None
       checkpoint.save(checkpoint_path, round_num, server_state, rng.bit_generator.state, participated,
                       sampled, encoded)
@@ -676,7 +676,7 @@ def _run(config: RunConfig) -> dict[str, Any]:
       final[f"accuracy_{kind}"] = other["accuracy"]
       final[f"accuracy_{kind}_client_mean"] = other["accuracy_client_mean"]
   final["never_sampled_clients"] = len(training_ids) - len(participated)
-  if config.ldp_epsilon is not None:  # Basic composition over a client's rounds (fedmask_tff.ldp).
+  if config.ldp_epsilon is not None:  # Basic composition over a client's rounds (fedmask_tff.wire.ldp).
     times = {}
     for r in outputs.results["rounds"]:
       for c in r["sampled_clients"]:

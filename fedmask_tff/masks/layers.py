@@ -7,11 +7,11 @@ Each layer holds, per masked weight tensor of shape S:
   never communicated);
 * ``scores`` (S, float32, trainable): the real-valued mask scores ``m_r``;
 * ``keep`` (S, float32 0/1, not trainable): the fixed pruning mask; 1 everywhere
-  until one-shot pruning sets it (:mod:`fedmask_tff.pruning`).
+  until one-shot pruning sets it (:mod:`fedmask_tff.masks.pruning`).
 
 The effective weight is ``W * mask(m_r) * keep``; the mask is binary at
 inference and in ``"ste"`` training, ``sigmoid(m_r)`` in ``"soft"`` training
-(see :mod:`fedmask_tff.masking`). Optional biases are frozen and unmasked.
+(see :mod:`fedmask_tff.masks.masking`). Optional biases are frozen and unmasked.
 
 The layers work in any Keras model with ``model.fit``; nothing here knows TFF.
 """
@@ -24,7 +24,8 @@ from typing import Any, Optional
 import numpy as np
 import tensorflow as tf
 
-from fedmask_tff import bitpack, masking
+from fedmask_tff.wire import bitpack
+from fedmask_tff.masks import masking
 
 KERNEL_INITS = ("signed_constant", "he_normal", "he_uniform")
 
@@ -291,7 +292,7 @@ def pack_masks(model: tf.keras.Model) -> list:
   """The model's binary masks (``1[sigmoid(m_r) >= tau] * keep``), 1 bit per element.
 
   Returns one uint8 numpy array of ``ceil(n / 8)`` bytes per masked weight of ``n`` elements
-  (``mask_variables`` order; bit order of :mod:`fedmask_tff.bitpack`): what a FedMask device
+  (``mask_variables`` order; bit order of :mod:`fedmask_tff.wire.bitpack`): what a FedMask device
   uploads. ``bitpack.unpack_bits_np(packed, kernel.shape)`` reads one back.
   """
   return [bitpack.pack_bits_np(mask.numpy())

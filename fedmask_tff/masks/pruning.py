@@ -18,7 +18,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from fedmask_tff.layers import masked_layers
+from fedmask_tff.masks.layers import masked_layers
 
 
 def check_prune_rate(prune_rate: float) -> float:

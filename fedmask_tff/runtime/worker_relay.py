@@ -1,6 +1,6 @@
 """Inside a private network namespace: TFF's ``worker_binary`` plus a TCP relay to it.
 
-Run by :mod:`fedmask_tff.worker` as a separate program (``python worker_relay.py``,
+Run by :mod:`fedmask_tff.runtime.worker` as a separate program (``python worker_relay.py``,
 standard library only, so it starts fast and imports neither TensorFlow nor the
 package), already inside a fresh network namespace whose only interface is its
 own loopback. It

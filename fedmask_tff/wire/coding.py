@@ -58,7 +58,7 @@ import zlib
 import numpy as np
 import tensorflow as tf
 
-from fedmask_tff import bitpack
+from fedmask_tff.wire import bitpack
 
 MODE_RANS = 1
 MODE_RAW = 2
