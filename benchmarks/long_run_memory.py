@@ -51,9 +51,9 @@ def _rounds_done(output_dir) -> int:
 
 def main(argv):
   del argv
-  from fedmask_tff.simulation import runner
+  from fedmask_tff.simulation import run_config, runner
   from fedmask_tff import runtime
-  config = runner.RunConfig(model="mlp", model_width=0.5, rounds=FLAGS.rounds, local_epochs=1,
+  config = run_config.RunConfig(model="mlp", model_width=0.5, rounds=FLAGS.rounds, local_epochs=1,
                             num_clients=FLAGS.num_clients, clients_per_round=FLAGS.clients_per_round,
                             data_dir=FLAGS.data_dir, output_dir=FLAGS.output_dir, overwrite=True,
                             progress=False)

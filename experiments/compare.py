@@ -7,7 +7,8 @@ and ``comparison.json``: personalized accuracy, uplink and downlink bits per
 client per round, training FLOPs per client per round, each also as a ratio to
 FedAvg. Rerunning the same command skips the algorithms whose run is complete
 (``results.json`` with ``"complete": true`` and the same settings) and
-resumes an unfinished one from its checkpoint.
+resumes an unfinished one from its checkpoint; a run folder with other settings is refused
+(naming them) unless ``--overwrite`` is given, as in the studies.
 
 Every flag of ``experiments.run`` is accepted and applies to every algorithm,
 except ``--learning_rate`` (each algorithm has its own documented default; set
@@ -48,48 +49,26 @@ def _parse_rates(items):
   return rates
 
 
-def complete_results(results_path, config):
-  """The finished results at ``results_path`` if they were made with exactly ``config``'s
-  settings (those that change results), else ``None``."""
-  from fedmask_tff.simulation import runner
-  if not os.path.exists(results_path):
-    return None
-  try:
-    with open(results_path) as f:
-      results = json.load(f)
-  except (OSError, ValueError):
-    return None
-  if not results.get("complete"):
-    return None
-  return None if runner.differing_settings(results.get("config", {}), config) else results
-
-
 def run_variants(base, variants: dict, out: str, log=None) -> dict:
   """Runs ``{name: {RunConfig field: value}}`` into ``out/<name>``; returns ``{name: results}``.
 
-  Finished runs with the same settings are skipped; an unfinished one resumes
-  (the runner's checkpoint); one with other settings is replaced.
+  The runner's rerun policy (:func:`fedmask_tff.simulation.runner.plan_run`): finished runs
+  with the same settings are skipped, an unfinished one resumes, and one with other settings
+  is replaced only with ``--overwrite``.
   """
   from fedmask_tff.simulation import runner
   log = log or (lambda m: print(m, file=sys.stderr, flush=True))
   all_results = {}
   for i, (name, overrides) in enumerate(variants.items()):
-    config = dataclasses.replace(base, output_dir=os.path.join(out, name), overwrite=False,
-                                 **overrides)
-    done = complete_results(os.path.join(config.output_dir, "results.json"), config)
-    if done is not None:
+    plan = runner.plan_run(dataclasses.replace(base, output_dir=os.path.join(out, name),
+                                               **overrides), replace=base.overwrite)
+    if plan.action == "skip":
       log(f"[compare] {i + 1}/{len(variants)} {name}: complete, skipped")
-      all_results[name] = done
+      all_results[name] = plan.results
       continue
-    try:
-      state = runner.resume_state(config)
-    except runner.ConfigError:
-      state = "other settings"
-    if state not in ("fresh", "resume"):
-      config = dataclasses.replace(config, overwrite=True)
-    log(f"[compare] {i + 1}/{len(variants)} {name}"
-        + (": resuming ..." if state == "resume" else " ..."))
-    all_results[name] = runner.run(config)
+    words = {"resume": ": resuming ...", "replace": ": replacing the old run ..."}
+    log(f"[compare] {i + 1}/{len(variants)} {name}{words.get(plan.action, ' ...')}")
+    all_results[name] = runner.run(plan.config)
   return all_results
 
 
@@ -139,19 +118,19 @@ def write_table(output_dir: str, rows: list[dict], header: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from fedmask_tff.simulation import runner
+  from fedmask_tff.simulation import run_config, runner
   from fedmask_tff.data import DataError
   try:
     unknown = [a for a in FLAGS.algorithms if a not in ALGORITHMS]
     if unknown:
-      raise runner.ConfigError(f"--algorithms: unknown {unknown}; valid: {ALGORITHMS}")
+      raise run_config.ConfigError(f"--algorithms: unknown {unknown}; valid: {ALGORITHMS}")
     if FLAGS["learning_rate"].present:
-      raise runner.ConfigError("--learning_rate would apply one rate to every algorithm; "
+      raise run_config.ConfigError("--learning_rate would apply one rate to every algorithm; "
                                "use --learning_rates=name=value,...")
     try:
       rates = _parse_rates(FLAGS.learning_rates)
     except ValueError as e:
-      raise runner.ConfigError(str(e)) from None
+      raise run_config.ConfigError(str(e)) from None
     out = FLAGS.output_dir
     base = run_cli.config_from_flags()
     variants = {name: {"algorithm": name, "learning_rate": rates.get(name)} for name in FLAGS.algorithms}
@@ -161,10 +140,10 @@ def main(argv):
     if FLAGS.dry_run:
       print(f"{len(variants)} runs into {out}: {', '.join(variants)}; settings "
             + json.dumps({k: v for k, v in dataclasses.asdict(base).items()
-                          if k not in runner.RESUME_FREE}))
+                          if k not in run_config.RESUME_FREE}))
       return
     os.makedirs(out, exist_ok=True)
-    if base.dataset in runner.POOLED_DATASETS:
+    if base.dataset in run_config.POOLED_DATASETS:
       partition_path = base.partition_file or os.path.join(out, "partition.json")
       base = runner.with_shared_partition(base, partition_path)
     else:  # the split is fixed by the data files, the seed and the flags: the same for every run
@@ -176,7 +155,7 @@ def main(argv):
               f"Bits are counted from the payloads; FLOPs by fedmask_tff.models.costs.train_flops.")
     text = write_table(out, table_rows(all_results), header)
     print(text)
-  except (runner.ConfigError, DataError) as e:
+  except (run_config.ConfigError, DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -64,13 +64,13 @@ def rows(all_results: dict, chosen: dict) -> list[dict]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from fedmask_tff.simulation import runner
+  from fedmask_tff.simulation import run_config, runner
   from fedmask_tff.data import DataError
   try:
     try:
       epsilons = [float(e) for e in FLAGS.ldp_epsilons]
     except ValueError:
-      raise runner.ConfigError(f"--ldp_epsilons must be numbers, got {FLAGS.ldp_epsilons}") from None
+      raise run_config.ConfigError(f"--ldp_epsilons must be numbers, got {FLAGS.ldp_epsilons}") from None
     out = FLAGS.output_dir
     base = dataclasses.replace(run_cli.config_from_flags(), algorithm="fedmask",
                                output_dir=os.path.join(out, "_check"), overwrite=True)
@@ -103,7 +103,7 @@ def main(argv):
     with open(os.path.join(out, "coding.md"), "w") as f:
       f.write(text)
     print(text)
-  except (runner.ConfigError, DataError, ValueError) as e:
+  except (run_config.ConfigError, DataError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

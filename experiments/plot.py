@@ -51,14 +51,14 @@ def labels(all_results: list[dict]) -> tuple[list[str], str]:
   A run's label is its algorithm plus the settings it uses in which the runs differ, or that
   leave the default and only some runs use; settings every run uses with one non-default value
   go to the common line. A setting a run's results predate counts as its default."""
-  from fedmask_tff.simulation import runner
-  default = runner.RunConfig()
-  fields = [f for f in runner.RunConfig.__dataclass_fields__ if f not in _UNLABELLED | {"algorithm"}]
+  from fedmask_tff.simulation import run_config
+  default = run_config.RunConfig()
+  fields = [f for f in run_config.RunConfig.__dataclass_fields__ if f not in _UNLABELLED | {"algorithm"}]
   configs = [{f: r["config"].get(f, getattr(default, f)) for f in fields + ["algorithm"]}
              for r in all_results]
   for c, r in zip(configs, all_results):  # the model a run built, where --model was left unset
     c["model"] = c["model"] or r["config"].get("model_used")
-  unused = [runner.unused_settings(runner.RunConfig(**c)) for c in configs]
+  unused = [run_config.unused_settings(run_config.RunConfig(**c)) for c in configs]
   per_run, common = [], []
   for f in fields:
     users = [c for c, u in zip(configs, unused) if f not in u]
@@ -79,7 +79,7 @@ def labels(all_results: list[dict]) -> tuple[list[str], str]:
 
 def points(results: dict) -> list[dict]:
   """``[{round, accuracy, cumulative_mb_per_client}]`` at every evaluated round."""
-  from experiments.studies import run_record
+  from experiments.study_reports import run_record
   if not results.get("complete"):  # no final evaluation yet: the rounds evaluated so far
     results = dict(results, final={"accuracy": None, "accuracy_client_mean": None,
                                    "evaluated_clients": 0},

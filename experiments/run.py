@@ -16,7 +16,9 @@ from absl import app, flags
 
 from fedmask_tff.masks.vote_rules import RESTART_RULES
 from fedmask_tff.runtime.worker import WorkerError
-from fedmask_tff.simulation.runner import ALGORITHMS, DATASETS, MODELS, PARTITIONS, ConfigError, RunConfig, run
+from fedmask_tff.algorithms import ALGORITHMS
+from fedmask_tff.simulation.run_config import DATASETS, MODELS, PARTITIONS, ConfigError, RunConfig
+from fedmask_tff.simulation.runner import run
 
 _D = RunConfig()
 FLAGS = flags.FLAGS

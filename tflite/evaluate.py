@@ -71,16 +71,14 @@ def _choose_default(rows):
   return min(ok, key=lambda r: (round(r["latency_ms_median"], 2), r["size_bytes"]))["variant"]
 
 
-def evaluate_client(info, cid, args, baselines) -> list[dict]:
-  out_dir = os.path.join(export.export_dir(args.run_dir), cid)
-  masks = load_client_masks(info, cid)  # the state first: a missing/corrupt one fails fast
-  x, y = dataset_to_numpy(load_client_test_data(args.run_dir, cid), args.max_test_examples)
-  calib, _ = dataset_to_numpy(load_client_calibration_data(args.run_dir, cid),
-                              args.calibration_examples)
-  manifest = export.export_client(info, cid, out_dir, calibration=calib,
-                                  structured_fraction=args.structured_fraction, masks=masks)
-  files = dict(manifest["files"])
-  # Keras references: the client's model rebuilt *from the packed file* (round trip), and the demo.
+def _keras_references(info, files, out_dir, x, y):
+  """The Keras logits the TFLite variants are compared with; saves them to ``reference.npz``.
+
+  Returns ``(ref, demo_ref)``: float32 logits [n, num_classes] on the test inputs ``x`` of the
+  client's model rebuilt *from the packed file* (round trip), and of the structured demo (None
+  when there is no ``structured_demo_float32`` variant). ``reference.npz`` (``x``, ``y``, the
+  logits) is what ``python -m tflite.check_runtime`` compares the phone's runtime (LiteRT) with.
+  """
   keras_model = packed.load_model(files["packed_transport"])
   ref = keras_model.predict(x, batch_size=256, verbose=0)
   demo_ref = None
@@ -89,53 +87,90 @@ def evaluate_client(info, cid, args, baselines) -> list[dict]:
     with np.load(os.path.join(out_dir, "structured_demo_masks.npz")) as f:
       demo_masks = [bitpack.unpack_bits_np(f[f"mask_{i}"], s) for i, s in enumerate(info.shapes)]
     demo_ref = masked_model_with_masks(info.arch, demo_masks).predict(x, batch_size=256, verbose=0)
-  # What `python -m tflite.check_runtime` compares the phone's runtime (LiteRT) against.
   np.savez_compressed(os.path.join(out_dir, "reference.npz"), x=x, y=y, keras_logits=ref,
                       **({"keras_logits_structured_demo": demo_ref} if demo_ref is not None else {}))
+  return ref, demo_ref
+
+
+def _tflite_files(files, baselines) -> dict:
+  """Variant name -> ``.tflite`` path: the client's runnable variants, then the baselines'."""
   tfl = {k: v for k, v in files.items() if v.endswith(".tflite")}
   tfl.update(baselines["files"])
-  tfl = {k: v for k, v in tfl.items() if v.endswith(".tflite")}
+  return {k: v for k, v in tfl.items() if v.endswith(".tflite")}
+
+
+def _quality(tfl, cid, x, y, ref, demo_ref) -> dict:
+  """Variant name -> accuracy and agreement with the Keras logits (``measure.accuracy_and_parity``).
+
+  The agreement fields are None for the dense and BNN baselines (other models: agreement with
+  FedMask is meaningless); the structured demo is compared with ``demo_ref``.
+  """
   _log(f"[tflite] {cid}: accuracy and parity on {len(y)} test examples")
   quality = {}
   for name, path in tfl.items():
     reference = demo_ref if name == "structured_demo_float32" else ref
     quality[name] = measure.accuracy_and_parity(path, x, y, reference)
-    if name in ("dense_float32", "bnn"):  # other models: agreement with FedMask is meaningless
+    if name in ("dense_float32", "bnn"):
       quality[name]["same_class_as_keras"] = None
       quality[name]["max_abs_diff_vs_keras"] = None
+  return quality
+
+
+def _latencies(tfl, cid, args, x) -> dict:
+  """Thread count -> variant name -> batch-1 latency stats in ms (``median``, ``p10``, ``p90``)."""
   lat = {}
   for threads in args.threads:
     _log(f"[tflite] {cid}: latency, {threads} thread(s), {len(tfl)} models side by side, "
          f"{args.runs} runs each after {args.warmup} warm-up")
     lat[threads] = measure.latency_side_by_side(tfl, threads=threads, warmup=args.warmup,
                                                 runs=args.runs, x=x[0])
+  return lat
+
+
+def _peak_memories(tfl, cid, args) -> dict:
+  """Variant name -> ``measure.peak_memory`` (bytes, fresh process); empty with --skip_memory."""
   mem = {}
   if not args.skip_memory:
     for name, path in tfl.items():
       _log(f"[tflite] {cid}: peak memory of {name} (fresh process)")
       mem[name] = measure.peak_memory(path, 1)
-  rows = []
+  return mem
+
+
+def _transport_row(cid, files, ref, y) -> dict:
+  """The row of ``packed_transport`` (not runnable: accuracy = the Keras model rebuilt from it)."""
   keras_acc = float((ref.argmax(-1) == y).mean())
-  rows.append({"client_id": cid, "variant": "packed_transport",
-               "size_bytes": os.path.getsize(files["packed_transport"]),
-               "latency_ms_median": None, "peak_memory_bytes": None, "accuracy": keras_acc,
-               "energy_mj_estimate": None, "file": files["packed_transport"]})
-  for name, path in tfl.items():
-    e = energy.estimate(path)
-    t1 = lat[args.threads[0]][name]
-    row = {"client_id": cid, "variant": name, "size_bytes": os.path.getsize(path),
-           "latency_ms_median": t1["median"], "latency_ms_p10": t1["p10"],
-           "latency_ms_p90": t1["p90"], "latency_threads": args.threads[0],
-           "latency_runtime": latency_runtime(),
-           "peak_memory_bytes": mem.get(name, {}).get("peak_memory_bytes"),
-           "xnnpack_applied": mem.get(name, {}).get("xnnpack_applied"),
-           **quality[name], "energy_mj_estimate": e["energy_mj_estimate"],
-           "energy_breakdown_estimate": e, "macs": e["macs_fp32"] + e["macs_int8"], "file": path}
-    if len(args.threads) > 1:
-      row["latency_ms_median_2threads"] = lat[args.threads[1]][name]["median"]
-      row["latency_2threads_p10_p90"] = [lat[args.threads[1]][name]["p10"],
-                                         lat[args.threads[1]][name]["p90"]]
-    rows.append(row)
+  return {"client_id": cid, "variant": "packed_transport",
+          "size_bytes": os.path.getsize(files["packed_transport"]),
+          "latency_ms_median": None, "peak_memory_bytes": None, "accuracy": keras_acc,
+          "energy_mj_estimate": None, "file": files["packed_transport"]}
+
+
+def _tflite_row(cid, name, path, args, quality, lat, mem) -> dict:
+  """The row of one ``.tflite`` variant: size (bytes), latency (ms), memory, quality, energy (mJ).
+
+  ``quality`` is this variant's ``_quality`` entry, ``lat`` and ``mem`` are ``_latencies`` and
+  ``_peak_memories`` of all variants.
+  """
+  e = energy.estimate(path)
+  t1 = lat[args.threads[0]][name]
+  row = {"client_id": cid, "variant": name, "size_bytes": os.path.getsize(path),
+         "latency_ms_median": t1["median"], "latency_ms_p10": t1["p10"],
+         "latency_ms_p90": t1["p90"], "latency_threads": args.threads[0],
+         "latency_runtime": latency_runtime(),
+         "peak_memory_bytes": mem.get(name, {}).get("peak_memory_bytes"),
+         "xnnpack_applied": mem.get(name, {}).get("xnnpack_applied"),
+         **quality, "energy_mj_estimate": e["energy_mj_estimate"],
+         "energy_breakdown_estimate": e, "macs": e["macs_fp32"] + e["macs_int8"], "file": path}
+  if len(args.threads) > 1:
+    row["latency_ms_median_2threads"] = lat[args.threads[1]][name]["median"]
+    row["latency_2threads_p10_p90"] = [lat[args.threads[1]][name]["p10"],
+                                       lat[args.threads[1]][name]["p90"]]
+  return row
+
+
+def _add_ratios_vs_dense(rows) -> None:
+  """Adds each row's description and its dense ÷ variant ratios (size, latency, energy)."""
   dense = next(r for r in rows if r["variant"] == "dense_float32")
   for r in rows:
     r["what"] = DESCRIPTIONS.get(r["variant"], "")
@@ -147,6 +182,11 @@ def evaluate_client(info, cid, args, baselines) -> list[dict]:
                                         / r["latency_ms_median_2threads"])
     if r.get("energy_mj_estimate"):
       r["energy_ratio_vs_dense_estimate"] = dense["energy_mj_estimate"] / r["energy_mj_estimate"]
+
+
+def _add_notes(rows, baselines, facts) -> None:
+  """Marks the default variant, flags untrained baselines, adds the BNN's packed storage size
+  and the compaction facts of the export manifest (``facts``)."""
   default = _choose_default(rows)
   for r in rows:
     r["default"] = r["variant"] == default
@@ -156,11 +196,37 @@ def evaluate_client(info, cid, args, baselines) -> list[dict]:
       r["packed_storage_bytes"] = os.path.getsize(baselines["files"]["bnn_packed_storage"])
       if not baselines["facts"].get("bnn_trained"):
         r["what"] += "; UNTRAINED weights: chance-level accuracy (pass --bnn_weights)"
-  facts = manifest["facts"]
   next(r for r in rows if r["variant"] == "compacted_float32")["compaction"] = facts["compaction"]
   if "structured_demo" in facts:
     next(r for r in rows if r["variant"] == "structured_demo_float32")["compaction"] = \
         facts["structured_demo"]["compaction"]
+
+
+def evaluate_client(info, cid, args, baselines) -> list[dict]:
+  """Exports client ``cid``'s variants and measures them and the baselines on its test data.
+
+  Returns one report row (a dict with the ``FIELDS`` and more) per variant: ``packed_transport``
+  first, then every ``.tflite`` variant of the client, then the baselines (``dense_float32``,
+  ``bnn``). Sizes in bytes, latencies in ms, energy estimates in mJ.
+  """
+  out_dir = os.path.join(export.export_dir(args.run_dir), cid)
+  masks = load_client_masks(info, cid)  # the state first: a missing/corrupt one fails fast
+  x, y = dataset_to_numpy(load_client_test_data(args.run_dir, cid), args.max_test_examples)
+  calib, _ = dataset_to_numpy(load_client_calibration_data(args.run_dir, cid),
+                              args.calibration_examples)
+  manifest = export.export_client(info, cid, out_dir, calibration=calib,
+                                  structured_fraction=args.structured_fraction, masks=masks)
+  files = dict(manifest["files"])
+  ref, demo_ref = _keras_references(info, files, out_dir, x, y)
+  tfl = _tflite_files(files, baselines)
+  quality = _quality(tfl, cid, x, y, ref, demo_ref)
+  lat = _latencies(tfl, cid, args, x)
+  mem = _peak_memories(tfl, cid, args)
+  rows = [_transport_row(cid, files, ref, y)]
+  for name, path in tfl.items():
+    rows.append(_tflite_row(cid, name, path, args, quality[name], lat, mem))
+  _add_ratios_vs_dense(rows)
+  _add_notes(rows, baselines, manifest["facts"])
   return rows
 
 

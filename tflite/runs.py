@@ -73,9 +73,7 @@ class Architecture:
 
   def build_dense(self) -> tf.keras.Model:
     """The dense (unmasked, trainable) model of the same architecture: the FedAvg baseline."""
-    builders = getattr(models, "DENSE_MODEL_BUILDERS",
-                       {"cnn": basic.build_reference_cnn, "mlp": basic.build_reference_mlp})
-    return builders[self.model](input_shape=self.input_shape, num_classes=self.num_classes,
+    return basic.DENSE_MODEL_BUILDERS[self.model](input_shape=self.input_shape, num_classes=self.num_classes,
                                 width=self.width, seed=self.seed)
 
 

@@ -20,7 +20,16 @@ def default_learning_rate(name: str) -> float:
 
 
 def build_algorithm(name: str, context, config):
-  """Builds algorithm ``name``; ``config`` is the runner's RunConfig (its algorithm flags are read)."""
+  """Builds algorithm ``name``; ``config`` is the runner's RunConfig (its algorithm flags are read).
+  The context's execution settings (``split_round``, ``dataset_computation``) are applied."""
+  algorithm = _build(name, context, config)
+  algorithm.split_round = bool(context.split_round)
+  if context.dataset_computation is not None:
+    algorithm.dataset_computation = context.dataset_computation(algorithm.dataset_repeats)
+  return algorithm
+
+
+def _build(name: str, context, config):
   if name in ("fedmask", "local_masks"):
     from fedmask_tff.algorithms.fedmask import process as fedmask_process
     from fedmask_tff.masks import vote_rules

@@ -70,6 +70,10 @@ class BuildContext:
     eval_element_spec: the same for test datasets.
     local_epochs, learning_rate, batch_size: the run's local-training settings.
     mask_mode, score_init: masked-model settings (FedMask).
+    split_round: run rounds as ``client_work`` then ``aggregate`` (several TFF workers).
+    dataset_computation: ``None``, or a function ``repeats -> TFF computation`` turning a
+      client's data source into its batched dataset inside the round's computation
+      (``--client_datasets=workers``, :mod:`fedmask_tff.data.client_files`).
   """
   input_shape: tuple
   num_classes: int
@@ -83,6 +87,8 @@ class BuildContext:
   batch_size: int
   mask_mode: str = "ste"
   score_init: float = 0.05
+  split_round: bool = False
+  dataset_computation: Optional[Callable[[int], Any]] = None
 
   def dense_model_fn(self) -> Callable[[], tf.keras.Model]:
     """The dense, trainable counterpart of the run's model (what FedAvg-style methods train)."""
@@ -111,15 +117,16 @@ class FederatedAlgorithm(abc.ABC):
 
   # True when ``process`` has ``client_work`` and ``aggregate`` (see the module docstring).
   round_in_two_steps: bool = False
-  # Set by the runner for ``--workers``: run rounds as ``client_work`` then ``aggregate``.
+  # From ``BuildContext.split_round`` (``--workers``): run rounds as ``client_work`` then
+  # ``aggregate``.
   split_round: bool = False
 
   def initialize(self):
     return self.process.initialize()
 
-  # Set by the runner for ``--client_datasets=workers``: a TFF computation
-  # ``source -> batched dataset`` (:mod:`fedmask_tff.data.client_files`); rounds then take
-  # sources instead of datasets and build each dataset inside the computation.
+  # From ``BuildContext.dataset_computation`` (``--client_datasets=workers``): a TFF computation
+  # ``source -> batched dataset``; rounds then take sources instead of datasets and build each
+  # dataset inside the computation.
   dataset_computation: Any = None
   # How often the dataset computation repeats a client's data (FedAvg: its local epochs).
   dataset_repeats: int = 1
@@ -193,4 +200,18 @@ class FederatedAlgorithm(abc.ABC):
 
   def evaluate_extra(self, server_state, test_datasets, client_states, train_datasets) -> dict:
     """Optional further evaluations ``{name: [per-client metrics]}`` (FedMask: after aggregation)."""
+    return {}
+
+  # --- What the algorithm adds to the run's records (the runner knows no algorithm by name) ---
+  def results_settings(self) -> dict:
+    """Settings written at the top level of ``results.json["config"]`` (besides
+    ``algorithm_settings``)."""
+    return {}
+
+  def round_extras(self, client_metrics: list) -> dict:
+    """Entries the algorithm adds to a round's row, from its clients' metrics."""
+    return {}
+
+  def final_extras(self, rounds: list) -> dict:
+    """Entries the algorithm adds to ``results.json["final"]``, from the round rows."""
     return {}

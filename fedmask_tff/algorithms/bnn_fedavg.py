@@ -102,7 +102,6 @@ rounds stale, and it would not change what the global (evaluated) model is.
 
 from __future__ import annotations
 
-import collections
 import math
 from typing import Callable, Optional
 
@@ -114,9 +113,9 @@ from fedmask_tff.models import binarized, costs
 from fedmask_tff.wire import bitpack, payloads
 from fedmask_tff.algorithms import evaluation
 from fedmask_tff import models
-from fedmask_tff.algorithms import local_training
+from fedmask_tff.algorithms import triad
 from fedmask_tff.algorithms.base import BuildContext, FederatedAlgorithm
-from fedmask_tff.wire.payloads import eval_dicts, tensor_bits
+from fedmask_tff.wire.payloads import eval_dicts
 
 # SGD step size on the latent weights. dL/dlatent = scale * dL/dw_eff, with
 # scale = sqrt(2 / fan_in) (0.03-0.5 in the CNN), so useful step sizes are far
@@ -161,6 +160,94 @@ def decode_signs(packed: tf.Tensor, num_elements: int) -> tf.Tensor:
   return 2.0 * bitpack.unpack_bits_tf(packed, num_elements) - 1.0
 
 
+def _check_training(learning_rate, local_epochs):
+  if int(local_epochs) < 1:
+    raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
+  if not (learning_rate > 0 and math.isfinite(learning_rate)):
+    raise ValueError(f"learning_rate must be a finite number > 0, got {learning_rate}")
+
+
+def _initial_latents(model_fn, restart_scale, restart_per_layer):
+  """``(initial, multipliers)``: the probe model's latent weights clipped to ``[-1, 1]``
+  (float32 arrays, model_weights order) and ``c_l`` per layer (module docstring, step 4).
+
+  Raises ValueError unless the model's only weights are binarized kernels."""
+  probe = model_fn()
+  weights = evaluation.model_weights(probe)
+  binary_vars = {id(l.kernel) for l in binarized.binary_layers(probe)}
+  if not weights or any(id(w) not in binary_vars for w in weights):
+    raise ValueError("BNN FedAvg needs a model whose only weights are binarized kernels")
+  initial = tuple(np.clip(np.asarray(w.numpy(), np.float32), -1.0, 1.0) for w in weights)
+  if restart_per_layer:
+    multipliers = tuple(float(restart_scale) * binarized.binary_scale(w.shape) for w in weights)
+  else:
+    multipliers = tuple(float(restart_scale) for _ in weights)
+  return initial, multipliers
+
+
+def _check_server_rule(server_rate, restart_scale, server_rule) -> tuple[float, str]:
+  """``(eta, rule)``: the server rate as a float and the rule, checked."""
+  eta = float(server_rate)
+  if not (eta > 0 and math.isfinite(eta)) or not (restart_scale > 0 and math.isfinite(restart_scale)):
+    raise ValueError(f"server_rate and restart_scale must be finite numbers > 0, got "
+                     f"{server_rate}, {restart_scale}")
+  rule = str(server_rule)
+  if rule not in SERVER_RULES:
+    raise ValueError(f"server_rule must be one of {SERVER_RULES}, got {rule!r}")
+  return eta, rule
+
+
+def _client_update_computation(model_fn, data_type, w_type, lr: float, epochs: int):
+  """``client_update(dataset, latent) -> (upload uint8[ceil(n / 8)], metrics)`` (steps 2-3)."""
+  @tff.tensorflow.computation(data_type, w_type)
+  def client_update(dataset, latent):
+    trained, loss_sum, examples = triad.local_sgd(model_fn, latent, dataset, epochs, lr,
+                                                  post_step=binarized.clip_latent)
+    flat = payloads.flatten(trained)
+    # A client whose training diverged (non-finite loss or latent weights) sends zero bytes
+    # of the usual size (bits still counted from the tensor) with weight 0.
+    diverged = tf.logical_not(tf.logical_and(tf.math.is_finite(loss_sum),
+                                             tf.reduce_all(tf.math.is_finite(flat))))
+    upload = bitpack.pack_bits_tf(binarized.sign_bits(flat))
+    upload = tf.where(diverged, tf.zeros_like(upload), upload)
+    return upload, triad.client_metrics(loss_sum, examples, diverged, upload, latent)
+  return client_update
+
+
+def _check_and_decode(upload, examples, num_elements: int, shapes):
+  """``(weighted signs, weight, valid)``: an upload is valid when it has exactly
+  ``ceil(n / 8)`` bytes, its padding bits are 0 and the example count is finite and >= 0;
+  an invalid one adds nothing (zeros, weight 0). ``weighted`` is the client's +-1 signs times
+  its example count (summed, then divided by the total), in ``shapes``; ``valid`` int32 0/1."""
+  packed_bytes = bitpack.packed_size_bytes(num_elements)
+  size_ok = tf.equal(tf.size(upload), packed_bytes)
+  bits = tf.cond(size_ok, lambda: bitpack.unpack_bits_tf(upload, packed_bytes * 8),
+                 lambda: tf.zeros([packed_bytes * 8]))
+  valid = tf.reduce_all(tf.stack([
+      size_ok, tf.equal(tf.reduce_sum(bits[num_elements:]), 0.0),
+      tf.math.is_finite(examples), examples >= 0.0]))
+  weight = tf.where(valid, examples, 0.0)
+  signs = 2.0 * bits[:num_elements] - 1.0
+  return payloads.unflatten(signs * weight, shapes), weight, tf.cast(valid, tf.int32)
+
+
+def _server_update_computation(w_type, multipliers, eta: float, rule: str):
+  """``server_update(latent, weighted_sum, total_examples)``: the server rule (module
+  docstring, step 4) per layer with ``c_l`` = ``multipliers``; unchanged if total is 0."""
+  @tff.tensorflow.computation(w_type, w_type, tff.TensorType(np.float32))
+  def server_update(latent, weighted_sum, total_examples):
+    out = []
+    for w, s, c in zip(latent, weighted_sum, multipliers):
+      mean = s / tf.maximum(total_examples, 1e-30)
+      if rule == "delta":
+        new = tf.clip_by_value(w + eta * c * (mean - binarized.binarize(w)), -1.0, 1.0)
+      else:
+        new = tf.clip_by_value(w + eta * (c * mean - w), -1.0, 1.0)
+      out.append(tf.where(total_examples > 0, new, w))
+    return tuple(out)
+  return server_update
+
+
 def build_bnn_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
                       learning_rate: float = DEFAULT_LEARNING_RATE, local_epochs: int = 1,
                       restart_scale: float = DEFAULT_RESTART_SCALE,
@@ -180,133 +267,29 @@ def build_bnn_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
       rule (module docstring, step 4).
     eval_element_spec: element spec of the test datasets (default: the same).
   """
-  if int(local_epochs) < 1:
-    raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
-  if not (learning_rate > 0 and math.isfinite(learning_rate)):
-    raise ValueError(f"learning_rate must be a finite number > 0, got {learning_rate}")
-  probe = model_fn()
-  weights = evaluation.model_weights(probe)
-  binary_vars = {id(l.kernel) for l in binarized.binary_layers(probe)}
-  if not weights or any(id(w) not in binary_vars for w in weights):
-    raise ValueError("BNN FedAvg needs a model whose only weights are binarized kernels")
-  initial = tuple(np.clip(np.asarray(w.numpy(), np.float32), -1.0, 1.0) for w in weights)
-  if restart_per_layer:
-    multipliers = tuple(float(restart_scale) * binarized.binary_scale(w.shape) for w in weights)
-  else:
-    multipliers = tuple(float(restart_scale) for _ in weights)
-  eta = float(server_rate)
-  if not (eta > 0 and math.isfinite(eta)) or not (restart_scale > 0 and math.isfinite(restart_scale)):
-    raise ValueError(f"server_rate and restart_scale must be finite numbers > 0, got "
-                     f"{server_rate}, {restart_scale}")
-  rule = str(server_rule)
-  if rule not in SERVER_RULES:
-    raise ValueError(f"server_rule must be one of {SERVER_RULES}, got {rule!r}")
-  del probe, weights
+  _check_training(learning_rate, local_epochs)
+  initial, multipliers = _initial_latents(model_fn, restart_scale, restart_per_layer)
+  eta, rule = _check_server_rule(server_rate, restart_scale, server_rule)
   shapes = [tuple(w.shape) for w in initial]
   num_elements = int(sum(int(np.prod(s)) for s in shapes))
-  packed_bytes = bitpack.packed_size_bytes(num_elements)
-  lr, epochs = float(learning_rate), int(local_epochs)
 
   w_type = evaluation.weights_type(model_fn)
   data_type = tff.SequenceType(tff.types.tensorflow_to_type(element_spec))
   # Variable length: the server checks the size of what arrives (a malformed upload is dropped).
   upload_type = tff.TensorType(np.uint8, [None])
-
-  @tff.tensorflow.computation(data_type, w_type)
-  def client_update(dataset, latent):
-    model = model_fn()
-    variables = evaluation.model_weights(model)
-    with tf.control_dependencies(evaluation.assign_weights(model, latent)):
-      loss_sum, examples = local_training.sgd_epochs(
-          model, model.trainable_variables, dataset, epochs, lr, post_step=binarized.clip_latent)
-    with tf.control_dependencies([loss_sum, examples]):
-      trained = tuple(tf.identity(v) for v in variables)
-    flat = payloads.flatten(trained)
-    # A client whose training diverged (non-finite loss or latent weights) sends zero bytes
-    # of the usual size (bits still counted from the tensor) with weight 0.
-    diverged = tf.logical_not(tf.logical_and(tf.math.is_finite(loss_sum),
-                                             tf.reduce_all(tf.math.is_finite(flat))))
-    upload = bitpack.pack_bits_tf(binarized.sign_bits(flat))
-    upload = tf.where(diverged, tf.zeros_like(upload), upload)
-    metrics = collections.OrderedDict(
-        loss_sum=tf.where(diverged, 0.0, loss_sum), examples=tf.where(diverged, 0.0, examples),
-        uplink_bits=tensor_bits(upload), downlink_bits=tensor_bits(latent),
-        diverged=tf.cast(diverged, tf.int32), trained_examples=examples)
-    return upload, metrics
-
-  def check_and_decode(upload, examples):
-    """``(weighted signs, weight, valid)``: an upload is valid when it has exactly
-    ``ceil(n / 8)`` bytes, its padding bits are 0 and the example count is finite and >= 0;
-    an invalid one adds nothing (zeros, weight 0)."""
-    size_ok = tf.equal(tf.size(upload), packed_bytes)
-    bits = tf.cond(size_ok, lambda: bitpack.unpack_bits_tf(upload, packed_bytes * 8),
-                   lambda: tf.zeros([packed_bytes * 8]))
-    valid = tf.reduce_all(tf.stack([
-        size_ok, tf.equal(tf.reduce_sum(bits[num_elements:]), 0.0),
-        tf.math.is_finite(examples), examples >= 0.0]))
-    weight = tf.where(valid, examples, 0.0)
-    signs = 2.0 * bits[:num_elements] - 1.0
-    return payloads.unflatten(signs * weight, shapes), weight, tf.cast(valid, tf.int32)
-
-  @tff.tensorflow.computation(upload_type, tff.TensorType(np.float32))
-  def decode_upload(upload, examples):
-    """The client's +-1 signs times its example count (summed, then divided by the total);
-    an invalid upload (see ``check_and_decode``) gives zeros and weight 0."""
-    weighted, weight, _ = check_and_decode(upload, examples)
-    return weighted, weight
-
-  @tff.tensorflow.computation(upload_type, tff.TensorType(np.float32))
-  def decode_and_validate(upload, examples):
-    """``decode_upload`` plus ``valid`` (int32 0/1)."""
-    return check_and_decode(upload, examples)
-
-  @tff.tensorflow.computation(w_type, w_type, tff.TensorType(np.float32))
-  def server_update(latent, weighted_sum, total_examples):
-    out = []
-    for w, s, c in zip(latent, weighted_sum, multipliers):
-      mean = s / tf.maximum(total_examples, 1e-30)
-      if rule == "delta":
-        new = tf.clip_by_value(w + eta * c * (mean - binarized.binarize(w)), -1.0, 1.0)
-      else:
-        new = tf.clip_by_value(w + eta * (c * mean - w), -1.0, 1.0)
-      out.append(tf.where(total_examples > 0, new, w))
-    return tuple(out)
-
-  @tff.tensorflow.computation()
-  def initial_weights():
-    return tuple(tf.constant(w) for w in initial)
-
-  @tff.federated_computation()
-  def initialize_fn():
-    return tff.federated_eval(initial_weights, tff.SERVER)
-
-  metrics_type = client_update.type_signature.result[1]
-  with_upload_valid = payloads.with_upload_valid(metrics_type)
-  server_type = tff.FederatedType(w_type, tff.SERVER)
-  clients_data_type = tff.FederatedType(data_type, tff.CLIENTS)
-
+  client_update = _client_update_computation(model_fn, data_type, w_type, float(learning_rate),
+                                             int(local_epochs))
+  decode_upload, decode_and_validate = triad.build_decoders(
+      lambda upload, examples: _check_and_decode(upload, examples, num_elements, shapes),
+      upload_type)
+  server_update = _server_update_computation(w_type, multipliers, eta, rule)
   # A round is two federated computations (see fedmask_tff.algorithms.base, "Several TFF
-  # workers"): `client_work_fn` (broadcast and local training, no aggregation) and
-  # `aggregate_fn` (decoding, the sums, the server update); `next_fn` is their composition.
-  @tff.federated_computation(server_type, clients_data_type)
-  def client_work_fn(server_state, client_data):
-    upload, metrics = tff.federated_map(
-        client_update, (client_data, tff.federated_broadcast(server_state)))
-    return upload, metrics
+  # workers"): `client_work` (broadcast and local training, no aggregation) and `aggregate`
+  # (decoding, the sums, the server update); `next` is their composition.
+  round_ = triad.build_upload_round(client_update, decode_and_validate, server_update, w_type,
+                                    data_type)
 
-  @tff.federated_computation(server_type, *(tff.FederatedType(t, tff.CLIENTS)
-                                            for t in client_update.type_signature.result))
-  def aggregate_fn(server_state, upload, metrics):
-    weighted, examples, valid = tff.federated_map(decode_and_validate, (upload, metrics.examples))
-    new_state = tff.federated_map(
-        server_update, (server_state, tff.federated_sum(weighted), tff.federated_sum(examples)))
-    return new_state, tff.federated_map(with_upload_valid, (metrics, valid))
-
-  @tff.federated_computation(server_type, clients_data_type)
-  def next_fn(server_state, client_data):
-    return aggregate_fn(server_state, *client_work_fn(server_state, client_data))
-
-  process = BnnProcess(initialize_fn, next_fn)
+  process = BnnProcess(triad.build_initialize(initial), round_.next)
   process.num_elements = num_elements
   process.shapes = shapes
   process.weights_type = w_type
@@ -314,8 +297,8 @@ def build_bnn_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
   process.decode_upload = decode_upload
   process.decode_and_validate = decode_and_validate
   process.server_update = server_update
-  process.client_work = client_work_fn
-  process.aggregate = aggregate_fn
+  process.client_work = round_.client_work
+  process.aggregate = round_.aggregate
   process.restart_multipliers = multipliers
   process.server_rate = eta
   process.server_rule = rule
@@ -347,15 +330,7 @@ class BnnFedAvg(FederatedAlgorithm):
 
   def next(self, server_state, train_datasets: list, client_states: Optional[list]):
     server_state, metrics = self.run_round(server_state, list(train_datasets))
-    out = []
-    for m in metrics:
-      examples = float(m["examples"])
-      trained = float(m["trained_examples"])  # processed, even by a client that diverged
-      out.append(dict(loss_sum=float(m["loss_sum"]), examples=examples,
-                      uplink_bits=int(m["uplink_bits"]), downlink_bits=int(m["downlink_bits"]),
-                      train_flops=int(costs.train_flops(self._weight_costs, int(round(trained)))),
-                      diverged=int(m["diverged"]), upload_valid=int(m["upload_valid"])))
-    return server_state, None, out
+    return server_state, None, triad.metrics_dicts(metrics, self._weight_costs)
 
   def evaluate(self, server_state, test_datasets: list, client_states: Optional[list],
                train_datasets: list) -> list[dict]:

@@ -45,7 +45,6 @@ and fc2 global, the two convolutions local).
 
 from __future__ import annotations
 
-import collections
 from typing import Callable, Optional
 
 import numpy as np
@@ -54,6 +53,7 @@ import tensorflow_federated as tff
 
 from fedmask_tff.models import costs
 from fedmask_tff.wire import payloads
+from fedmask_tff.algorithms import triad
 from fedmask_tff.algorithms.base import BuildContext, FederatedAlgorithm
 from fedmask_tff.algorithms.local_training import sgd_epochs
 from fedmask_tff.algorithms.evaluation import dataset_metrics
@@ -115,6 +115,91 @@ class LGFedAvgProcess(tff.templates.IterativeProcess):
   """
 
 
+def _load(model_fn, global_layers: int, global_w, local_w):
+  """A fresh ``model_fn()`` and ops loading ``local_w`` / ``global_w`` (tuples of tensors,
+  :func:`split_layers` order) into it: ``(model, local_vars, global_vars, assigns)``."""
+  model = model_fn()
+  lv, gv = split_layers(model, global_layers)
+  assigns = [v.assign(w) for v, w in zip(lv, local_w)] + [v.assign(w) for v, w in zip(gv, global_w)]
+  return model, lv, gv, assigns
+
+
+def _client_round(model_fn, global_layers: int, epochs: int, lr: float, dataset, global_w,
+                  local_w):
+  """One client's round: ``(new_local, weighted, weight, metrics)``.
+
+  Trains all layers from ``local_w`` and ``global_w`` for ``epochs`` epochs of SGD; ``weighted``
+  is the trained global layers times ``weight`` (the examples trained on, float32), the upload;
+  ``metrics``: :func:`triad.client_metrics`.
+  """
+  global_w, local_w = tuple(global_w), tuple(local_w)
+  model, lv, gv, assigns = _load(model_fn, global_layers, global_w, local_w)
+  with tf.control_dependencies(assigns):
+    loss_sum, examples = sgd_epochs(model, model.trainable_weights, dataset, epochs, lr)
+  with tf.control_dependencies([loss_sum, examples]):
+    new_local = tuple(tf.identity(v) for v in lv)
+    new_global = tuple(tf.identity(v) for v in gv)
+  # A client whose training diverged (non-finite loss or weights) keeps its previous local
+  # layers and uploads zeros (same shapes) with weight 0.
+  diverged = tf.logical_not(tf.reduce_all(tf.stack(
+      [tf.math.is_finite(loss_sum)]
+      + [tf.reduce_all(tf.math.is_finite(w)) for w in new_local + new_global])))
+  new_local = tuple(tf.where(diverged, old, new) for old, new in zip(local_w, new_local))
+  metrics = triad.client_metrics(loss_sum, examples, diverged, new_global, global_w)
+  weight = metrics["examples"]
+  weighted = tuple(tf.where(diverged, tf.zeros_like(w), w * weight) for w in new_global)
+  return new_local, weighted, weight, metrics
+
+
+def _client_computations(model_fn, global_layers: int, epochs: int, lr: float, data_type,
+                         eval_data_type, global_type, local_type):
+  """``(client_update, evaluate_client)``, TF computations.
+
+  ``client_update(dataset, global_w, local_w) -> (new_local, weighted, examples, metrics)``
+  (:func:`_client_round`); ``evaluate_client(dataset, global_w, local_w) ->
+  OrderedDict(correct, examples, loss_sum)`` of the client's model on its test data.
+  """
+  @tff.tensorflow.computation(data_type, global_type, local_type)
+  def client_update(dataset, global_w, local_w):
+    return _client_round(model_fn, global_layers, epochs, lr, dataset, global_w, local_w)
+
+  @tff.tensorflow.computation(eval_data_type, global_type, local_type)
+  def evaluate_client(dataset, global_w, local_w):
+    model, _, _, assigns = _load(model_fn, global_layers, tuple(global_w), tuple(local_w))
+    with tf.control_dependencies(assigns):
+      return tf.function(lambda d: dataset_metrics(model, d))(dataset)
+
+  return client_update, evaluate_client
+
+
+def _build_round(client_update, decode_upload, server_update, global_type, local_type,
+                 data_type) -> triad.Round:
+  """The round's computations (:func:`triad.build_round`): the aggregation is
+  :func:`triad.weighted_mean_step` of the uploads; the new local layers pass through it."""
+  mean_step = triad.weighted_mean_step(decode_upload, server_update,
+                                       client_update.type_signature.result[3])
+
+  def aggregate(global_w, new_local, weighted, examples, metrics):
+    new_global, metrics = mean_step(global_w, weighted, examples, metrics)
+    return new_global, new_local, metrics
+
+  parameters = [("global_w", tff.FederatedType(global_type, tff.SERVER)),
+                ("data", tff.FederatedType(data_type, tff.CLIENTS)),
+                ("local_w", tff.FederatedType(local_type, tff.CLIENTS))]
+  return triad.build_round(client_update, parameters, aggregate,
+                           ("global_w", "new_local", "weighted", "examples", "metrics"))
+
+
+def _evaluate_computation(evaluate_client, global_type, local_type, eval_data_type):
+  """``evaluate(global@SERVER, local@CLIENTS, test@CLIENTS) -> metrics@CLIENTS``."""
+  @tff.federated_computation(tff.FederatedType(global_type, tff.SERVER),
+                             tff.FederatedType(local_type, tff.CLIENTS),
+                             tff.FederatedType(eval_data_type, tff.CLIENTS))
+  def evaluate_fn(global_w, local_w, data):
+    return tff.federated_map(evaluate_client, (data, tff.federated_broadcast(global_w), local_w))
+  return evaluate_fn
+
+
 def build_lg_fedavg_process(model_fn: Callable[[], tf.keras.Model], element_spec,
                             eval_element_spec=None, *, global_layers: int = DEFAULT_GLOBAL_LAYERS,
                             local_epochs: int = 1,
@@ -141,105 +226,22 @@ def build_lg_fedavg_process(model_fn: Callable[[], tf.keras.Model], element_spec
   del probe
   data_type = tff.SequenceType(tff.types.tensorflow_to_type(element_spec))
   eval_data_type = tff.SequenceType(tff.types.tensorflow_to_type(eval_element_spec or element_spec))
-  lr, epochs = float(learning_rate), int(local_epochs)
 
-  def load(global_w, local_w):
-    model = model_fn()
-    lv, gv = split_layers(model, global_layers)
-    assigns = [v.assign(w) for v, w in zip(lv, local_w)] + [v.assign(w) for v, w in zip(gv, global_w)]
-    return model, lv, gv, assigns
-
-  @tff.tensorflow.computation(data_type, global_type, local_type)
-  def client_update(dataset, global_w, local_w):
-    global_w, local_w = tuple(global_w), tuple(local_w)
-    model, lv, gv, assigns = load(global_w, local_w)
-    with tf.control_dependencies(assigns):
-      loss_sum, examples = sgd_epochs(model, model.trainable_weights, dataset, epochs, lr)
-    with tf.control_dependencies([loss_sum, examples]):
-      new_local = tuple(tf.identity(v) for v in lv)
-      new_global = tuple(tf.identity(v) for v in gv)
-    # A client whose training diverged (non-finite loss or weights) keeps its previous local
-    # layers and uploads zeros (same shapes) with weight 0.
-    diverged = tf.logical_not(tf.reduce_all(tf.stack(
-        [tf.math.is_finite(loss_sum)]
-        + [tf.reduce_all(tf.math.is_finite(w)) for w in new_local + new_global])))
-    new_local = tuple(tf.where(diverged, old, new) for old, new in zip(local_w, new_local))
-    weight = tf.where(diverged, 0.0, examples)
-    metrics = collections.OrderedDict(
-        loss_sum=tf.where(diverged, 0.0, loss_sum), examples=weight,
-        uplink_bits=payloads.tensor_bits(new_global), downlink_bits=payloads.tensor_bits(global_w),
-        diverged=tf.cast(diverged, tf.int32), trained_examples=examples)
-    weighted = tuple(tf.where(diverged, tf.zeros_like(w), w * weight) for w in new_global)
-    return new_local, weighted, weight, metrics
-
-  @tff.tensorflow.computation(eval_data_type, global_type, local_type)
-  def evaluate_client(dataset, global_w, local_w):
-    model, _, _, assigns = load(tuple(global_w), tuple(local_w))
-    with tf.control_dependencies(assigns):
-      return tf.function(lambda d: dataset_metrics(model, d))(dataset)
-
-  @tff.tensorflow.computation
-  def initial_global():
-    return tuple(tf.constant(w) for w in init_global)
-
-  @tff.tensorflow.computation(global_type, tff.TensorType(np.float32), global_type)
-  def server_update(sums, total, old):
-    return tuple(tf.cond(total > 0, lambda s=s: s / total, lambda o=o: tf.identity(o))
-                 for s, o in zip(sums, old))
-
-  @tff.tensorflow.computation(global_type, tff.TensorType(np.float32))
-  def decode_upload(weighted, examples):
-    """Server-side check of one upload: ``(weighted, examples) -> (weighted, examples, valid)``;
-    valid when every value and the example count are finite (count >= 0), else zeros, weight 0."""
-    weighted = tuple(weighted)
-    valid = tf.reduce_all(tf.stack(
-        [tf.math.is_finite(examples), examples >= 0.0]
-        + [tf.reduce_all(tf.math.is_finite(w)) for w in weighted]))
-    return (tuple(tf.where(valid, w, tf.zeros_like(w)) for w in weighted),
-            tf.where(valid, examples, 0.0), tf.cast(valid, tf.int32))
-
-  metrics_type = client_update.type_signature.result[3]
-  with_upload_valid = payloads.with_upload_valid(metrics_type)
-
-  @tff.federated_computation()
-  def initialize_fn():
-    return tff.federated_eval(initial_global, tff.SERVER)
-
-  server_type = tff.FederatedType(global_type, tff.SERVER)
-
-  client_args_types = (tff.FederatedType(data_type, tff.CLIENTS),
-                       tff.FederatedType(local_type, tff.CLIENTS))
-
+  client_update, evaluate_client = _client_computations(
+      model_fn, global_layers, int(local_epochs), float(learning_rate), data_type,
+      eval_data_type, global_type, local_type)
+  decode_upload, server_update = triad.build_checked_mean(global_type)
   # A round is two federated computations (see fedmask_tff.algorithms.base, "Several TFF
-  # workers"): `client_work_fn` (broadcast and local training, no aggregation) and
-  # `aggregate_fn` (checks, the sums, the server update); `next_fn` is their composition.
-  @tff.federated_computation(server_type, *client_args_types)
-  def client_work_fn(global_w, data, local_w):
-    new_local, weighted, examples, metrics = tff.federated_map(
-        client_update, (data, tff.federated_broadcast(global_w), local_w))
-    return new_local, weighted, examples, metrics
+  # workers"): `client_work` (broadcast and local training, no aggregation) and `aggregate`
+  # (checks, the sums, the server update); `next` is their composition.
+  round_ = _build_round(client_update, decode_upload, server_update, global_type, local_type,
+                        data_type)
 
-  @tff.federated_computation(server_type, *(tff.FederatedType(t, tff.CLIENTS)
-                                            for t in client_update.type_signature.result))
-  def aggregate_fn(global_w, new_local, weighted, examples, metrics):
-    weighted, examples, valid = tff.federated_map(decode_upload, (weighted, examples))
-    new_global = tff.federated_map(
-        server_update, (tff.federated_sum(weighted), tff.federated_sum(examples), global_w))
-    return new_global, new_local, tff.federated_map(with_upload_valid, (metrics, valid))
-
-  @tff.federated_computation(server_type, *client_args_types)
-  def next_fn(global_w, data, local_w):
-    return aggregate_fn(global_w, *client_work_fn(global_w, data, local_w))
-
-  @tff.federated_computation(server_type, tff.FederatedType(local_type, tff.CLIENTS),
-                             tff.FederatedType(eval_data_type, tff.CLIENTS))
-  def evaluate_fn(global_w, local_w, data):
-    return tff.federated_map(evaluate_client, (data, tff.federated_broadcast(global_w), local_w))
-
-  process = LGFedAvgProcess(initialize_fn, next_fn)
-  process.evaluate = evaluate_fn
-  process.client_work = client_work_fn
-  process.aggregate = aggregate_fn
+  process = LGFedAvgProcess(triad.build_initialize(init_global), round_.next)
+  process.evaluate = _evaluate_computation(evaluate_client, global_type, local_type,
+                                           eval_data_type)
+  process.client_work = round_.client_work
+  process.aggregate = round_.aggregate
   process.client_update = client_update
   process.decode_upload = decode_upload
   process.evaluate_client = evaluate_client

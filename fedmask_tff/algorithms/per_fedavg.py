@@ -63,6 +63,7 @@ FO 0.871 (0.395), HF 0.878 (0.578).
 from __future__ import annotations
 
 import collections
+import dataclasses
 from typing import Callable, Sequence
 
 import numpy as np
@@ -71,6 +72,7 @@ import tensorflow_federated as tff
 
 from fedmask_tff.models import costs
 from fedmask_tff.wire import payloads
+from fedmask_tff.algorithms import triad
 from fedmask_tff.algorithms.base import BuildContext, FederatedAlgorithm
 from fedmask_tff.algorithms.evaluation import assign_weights, dataset_metrics, loss_fn, model_weights
 
@@ -203,6 +205,115 @@ class PerFedAvgProcess(tff.templates.IterativeProcess):
   """
 
 
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+  """Per-FedAvg's settings as the TF computations use them (``local_epochs`` and
+  ``adapt_steps`` as given; the step sizes as floats)."""
+  variant: str
+  alpha: float
+  beta: float
+  hf_delta: float
+  local_epochs: int
+  adapt_steps: int
+
+  @property
+  def k(self) -> int:
+    """Batches per local step (:data:`BATCHES_PER_STEP`)."""
+    return BATCHES_PER_STEP[self.variant]
+
+
+def _meta_training(model, variables, s: _Settings):
+  """A ``tf.function`` ``(dataset, start) -> (new_weights, loss_sum, examples, passes)``:
+  ``s.local_epochs`` passes of :func:`per_fedavg_step` over consecutive groups of ``s.k``
+  batches (:func:`group_batches`), from the trainable weights ``start``; the sums are float32."""
+  k = s.k
+
+  @tf.function
+  def train(dataset, start):
+    groups = group_batches(dataset, k)
+
+    def step(acc, group):
+      w, loss_sum, examples, passes = acc
+      new_w, l, n, p = per_fedavg_step(model, variables, w, split_group(group, k), s.alpha,
+                                       s.beta, s.variant, s.hf_delta)
+      return tuple(new_w), loss_sum + l, examples + n, passes + p
+
+    acc = (tuple(start), tf.constant(0.0), tf.constant(0.0), tf.constant(0.0))
+    for _ in tf.range(s.local_epochs):
+      acc = groups.reduce(acc, step)
+    return acc
+
+  return train
+
+
+def _client_round(model_fn, s: _Settings, n_train: int, dataset, weights):
+  """One client's round: ``(weighted, examples, metrics)``.
+
+  ``weights``: the broadcast model (model_weights order; the first ``n_train`` trainable).
+  ``weighted`` is the new model times ``examples`` (float32: examples of ``D`` and ``D'``
+  processed), the upload; ``metrics``: ``OrderedDict(loss_sum, examples, example_passes,
+  uplink_bits, downlink_bits, diverged)``.
+  """
+  weights = tuple(weights)
+  model = model_fn()
+  fixed = [v.assign(w) for v, w in zip(model.non_trainable_weights, weights[n_train:])]
+  train = _meta_training(model, model.trainable_weights, s)
+  with tf.control_dependencies(fixed):
+    new_w, loss_sum, examples, passes = train(dataset, weights[:n_train])
+  new_weights = tuple(new_w) + tuple(weights[n_train:])
+  # A client whose training diverged (non-finite loss or weights) uploads zeros with
+  # weight 0 (``example_passes`` still counts the work it did).
+  diverged = tf.logical_not(tf.reduce_all(tf.stack(
+      [tf.math.is_finite(loss_sum)]
+      + [tf.reduce_all(tf.math.is_finite(w)) for w in new_weights])))
+  examples = tf.where(diverged, 0.0, examples)
+  metrics = collections.OrderedDict(
+      loss_sum=tf.where(diverged, 0.0, loss_sum), examples=examples, example_passes=passes,
+      uplink_bits=payloads.tensor_bits(new_weights), downlink_bits=payloads.tensor_bits(weights),
+      diverged=tf.cast(diverged, tf.int32))
+  weighted = tuple(tf.where(diverged, tf.zeros_like(w), w * examples) for w in new_weights)
+  return weighted, examples, metrics
+
+
+def _evaluation_computations(model_fn, s: _Settings, eval_data_type, data_type, w_type):
+  """``(adapt_and_evaluate_client, evaluate_client)``, TF computations returning
+  ``OrderedDict(correct, examples, loss_sum)`` on the test data, after ``s.adapt_steps`` SGD
+  steps of size ``s.alpha`` on the training data (the first) or without adaptation."""
+  @tff.tensorflow.computation(eval_data_type, data_type, w_type)
+  def adapt_and_evaluate_client(test_data, train_data, weights):
+    model = model_fn()
+    with tf.control_dependencies(assign_weights(model, weights)):
+      adapted = tf.function(lambda d: sgd_adapt(model, model.trainable_weights, d, s.adapt_steps,
+                                                s.alpha))(train_data)
+    with tf.control_dependencies([adapted]):
+      return tf.function(lambda d: dataset_metrics(model, d))(test_data)
+
+  @tff.tensorflow.computation(eval_data_type, w_type)
+  def evaluate_client(test_data, weights):
+    model = model_fn()
+    with tf.control_dependencies(assign_weights(model, weights)):
+      return tf.function(lambda d: dataset_metrics(model, d))(test_data)
+
+  return adapt_and_evaluate_client, evaluate_client
+
+
+def _federated_evaluations(adapt_and_evaluate_client, evaluate_client, server_type,
+                           eval_data_type, data_type):
+  """``(adapt_and_evaluate, evaluate_global)``: the two client evaluations with the broadcast
+  global model, ``(weights@SERVER, test@CLIENTS[, train@CLIENTS]) -> metrics@CLIENTS``."""
+  @tff.federated_computation(server_type, tff.FederatedType(eval_data_type, tff.CLIENTS),
+                             tff.FederatedType(data_type, tff.CLIENTS))
+  def adapt_and_evaluate(weights, test_data, train_data):
+    return tff.federated_map(adapt_and_evaluate_client,
+                             (test_data, train_data, tff.federated_broadcast(weights)))
+
+  @tff.federated_computation(server_type, tff.FederatedType(eval_data_type, tff.CLIENTS))
+  def evaluate_global(weights, test_data):
+    return tff.federated_map(evaluate_client, (test_data, tff.federated_broadcast(weights)))
+
+  return adapt_and_evaluate, evaluate_global
+
+
 def build_per_fedavg_process(model_fn: Callable[[], tf.keras.Model], element_spec,
                              eval_element_spec=None, *, variant: str = "fo",
                              alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA,
@@ -221,7 +332,8 @@ def build_per_fedavg_process(model_fn: Callable[[], tf.keras.Model], element_spe
     adapt_steps: SGD steps of size ``alpha`` before evaluation (0: none).
   """
   _validate(variant, alpha, beta, hf_delta, local_epochs, adapt_steps)
-  k = BATCHES_PER_STEP[variant]
+  s = _Settings(variant=variant, alpha=float(alpha), beta=float(beta), hf_delta=float(hf_delta),
+                local_epochs=local_epochs, adapt_steps=adapt_steps)
   probe = model_fn()
   init = tuple(np.asarray(v.numpy()) for v in model_weights(probe))
   n_train = len(probe.trainable_weights)
@@ -229,108 +341,33 @@ def build_per_fedavg_process(model_fn: Callable[[], tf.keras.Model], element_spe
   w_type = tff.types.to_type(tuple(tff.TensorType(w.dtype, w.shape) for w in init))
   data_type = tff.SequenceType(tff.types.tensorflow_to_type(element_spec))
   eval_data_type = tff.SequenceType(tff.types.tensorflow_to_type(eval_element_spec or element_spec))
-  alpha, beta, hf_delta = float(alpha), float(beta), float(hf_delta)
+  server_type = tff.FederatedType(w_type, tff.SERVER)
 
   @tff.tensorflow.computation(data_type, w_type)
   def client_update(dataset, weights):
-    weights = tuple(weights)
-    model = model_fn()
-    variables = model.trainable_weights
-    fixed = [v.assign(w) for v, w in zip(model.non_trainable_weights, weights[n_train:])]
+    return _client_round(model_fn, s, n_train, dataset, weights)
 
-    @tf.function
-    def train(dataset, start):
-      groups = group_batches(dataset, k)
-
-      def step(acc, group):
-        w, loss_sum, examples, passes = acc
-        new_w, l, n, p = per_fedavg_step(model, variables, w, split_group(group, k), alpha, beta,
-                                         variant, hf_delta)
-        return tuple(new_w), loss_sum + l, examples + n, passes + p
-
-      acc = (tuple(start), tf.constant(0.0), tf.constant(0.0), tf.constant(0.0))
-      for _ in tf.range(local_epochs):
-        acc = groups.reduce(acc, step)
-      return acc
-
-    with tf.control_dependencies(fixed):
-      new_w, loss_sum, examples, passes = train(dataset, weights[:n_train])
-    new_weights = tuple(new_w) + tuple(weights[n_train:])
-    # A client whose training diverged (non-finite loss or weights) uploads zeros with
-    # weight 0 (``example_passes`` still counts the work it did).
-    diverged = tf.logical_not(tf.reduce_all(tf.stack(
-        [tf.math.is_finite(loss_sum)]
-        + [tf.reduce_all(tf.math.is_finite(w)) for w in new_weights])))
-    examples = tf.where(diverged, 0.0, examples)
-    metrics = collections.OrderedDict(
-        loss_sum=tf.where(diverged, 0.0, loss_sum), examples=examples, example_passes=passes,
-        uplink_bits=payloads.tensor_bits(new_weights), downlink_bits=payloads.tensor_bits(weights),
-        diverged=tf.cast(diverged, tf.int32))
-    weighted = tuple(tf.where(diverged, tf.zeros_like(w), w * examples) for w in new_weights)
-    return weighted, examples, metrics
-
-  @tff.tensorflow.computation(eval_data_type, data_type, w_type)
-  def adapt_and_evaluate_client(test_data, train_data, weights):
-    model = model_fn()
-    with tf.control_dependencies(assign_weights(model, weights)):
-      adapted = tf.function(lambda d: sgd_adapt(model, model.trainable_weights, d, adapt_steps,
-                                                alpha))(train_data)
-    with tf.control_dependencies([adapted]):
-      return tf.function(lambda d: dataset_metrics(model, d))(test_data)
-
-  @tff.tensorflow.computation(eval_data_type, w_type)
-  def evaluate_client(test_data, weights):
-    model = model_fn()
-    with tf.control_dependencies(assign_weights(model, weights)):
-      return tf.function(lambda d: dataset_metrics(model, d))(test_data)
-
-  initialize_fn, server_update = _server_computations(init, w_type)
-  decode_upload = _decode_upload_computation(w_type)
-  with_upload_valid = payloads.with_upload_valid(client_update.type_signature.result[2])
-  server_type = tff.FederatedType(w_type, tff.SERVER)
-
-  clients_data_type = tff.FederatedType(data_type, tff.CLIENTS)
-
+  decode_upload, server_update = triad.build_checked_mean(w_type)
   # A round is two federated computations (see fedmask_tff.algorithms.base, "Several TFF
-  # workers"): `client_work_fn` (broadcast and local training, no aggregation) and
-  # `aggregate_fn` (checks, the sums, the server update); `next_fn` is their composition.
-  @tff.federated_computation(server_type, clients_data_type)
-  def client_work_fn(weights, data):
-    weighted, examples, metrics = tff.federated_map(
-        client_update, (data, tff.federated_broadcast(weights)))
-    return weighted, examples, metrics
+  # workers"): `client_work` (broadcast and local training, no aggregation) and `aggregate`
+  # (checks, the sums, the server update: triad.weighted_mean_step); `next` is their
+  # composition.
+  mean_step = triad.weighted_mean_step(decode_upload, server_update,
+                                       client_update.type_signature.result[2])
+  parameters = [("weights", server_type), ("data", tff.FederatedType(data_type, tff.CLIENTS))]
+  round_ = triad.build_round(client_update, parameters, mean_step,
+                             ("weights", "weighted", "examples", "metrics"))
+  adapt_and_evaluate_client, evaluate_client = _evaluation_computations(
+      model_fn, s, eval_data_type, data_type, w_type)
 
-  @tff.federated_computation(server_type, *(tff.FederatedType(t, tff.CLIENTS)
-                                            for t in client_update.type_signature.result))
-  def aggregate_fn(weights, weighted, examples, metrics):
-    weighted, examples, valid = tff.federated_map(decode_upload, (weighted, examples))
-    sums = tff.federated_sum(weighted)
-    total = tff.federated_sum(examples)
-    new_weights = tff.federated_map(server_update, (sums, total, weights))
-    return new_weights, tff.federated_map(with_upload_valid, (metrics, valid))
-
-  @tff.federated_computation(server_type, clients_data_type)
-  def next_fn(weights, data):
-    return aggregate_fn(weights, *client_work_fn(weights, data))
-
-  @tff.federated_computation(server_type, tff.FederatedType(eval_data_type, tff.CLIENTS),
-                             tff.FederatedType(data_type, tff.CLIENTS))
-  def adapt_and_evaluate(weights, test_data, train_data):
-    return tff.federated_map(adapt_and_evaluate_client,
-                             (test_data, train_data, tff.federated_broadcast(weights)))
-
-  @tff.federated_computation(server_type, tff.FederatedType(eval_data_type, tff.CLIENTS))
-  def evaluate_global(weights, test_data):
-    return tff.federated_map(evaluate_client, (test_data, tff.federated_broadcast(weights)))
-
-  process = PerFedAvgProcess(initialize_fn, next_fn)
+  process = PerFedAvgProcess(triad.build_initialize(init), round_.next)
   process.client_update = client_update
   process.decode_upload = decode_upload
-  process.client_work = client_work_fn
-  process.aggregate = aggregate_fn
+  process.client_work = round_.client_work
+  process.aggregate = round_.aggregate
   process.adapt_and_evaluate_client = adapt_and_evaluate_client
-  process.adapt_and_evaluate = adapt_and_evaluate
-  process.evaluate_global = evaluate_global
+  process.adapt_and_evaluate, process.evaluate_global = _federated_evaluations(
+      adapt_and_evaluate_client, evaluate_client, server_type, eval_data_type, data_type)
   process.weights_type = w_type
   return process
 
@@ -345,47 +382,6 @@ def _validate(variant, alpha, beta, hf_delta, local_epochs, adapt_steps):
     raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
   if int(adapt_steps) != adapt_steps or adapt_steps < 0:
     raise ValueError(f"adapt_steps must be an integer >= 0, got {adapt_steps}")
-
-
-def _decode_upload_computation(w_type):
-  """Server-side check of one upload: ``(weighted, examples) -> (weighted, examples, valid)``.
-
-  Valid when every uploaded value and the example count are finite (count >= 0);
-  an invalid upload becomes zeros with weight 0 (``valid`` int32 0/1).
-  """
-  @tff.tensorflow.computation(w_type, tff.TensorType(np.float32))
-  def decode_upload(weighted, examples):
-    weighted = tuple(weighted)
-    valid = tf.reduce_all(tf.stack(
-        [tf.math.is_finite(examples), examples >= 0.0]
-        + [tf.reduce_all(tf.math.is_finite(w)) for w in weighted]))
-    return (tuple(tf.where(valid, w, tf.zeros_like(w)) for w in weighted),
-            tf.where(valid, examples, 0.0), tf.cast(valid, tf.int32))
-
-  return decode_upload
-
-
-def _server_computations(init: Sequence[np.ndarray], w_type):
-  """``(initialize_fn, server_update)``: the initial weights at SERVER, and the guarded mean.
-
-  ``server_update(weighted_sums, total_examples, old_weights)`` returns
-  ``weighted_sums / total_examples``, or ``old_weights`` when no client
-  processed an example (``total_examples == 0``).
-  """
-  @tff.tensorflow.computation
-  def initial_weights():
-    return tuple(tf.constant(w) for w in init)
-
-  @tff.federated_computation()
-  def initialize_fn():
-    return tff.federated_eval(initial_weights, tff.SERVER)
-
-  @tff.tensorflow.computation(w_type, tff.TensorType(np.float32), w_type)
-  def server_update(sums, total, old):
-    return tuple(tf.cond(total > 0, lambda s=s: s / total, lambda o=o: tf.identity(o))
-                 for s, o in zip(sums, old))
-
-  return initialize_fn, server_update
 
 
 # --- The runner's interface -----------------------------------------------------------------------

@@ -43,6 +43,7 @@ model on each client's test data.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 from typing import Callable, Optional
 
@@ -52,9 +53,8 @@ import tensorflow_federated as tff
 
 from fedmask_tff.models import costs
 from fedmask_tff.algorithms import evaluation
-from fedmask_tff.wire import payloads
 from fedmask_tff.wire.payloads import eval_dicts, flatten, tensor_bits, unflatten  # noqa: F401  (re-exported)
-from fedmask_tff.algorithms import local_training
+from fedmask_tff.algorithms import triad
 from fedmask_tff.algorithms.base import BuildContext, FederatedAlgorithm
 
 # SGD step size of local training. 0.05 is a standard value for a small ReLU CNN
@@ -108,6 +108,102 @@ class TopKProcess(tff.templates.IterativeProcess):
   """
 
 
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+  """What the TF computations of one process need: ``k`` of the ``num_elements`` update
+  entries are sent; ``shapes`` of the weights (model_weights order); local SGD ``epochs`` and
+  step ``lr``; ``slr`` the server learning rate."""
+  k: int
+  num_elements: int
+  shapes: list
+  epochs: int
+  lr: float
+  slr: float
+
+
+def _check_settings(fraction, local_epochs, learning_rate, server_learning_rate) -> float:
+  """Raises ValueError for an invalid setting; returns the fraction as a float."""
+  fraction = check_fraction(fraction)
+  if int(local_epochs) < 1:
+    raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
+  if not (learning_rate > 0 and math.isfinite(learning_rate)):
+    raise ValueError(f"learning_rate must be a finite number > 0, got {learning_rate}")
+  if not math.isfinite(server_learning_rate):
+    raise ValueError(f"server_learning_rate must be finite, got {server_learning_rate}")
+  return fraction
+
+
+def _local_update(model_fn, s: _Settings, dataset, weights, residual):
+  """Steps 2-3 for one client: ``(upload, new_residual or None, metrics)``.
+
+  ``upload`` is ``OrderedDict(values=float32[k], indices=int32[k])`` of ``delta (+ residual)``
+  (``n`` = ``s.num_elements`` entries, flattened); ``new_residual`` (with error feedback) is
+  what was not sent, in the shapes of ``weights``; ``metrics``: :func:`triad.client_metrics`.
+  """
+  local, loss_sum, examples = triad.local_sgd(model_fn, weights, dataset, s.epochs, s.lr)
+  update = flatten(local) - flatten(weights)
+  if residual is not None:
+    update = update + flatten(residual)
+  # A client whose training diverged (non-finite loss, weights or update) sends k zero
+  # values (same shapes, so the bits are still counted from the tensors) with weight 0,
+  # and keeps its previous residual.
+  diverged = tf.logical_not(tf.logical_and(tf.math.is_finite(loss_sum),
+                                           tf.reduce_all(tf.math.is_finite(update))))
+  values, indices = select_topk(update, s.k)
+  values = tf.where(diverged, tf.zeros_like(values), values)
+  indices = tf.where(diverged, tf.range(s.k, dtype=tf.int32), indices)
+  upload = collections.OrderedDict(values=values, indices=indices)
+  metrics = triad.client_metrics(loss_sum, examples, diverged, upload, weights)
+  new_residual = None
+  if residual is not None:
+    kept = tf.where(diverged, flatten(residual),
+                    update - densify(values, indices, s.num_elements))
+    new_residual = unflatten(kept, s.shapes)
+  return upload, new_residual, metrics
+
+
+def _client_update_computation(model_fn, s: _Settings, data_type, w_type, error_feedback: bool):
+  """``client_update(dataset, weights[, residual]) -> (upload[, residual], metrics)`` (TF)."""
+  if error_feedback:
+    @tff.tensorflow.computation(data_type, w_type, w_type)
+    def client_update(dataset, weights, residual):
+      return _local_update(model_fn, s, dataset, weights, residual)
+  else:
+    @tff.tensorflow.computation(data_type, w_type)
+    def client_update(dataset, weights):
+      upload, _, metrics = _local_update(model_fn, s, dataset, weights, None)
+      return upload, metrics
+  return client_update
+
+
+def _check_and_decode(s: _Settings, upload, examples):
+  """``(weighted update, weight, valid)``: an upload is valid when its ``k`` values and the
+  example count are finite (count >= 0) and its indices are distinct and in ``[0, n)``; an
+  invalid one adds nothing (zeros, weight 0). ``weighted`` is the densified update times the
+  example count (summed, then divided by the total), in ``s.shapes``; ``valid`` int32 0/1."""
+  values, indices = upload["values"], upload["indices"]
+  ordered = tf.sort(indices)
+  valid = tf.reduce_all(tf.stack([
+      tf.reduce_all(tf.logical_and(indices >= 0, indices < s.num_elements)),
+      tf.reduce_all(ordered[1:] > ordered[:-1]),
+      tf.reduce_all(tf.math.is_finite(values)),
+      tf.math.is_finite(examples), examples >= 0.0]))
+  weight = tf.where(valid, examples, 0.0)
+  dense = densify(tf.where(valid, values, tf.zeros_like(values)),
+                  tf.where(valid, indices, tf.range(s.k, dtype=tf.int32)), s.num_elements)
+  return unflatten(dense * weight, s.shapes), weight, tf.cast(valid, tf.int32)
+
+
+def _server_update_computation(w_type, slr: float):
+  """``server_update(weights, weighted_sum, total_examples)``: ``weights + slr * mean update``
+  (``divide_no_nan``: unchanged when no client trained)."""
+  @tff.tensorflow.computation(w_type, w_type, tff.TensorType(np.float32))
+  def server_update(weights, weighted_sum, total_examples):
+    return tuple(w + slr * tf.math.divide_no_nan(s, total_examples)
+                 for w, s in zip(weights, weighted_sum))
+  return server_update
+
+
 def build_topk_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
                        fraction: float = DEFAULT_FRACTION, error_feedback: bool = False,
                        server_learning_rate: float = 1.0,
@@ -127,153 +223,34 @@ def build_topk_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
     learning_rate, local_epochs: local SGD settings.
     eval_element_spec: element spec of the test datasets (default: the same).
   """
-  fraction = check_fraction(fraction)
-  if int(local_epochs) < 1:
-    raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
-  if not (learning_rate > 0 and math.isfinite(learning_rate)):
-    raise ValueError(f"learning_rate must be a finite number > 0, got {learning_rate}")
-  if not math.isfinite(server_learning_rate):
-    raise ValueError(f"server_learning_rate must be finite, got {server_learning_rate}")
+  fraction = _check_settings(fraction, local_epochs, learning_rate, server_learning_rate)
   probe = model_fn()
   initial = evaluation.weights_numpy(probe)
   del probe
   shapes = [tuple(w.shape) for w in initial]
   num_elements = int(sum(int(np.prod(s)) for s in shapes))
-  k = topk_count(fraction, num_elements)
-  lr, epochs, slr = float(learning_rate), int(local_epochs), float(server_learning_rate)
+  s = _Settings(k=topk_count(fraction, num_elements), num_elements=num_elements, shapes=shapes,
+                epochs=int(local_epochs), lr=float(learning_rate),
+                slr=float(server_learning_rate))
 
   w_type = evaluation.weights_type(model_fn)
   data_type = tff.SequenceType(tff.types.tensorflow_to_type(element_spec))
   upload_type = tff.types.to_type(collections.OrderedDict(
-      values=tff.TensorType(np.float32, [k]), indices=tff.TensorType(np.int32, [k])))
-
-  def local_update(dataset, weights, residual):
-    model = model_fn()
-    with tf.control_dependencies(evaluation.assign_weights(model, weights)):
-      loss_sum, examples = local_training.sgd_epochs(model, model.trainable_variables, dataset,
-                                                     epochs, lr)
-    with tf.control_dependencies([loss_sum, examples]):
-      local = tuple(tf.identity(v) for v in evaluation.model_weights(model))
-    update = flatten(local) - flatten(weights)
-    if residual is not None:
-      update = update + flatten(residual)
-    # A client whose training diverged (non-finite loss, weights or update) sends k zero
-    # values (same shapes, so the bits are still counted from the tensors) with weight 0,
-    # and keeps its previous residual.
-    diverged = tf.logical_not(tf.logical_and(tf.math.is_finite(loss_sum),
-                                             tf.reduce_all(tf.math.is_finite(update))))
-    values, indices = select_topk(update, k)
-    values = tf.where(diverged, tf.zeros_like(values), values)
-    indices = tf.where(diverged, tf.range(k, dtype=tf.int32), indices)
-    upload = collections.OrderedDict(values=values, indices=indices)
-    metrics = collections.OrderedDict(
-        loss_sum=tf.where(diverged, 0.0, loss_sum), examples=tf.where(diverged, 0.0, examples),
-        uplink_bits=tensor_bits(upload), downlink_bits=tensor_bits(weights),
-        diverged=tf.cast(diverged, tf.int32), trained_examples=examples)
-    new_residual = None
-    if residual is not None:
-      kept = tf.where(diverged, flatten(residual), update - densify(values, indices, num_elements))
-      new_residual = unflatten(kept, shapes)
-    return upload, new_residual, metrics
-
-  if error_feedback:
-    @tff.tensorflow.computation(data_type, w_type, w_type)
-    def client_update(dataset, weights, residual):
-      return local_update(dataset, weights, residual)
-  else:
-    @tff.tensorflow.computation(data_type, w_type)
-    def client_update(dataset, weights):
-      upload, _, metrics = local_update(dataset, weights, None)
-      return upload, metrics
-
-  def check_and_decode(upload, examples):
-    """``(weighted update, weight, valid)``: an upload is valid when its ``k`` values and the
-    example count are finite (count >= 0) and its indices are distinct and in ``[0, n)``; an
-    invalid one adds nothing (zeros, weight 0)."""
-    values, indices = upload["values"], upload["indices"]
-    ordered = tf.sort(indices)
-    valid = tf.reduce_all(tf.stack([
-        tf.reduce_all(tf.logical_and(indices >= 0, indices < num_elements)),
-        tf.reduce_all(ordered[1:] > ordered[:-1]),
-        tf.reduce_all(tf.math.is_finite(values)),
-        tf.math.is_finite(examples), examples >= 0.0]))
-    weight = tf.where(valid, examples, 0.0)
-    dense = densify(tf.where(valid, values, tf.zeros_like(values)),
-                    tf.where(valid, indices, tf.range(k, dtype=tf.int32)), num_elements)
-    return unflatten(dense * weight, shapes), weight, tf.cast(valid, tf.int32)
-
-  @tff.tensorflow.computation(upload_type, tff.TensorType(np.float32))
-  def decode_upload(upload, examples):
-    """Densified update times the client's example count (summed, then divided by the total);
-    an invalid upload (see ``check_and_decode``) gives zeros and weight 0."""
-    weighted, weight, _ = check_and_decode(upload, examples)
-    return weighted, weight
-
-  @tff.tensorflow.computation(upload_type, tff.TensorType(np.float32))
-  def decode_and_validate(upload, examples):
-    """``decode_upload`` plus ``valid`` (int32 0/1)."""
-    return check_and_decode(upload, examples)
-
-  @tff.tensorflow.computation(w_type, w_type, tff.TensorType(np.float32))
-  def server_update(weights, weighted_sum, total_examples):
-    return tuple(w + slr * tf.math.divide_no_nan(s, total_examples)
-                 for w, s in zip(weights, weighted_sum))
-
-  @tff.tensorflow.computation()
-  def initial_weights():
-    return tuple(tf.constant(w) for w in initial)
-
-  @tff.federated_computation()
-  def initialize_fn():
-    return tff.federated_eval(initial_weights, tff.SERVER)
-
-  server_type = tff.FederatedType(w_type, tff.SERVER)
-  clients_data_type = tff.FederatedType(data_type, tff.CLIENTS)
-  residuals_type = tff.FederatedType(w_type, tff.CLIENTS)
-  # upload[, residual], metrics: what `client_update` returns, at CLIENTS.
-  client_types = [tff.FederatedType(t, tff.CLIENTS) for t in client_update.type_signature.result]
-  with_upload_valid = payloads.with_upload_valid(client_types[-1].member)
-
-  def aggregate(server_state, upload, metrics):
-    weighted, examples, valid = tff.federated_map(decode_and_validate, (upload, metrics.examples))
-    sums = tff.federated_sum(weighted)
-    total = tff.federated_sum(examples)
-    return (tff.federated_map(server_update, (server_state, sums, total)),
-            tff.federated_map(with_upload_valid, (metrics, valid)))
-
+      values=tff.TensorType(np.float32, [s.k]), indices=tff.TensorType(np.int32, [s.k])))
+  client_update = _client_update_computation(model_fn, s, data_type, w_type, error_feedback)
+  decode_upload, decode_and_validate = triad.build_decoders(
+      lambda upload, examples: _check_and_decode(s, upload, examples), upload_type)
+  server_update = _server_update_computation(w_type, s.slr)
   # A round is two federated computations (see fedmask_tff.algorithms.base, "Several TFF
-  # workers"): `client_work_fn` (broadcast and local training, no aggregation) and
-  # `aggregate_fn` (decoding, the sums, the server update); `next_fn` is their composition.
-  if error_feedback:
-    @tff.federated_computation(server_type, clients_data_type, residuals_type)
-    def client_work_fn(server_state, client_data, residuals):
-      upload, new_residuals, metrics = tff.federated_map(
-          client_update, (client_data, tff.federated_broadcast(server_state), residuals))
-      return upload, new_residuals, metrics
+  # workers"): `client_work` (broadcast and local training, no aggregation) and `aggregate`
+  # (decoding, the sums, the server update); `next` is their composition.
+  # With error feedback the new residuals pass through the aggregation.
+  round_ = triad.build_upload_round(
+      client_update, decode_and_validate, server_update, w_type, data_type,
+      client_state=("residuals", "new_residuals", w_type) if error_feedback else None)
 
-    @tff.federated_computation(server_type, *client_types)
-    def aggregate_fn(server_state, upload, new_residuals, metrics):
-      new_state, metrics = aggregate(server_state, upload, metrics)
-      return new_state, new_residuals, metrics
-
-    @tff.federated_computation(server_type, clients_data_type, residuals_type)
-    def next_fn(server_state, client_data, residuals):
-      return aggregate_fn(server_state, *client_work_fn(server_state, client_data, residuals))
-  else:
-    @tff.federated_computation(server_type, clients_data_type)
-    def client_work_fn(server_state, client_data):
-      upload, metrics = tff.federated_map(
-          client_update, (client_data, tff.federated_broadcast(server_state)))
-      return upload, metrics
-
-    aggregate_fn = tff.federated_computation(server_type, *client_types)(aggregate)
-
-    @tff.federated_computation(server_type, clients_data_type)
-    def next_fn(server_state, client_data):
-      return aggregate_fn(server_state, *client_work_fn(server_state, client_data))
-
-  process = TopKProcess(initialize_fn, next_fn)
-  process.k = k
+  process = TopKProcess(triad.build_initialize(initial), round_.next)
+  process.k = s.k
   process.num_elements = num_elements
   process.shapes = shapes
   process.weights_type = w_type
@@ -282,24 +259,12 @@ def build_topk_process(model_fn: Callable[[], tf.keras.Model], element_spec, *,
   process.decode_upload = decode_upload
   process.decode_and_validate = decode_and_validate
   process.server_update = server_update
-  process.client_work = client_work_fn
-  process.aggregate = aggregate_fn
+  process.client_work = round_.client_work
+  process.aggregate = round_.aggregate
   evaluate_global, _, _ = evaluation.build_weights_evaluation(
       model_fn, eval_element_spec or element_spec)
   process.evaluate_global = evaluate_global
   return process
-
-
-def _metrics_dicts(metrics: list, weight_costs) -> list[dict]:
-  out = []
-  for m in metrics:
-    examples = float(m["examples"])
-    trained = float(m["trained_examples"])  # processed, even by a client that diverged
-    out.append(dict(loss_sum=float(m["loss_sum"]), examples=examples,
-                    uplink_bits=int(m["uplink_bits"]), downlink_bits=int(m["downlink_bits"]),
-                    train_flops=int(costs.train_flops(weight_costs, int(round(trained)))),
-                    diverged=int(m["diverged"]), upload_valid=int(m["upload_valid"])))
-  return out
 
 
 class TopKFedAvg(FederatedAlgorithm):
@@ -338,7 +303,7 @@ class TopKFedAvg(FederatedAlgorithm):
     else:
       server_state, metrics = self.run_round(server_state, list(train_datasets))
       new_states = None
-    return server_state, new_states, _metrics_dicts(metrics, self._weight_costs)
+    return server_state, new_states, triad.metrics_dicts(metrics, self._weight_costs)
 
   def evaluate(self, server_state, test_datasets: list, client_states: Optional[list],
                train_datasets: list) -> list[dict]:

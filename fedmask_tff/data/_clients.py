@@ -208,11 +208,11 @@ def make_split(
       target[cid] = collections.OrderedDict(x=x, y=y)
       counts[i] = np.bincount(y, minlength=num_classes)
 
-  from tensorflow_federated.python.simulation.datasets import from_tensor_slices_client_data  # pylint: disable=g-import-not-at-top
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 
   split = FederatedSplit(
-      train=from_tensor_slices_client_data.TestClientData(train_dict),
-      test=from_tensor_slices_client_data.TestClientData(test_dict),
+      train=tff.simulation.datasets.TestClientData(train_dict),
+      test=tff.simulation.datasets.TestClientData(test_dict),
       client_ids=ids,
       num_classes=int(num_classes),
       train_label_counts=train_counts,

@@ -192,6 +192,182 @@ class FederatedSplit:
     return out
 
 
+def _checked_examples(images, labels, num_classes):
+  """Checks the pooled examples and casts the images.
+
+  Args:
+    images: numeric array [N, ...]; must be finite.
+    labels: integer array [N].
+    num_classes: number of classes, or None for max(labels) + 1.
+
+  Returns:
+    `(images, labels, num_classes)`: images as float32 [N, ...], labels as a
+    numpy array (dtype unchanged), num_classes (as given, or the default).
+
+  Raises:
+    DataError: on mismatched shapes, empty or non-integer labels, non-numeric
+      or non-finite images, or labels outside 0..num_classes-1.
+  """
+  images = np.asarray(images)
+  labels = np.asarray(labels)
+  if images.ndim < 1 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+    raise DataError(
+        f'images [N, ...] and labels [N] must have the same N, got shapes '
+        f'{images.shape} and {labels.shape}'
+    )
+  if labels.size == 0:
+    raise DataError('labels is empty')
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise DataError(f'labels must be integers, got dtype {labels.dtype}')
+  if not (
+      np.issubdtype(images.dtype, np.floating)
+      or np.issubdtype(images.dtype, np.integer)
+  ):
+    raise DataError(f'images must be numeric, got dtype {images.dtype}')
+  images = images.astype(np.float32, copy=False)
+  finite = np.isfinite(images.reshape(images.shape[0], -1)).all(axis=1)
+  if not finite.all():
+    bad = np.flatnonzero(~finite)
+    raise DataError(
+        f'images contain NaN or inf values in {bad.size} examples (first: '
+        f'index {int(bad[0])})'
+    )
+  if num_classes is None:
+    num_classes = int(labels.max()) + 1
+  if labels.min() < 0 or labels.max() >= num_classes:
+    raise DataError(
+        f'labels must lie in 0..{num_classes - 1}, found '
+        f'{int(labels.min())}..{int(labels.max())}'
+    )
+  return images, labels, num_classes
+
+
+def _checked_client_splits(
+    client_splits: Sequence[tuple], num_examples: int
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[np.ndarray]]:
+  """Casts given per-client `(train_idx, test_idx)` pairs and checks their range.
+
+  Args:
+    client_splits: one `(train_idx, test_idx)` pair of index arrays per client.
+    num_examples: N, the number of pooled examples the indices refer to.
+
+  Returns:
+    `(client_splits, client_indices)`: the pairs as int64 arrays, and per
+    client the int64 array train_idx followed by test_idx.
+
+  Raises:
+    DataError: if a client with both a train and a test index refers to an
+      example outside 0..N-1.
+  """
+  client_splits = [(np.asarray(a, np.int64), np.asarray(b, np.int64)) for a, b in client_splits]
+  client_indices = [np.concatenate([a, b]) for a, b in client_splits]
+  for a, b in client_splits:
+    if a.size and b.size and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= num_examples):
+      raise DataError(f'a client split refers to examples outside 0..{num_examples - 1}')
+  return client_splits, client_indices
+
+
+def _checked_client_ids(client_ids: Optional[Sequence[str]], num_clients: int) -> list[str]:
+  """The given client ids as a list, or `client_0000`, ... when None.
+
+  Raises:
+    DataError: if there are not `num_clients` ids or they are not unique.
+  """
+  ids = list(client_ids) if client_ids is not None else [client_id(i) for i in range(num_clients)]
+  if len(ids) != num_clients or len(set(ids)) != num_clients:
+    raise DataError(f'{len(ids)} client ids for {num_clients} clients, or ids not unique')
+  return ids
+
+
+def _assign_client_examples(
+    ids: list[str],
+    client_indices: Sequence[np.ndarray],
+    labels: np.ndarray,
+    test_fraction: float,
+    seed: int,
+    client_splits: Optional[list[tuple[np.ndarray, np.ndarray]]],
+) -> tuple[dict, dict]:
+  """Each client's train and test example indices into the pooled examples.
+
+  Client i's examples are taken from `client_splits[i]` when given, else drawn
+  by `split_client_examples` with seed `[seed, i]` (clients in order).
+
+  Args:
+    ids: the client ids, one per entry of `client_indices`.
+    client_indices: per client, a 1-D int array of all its example indices.
+    labels: int array [N] of the pooled labels.
+    test_fraction: per-label fraction of each client's examples held out.
+    seed: seed of the train/test split.
+    client_splits: None, or per client an int64 `(train_idx, test_idx)` pair.
+
+  Returns:
+    `(train_positions, test_positions)`: dicts client id -> int64 array of
+    indices in 0..N-1, in the order of `ids`.
+
+  Raises:
+    DataError: for a client without examples or with an empty train or test
+      set (the message names it), or an example used by several clients.
+  """
+  use_count = np.zeros(labels.shape[0], dtype=np.int64)
+  train_positions, test_positions = {}, {}
+  for i, (cid, indices) in enumerate(zip(ids, client_indices)):
+    indices = np.asarray(indices)
+    if indices.size == 0:
+      raise DataError(f'{cid} has no examples')
+    if client_splits is not None:
+      train_idx, test_idx = client_splits[i]
+    else:
+      try:
+        train_idx, test_idx = split_client_examples(
+            indices, labels, test_fraction, seed=[seed, i]
+        )
+      except DataError as e:
+        raise DataError(f'{cid}: {e}') from None
+    if train_idx.size == 0 or test_idx.size == 0:
+      raise DataError(
+          f'{cid} has {indices.size} example(s), too few for a non-empty '
+          'train and test set (needs at least 2)'
+      )
+    np.add.at(use_count, indices.astype(np.int64), 1)
+    train_positions[cid] = np.asarray(train_idx, np.int64)
+    test_positions[cid] = np.asarray(test_idx, np.int64)
+  if use_count.max() > 1:
+    reused = np.flatnonzero(use_count > 1)
+    raise DataError(
+        f'{reused.size} example(s) are assigned to more than one client '
+        f'(first: index {int(reused[0])}); client_indices must be disjoint'
+    )
+  return train_positions, test_positions
+
+
+def _client_arrays(
+    images: np.ndarray,
+    labels: np.ndarray,
+    positions: dict,
+    counts: np.ndarray,
+    num_classes: int,
+) -> collections.OrderedDict:
+  """Per-client example arrays; fills `counts` in place.
+
+  Args:
+    images: float32 [N, ...] pooled images.
+    labels: int array [N] of the pooled labels.
+    positions: dict client id -> int64 array of indices into the pool.
+    counts: int64 [num_clients, num_classes]; row i receives the label counts
+      of the i-th client of `positions`.
+    num_classes: number of classes.
+
+  Returns:
+    OrderedDict client id -> `OrderedDict(x=float32 [n, ...], y=int32 [n])`.
+  """
+  data = collections.OrderedDict()
+  for i, (cid, idx) in enumerate(positions.items()):
+    y = labels[idx].astype(np.int32)
+    data[cid] = collections.OrderedDict(x=images[idx], y=y)
+    counts[i] = np.bincount(y, minlength=num_classes)
+  return data
+
+
 def build_federated_split(
     images,
     labels,
@@ -233,96 +409,26 @@ def build_federated_split(
       index used twice, or a client whose train or test set would be empty
       (the message names the client).
   """
-  images = np.asarray(images)
-  labels = np.asarray(labels)
-  if images.ndim < 1 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-    raise DataError(
-        f'images [N, ...] and labels [N] must have the same N, got shapes '
-        f'{images.shape} and {labels.shape}'
-    )
-  if labels.size == 0:
-    raise DataError('labels is empty')
-  if not np.issubdtype(labels.dtype, np.integer):
-    raise DataError(f'labels must be integers, got dtype {labels.dtype}')
-  if not (
-      np.issubdtype(images.dtype, np.floating)
-      or np.issubdtype(images.dtype, np.integer)
-  ):
-    raise DataError(f'images must be numeric, got dtype {images.dtype}')
-  images = images.astype(np.float32, copy=False)
-  finite = np.isfinite(images.reshape(images.shape[0], -1)).all(axis=1)
-  if not finite.all():
-    bad = np.flatnonzero(~finite)
-    raise DataError(
-        f'images contain NaN or inf values in {bad.size} examples (first: '
-        f'index {int(bad[0])})'
-    )
-  if num_classes is None:
-    num_classes = int(labels.max()) + 1
-  if labels.min() < 0 or labels.max() >= num_classes:
-    raise DataError(
-        f'labels must lie in 0..{num_classes - 1}, found '
-        f'{int(labels.min())}..{int(labels.max())}'
-    )
+  images, labels, num_classes = _checked_examples(images, labels, num_classes)
   if client_splits is not None:
-    client_splits = [(np.asarray(a, np.int64), np.asarray(b, np.int64)) for a, b in client_splits]
-    client_indices = [np.concatenate([a, b]) for a, b in client_splits]
-    for a, b in client_splits:
-      if a.size and b.size and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= labels.shape[0]):
-        raise DataError(f'a client split refers to examples outside 0..{labels.shape[0] - 1}')
+    client_splits, client_indices = _checked_client_splits(client_splits, labels.shape[0])
   num_clients = len(client_indices)
   if num_clients == 0:
     raise DataError('client_indices is empty: no clients')
-
-  use_count = np.zeros(labels.shape[0], dtype=np.int64)
-  train_dict = collections.OrderedDict()
-  test_dict = collections.OrderedDict()
   train_counts = np.zeros([num_clients, num_classes], dtype=np.int64)
   test_counts = np.zeros([num_clients, num_classes], dtype=np.int64)
-  ids = list(client_ids) if client_ids is not None else [client_id(i) for i in range(num_clients)]
-  if len(ids) != num_clients or len(set(ids)) != num_clients:
-    raise DataError(f'{len(ids)} client ids for {num_clients} clients, or ids not unique')
-  train_positions, test_positions = {}, {}
-  for i, (cid, indices) in enumerate(zip(ids, client_indices)):
-    indices = np.asarray(indices)
-    if indices.size == 0:
-      raise DataError(f'{cid} has no examples')
-    if client_splits is not None:
-      train_idx, test_idx = client_splits[i]
-    else:
-      try:
-        train_idx, test_idx = split_client_examples(
-            indices, labels, test_fraction, seed=[seed, i]
-        )
-      except DataError as e:
-        raise DataError(f'{cid}: {e}') from None
-    if train_idx.size == 0 or test_idx.size == 0:
-      raise DataError(
-          f'{cid} has {indices.size} example(s), too few for a non-empty '
-          'train and test set (needs at least 2)'
-      )
-    np.add.at(use_count, indices.astype(np.int64), 1)
-    train_positions[cid] = np.asarray(train_idx, np.int64)
-    test_positions[cid] = np.asarray(test_idx, np.int64)
-    for target, counts, idx in (
-        (train_dict, train_counts, train_idx),
-        (test_dict, test_counts, test_idx),
-    ):
-      y = labels[idx].astype(np.int32)
-      target[cid] = collections.OrderedDict(x=images[idx], y=y)
-      counts[i] = np.bincount(y, minlength=num_classes)
-  if use_count.max() > 1:
-    reused = np.flatnonzero(use_count > 1)
-    raise DataError(
-        f'{reused.size} example(s) are assigned to more than one client '
-        f'(first: index {int(reused[0])}); client_indices must be disjoint'
-    )
+  ids = _checked_client_ids(client_ids, num_clients)
+  train_positions, test_positions = _assign_client_examples(
+      ids, client_indices, labels, test_fraction, seed, client_splits
+  )
+  train_dict = _client_arrays(images, labels, train_positions, train_counts, num_classes)
+  test_dict = _client_arrays(images, labels, test_positions, test_counts, num_classes)
 
-  from tensorflow_federated.python.simulation.datasets import from_tensor_slices_client_data  # pylint: disable=g-import-not-at-top
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 
   return FederatedSplit(
-      train=from_tensor_slices_client_data.TestClientData(train_dict),
-      test=from_tensor_slices_client_data.TestClientData(test_dict),
+      train=tff.simulation.datasets.TestClientData(train_dict),
+      test=tff.simulation.datasets.TestClientData(test_dict),
       client_ids=ids,
       num_classes=int(num_classes),
       train_label_counts=train_counts,

@@ -217,6 +217,91 @@ def read_npz_dir(data_dir: str):
   return np.concatenate(xs), np.concatenate(ys), np.concatenate(ss)
 
 
+def _read_source(data_dir: str, subjects: str, info: dict):
+  """Reads all windows of `data_dir` in either layout; records it in `info`.
+
+  Args:
+    data_dir: a folder in layout (a) or (b) (module doc).
+    subjects: one of `SUBJECT_SETS`; not 'all' needs layout (a).
+    info: dict that receives `format`, `source_order` (and, for layout (a),
+      `subjects_in_both_uci_splits`).
+
+  Returns:
+    `(x, y, subj, keep_set)`: x float32 [n, 128, 9], y int64 [n] in 0..5,
+    subj int64 [n] the subject of each window (pooled source order), and
+    keep_set the set of subjects to keep, or None for all.
+
+  Raises:
+    DataError: on unreadable files, or `subjects` != 'all' with layout (b).
+  """
+  root = find_uci_root(data_dir)
+  if root is not None:
+    parts = [read_uci_split(root, s) for s in ('train', 'test')]
+    x = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    subj = np.concatenate([p[2] for p in parts])
+    info['format'] = 'uci_har_text'
+    info['source_order'] = 'UCI train rows, then UCI test rows'
+    overlap = set(parts[0][2].tolist()) & set(parts[1][2].tolist())
+    info['subjects_in_both_uci_splits'] = len(overlap)
+    if subjects != 'all':
+      keep_set = set(parts[0 if subjects == 'uci_train' else 1][2].tolist())
+    else:
+      keep_set = None
+  else:
+    if subjects != 'all':
+      raise DataError(
+          f'subjects={subjects!r} needs UCI\'s layout (train/ and test/ '
+          f'folders); {data_dir} holds per-subject .npz files'
+      )
+    x, y, subj = read_npz_dir(data_dir)
+    info['format'] = 'per_subject_npz'
+    info['source_order'] = 'subject_NN.npz files in sorted order'
+    keep_set = None
+  return x, y, subj, keep_set
+
+
+def _split_subjects(x, y, subj, chosen, ids_by_subject, test_fraction, seed):
+  """Splits each chosen subject's windows into train and test.
+
+  Subject `cid` is split by `split_client_examples` with seed
+  `[seed, position]`, position its rank among the sorted ids of all
+  candidate subjects (not only the chosen ones), clients in `chosen` order.
+
+  Args:
+    x: float32 [n, 128, 9] pooled windows.
+    y: int64 [n] labels in 0..5.
+    subj: int64 [n] subject of each window.
+    chosen: client ids to build, in order.
+    ids_by_subject: dict client id -> subject number, every candidate.
+    test_fraction: per-label fraction of each subject's windows held out.
+    seed: seed of the split.
+
+  Returns:
+    `(train, test, train_idx, test_idx)`: dicts client id -> `{'x', 'y'}`
+    arrays, and client id -> int64 indices into the pooled source order.
+
+  Raises:
+    DataError: if a subject has too few windows for a train and a test set.
+  """
+  train, test, train_idx, test_idx = {}, {}, {}, {}
+  position = {cid: i for i, cid in enumerate(sorted(ids_by_subject))}
+  for cid in chosen:
+    members = np.flatnonzero(subj == ids_by_subject[cid])
+    tr, te = split_client_examples(
+        members, y, test_fraction, seed=[seed, position[cid]]
+    )
+    if tr.size == 0 or te.size == 0:
+      raise DataError(
+          f'HAR {cid} has {members.size} window(s), too few for a train and '
+          'a test set'
+      )
+    train[cid] = {'x': x[tr], 'y': y[tr]}
+    test[cid] = {'x': x[te], 'y': y[te]}
+    train_idx[cid], test_idx[cid] = tr, te
+  return train, test, train_idx, test_idx
+
+
 def load_har(
     data_dir,
     test_fraction: float = 0.2,
@@ -250,31 +335,8 @@ def load_har(
     )
   if not os.path.isdir(data_dir):
     raise DataError(f'HAR folder {data_dir} does not exist')
-  root = find_uci_root(data_dir)
   info = collections.OrderedDict(source=data_dir)
-  if root is not None:
-    parts = [read_uci_split(root, s) for s in ('train', 'test')]
-    x = np.concatenate([p[0] for p in parts])
-    y = np.concatenate([p[1] for p in parts])
-    subj = np.concatenate([p[2] for p in parts])
-    info['format'] = 'uci_har_text'
-    info['source_order'] = 'UCI train rows, then UCI test rows'
-    overlap = set(parts[0][2].tolist()) & set(parts[1][2].tolist())
-    info['subjects_in_both_uci_splits'] = len(overlap)
-    if subjects != 'all':
-      keep_set = set(parts[0 if subjects == 'uci_train' else 1][2].tolist())
-    else:
-      keep_set = None
-  else:
-    if subjects != 'all':
-      raise DataError(
-          f'subjects={subjects!r} needs UCI\'s layout (train/ and test/ '
-          f'folders); {data_dir} holds per-subject .npz files'
-      )
-    x, y, subj = read_npz_dir(data_dir)
-    info['format'] = 'per_subject_npz'
-    info['source_order'] = 'subject_NN.npz files in sorted order'
-    keep_set = None
+  x, y, subj, keep_set = _read_source(data_dir, subjects, info)
   all_subjects = sorted(set(subj.tolist()))
   if keep_set is not None:
     all_subjects = [s for s in all_subjects if s in keep_set]
@@ -285,21 +347,9 @@ def load_har(
   info['subjects'] = subjects
   info['index_space'] = 'pooled source order'
   info['test_fraction'] = float(test_fraction)
-  train, test, train_idx, test_idx = {}, {}, {}, {}
-  position = {cid: i for i, cid in enumerate(sorted(ids_by_subject))}
-  for cid in chosen:
-    members = np.flatnonzero(subj == ids_by_subject[cid])
-    tr, te = split_client_examples(
-        members, y, test_fraction, seed=[seed, position[cid]]
-    )
-    if tr.size == 0 or te.size == 0:
-      raise DataError(
-          f'HAR {cid} has {members.size} window(s), too few for a train and '
-          'a test set'
-      )
-    train[cid] = {'x': x[tr], 'y': y[tr]}
-    test[cid] = {'x': x[te], 'y': y[te]}
-    train_idx[cid], test_idx[cid] = tr, te
+  train, test, train_idx, test_idx = _split_subjects(
+      x, y, subj, chosen, ids_by_subject, test_fraction, seed
+  )
   original = {cid: int(ids_by_subject[cid]) for cid in chosen}
   split = _clients.make_split(
       train, test, NUM_CLASSES, train_idx, test_idx, original, info

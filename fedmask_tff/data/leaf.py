@@ -196,6 +196,141 @@ def _pair_key(name: str, split: str) -> str:
   return base if i < 0 else base[:i] + '{}' + base[i + len(split):]
 
 
+def _read_occurrences(
+    files: dict, converter: Callable, dataset_name: str
+) -> tuple[dict, int]:
+  """Reads and converts every user entry of every shard.
+
+  Args:
+    files: dict split -> sorted shard paths (see `list_shards`).
+    converter: `(path, user, x, y) -> (x [n, ...], y int32 [n])`.
+    dataset_name: name used in the log message.
+
+  Returns:
+    `(occurrences, mismatches)`: `occurrences[split][user]` is a list of
+    `(file index, x, y)` in sorted file order (users as str); `mismatches`
+    counts (file, user) entries whose `num_samples` differs from len(x)
+    (logged as a warning when non-zero).
+  """
+  occurrences = {s: collections.defaultdict(list) for s in SPLITS}
+  mismatches = 0
+  for s in SPLITS:
+    for fi, path in enumerate(files[s]):
+      shard = read_shard(path)
+      for k, user in enumerate(shard['users']):
+        entry = shard['user_data'][user]
+        n = len(entry['y'])
+        if shard['num_samples'] is not None and shard['num_samples'][k] != n:
+          mismatches += 1
+        x, y = converter(path, user, entry['x'], entry['y'])
+        occurrences[s][str(user)].append((fi, x, y))
+      del shard
+  if mismatches:
+    _log.warning(
+        '%s: %d (file, user) entries have num_samples different from len(x); '
+        'len(x) is used', dataset_name, mismatches
+    )
+  return occurrences, mismatches
+
+
+def _initial_info(
+    data_dir: str, files: dict, users_seen: int, mismatches: int
+) -> collections.OrderedDict:
+  """`split.info` before the merge: sources, counts, zeroed drop counters."""
+  return collections.OrderedDict(
+      source=data_dir,
+      format='leaf_json',
+      train_files=len(files['train']),
+      test_files=len(files['test']),
+      users_seen=users_seen,
+      num_samples_mismatches=mismatches,
+      dropped_train_only_clients=0,
+      dropped_test_only_clients=0,
+      dropped_empty_clients=0,
+      duplicate_users=0,
+      dropped_duplicate_occurrences=0,
+      unpaired_users=0,
+      index_space='per client and split: positions in the user x list of the file used',
+  )
+
+
+def _pick_occurrence(tr: list, te: list, train_files: list[str], test_keys: dict):
+  """The `((x_train, y_train), (x_test, y_test))` of a user found in paired files.
+
+  Args:
+    tr: the user's train occurrences `(file index, x, y)`, sorted file order.
+    te: the same for test.
+    train_files: sorted train shard paths.
+    test_keys: `_pair_key(test path, 'test')` -> test file index.
+
+  Returns:
+    The data of the first train file whose partner test file also holds the
+    user, or None if there is none.
+  """
+  te_by_file = {fi: (x, y) for fi, x, y in te}
+  for fi, x, y in tr:
+    partner = test_keys.get(_pair_key(train_files[fi], 'train'))
+    if partner in te_by_file:
+      return ((x, y), te_by_file[partner])
+  return None
+
+
+def _choose_users(occurrences: dict, users: set, files: dict, info: dict) -> dict:
+  """Applies the merging policy (module doc); counts its decisions in `info`.
+
+  Args:
+    occurrences: `occurrences[split][user]`, see `_read_occurrences`.
+    users: every user seen in train or test.
+    files: dict split -> sorted shard paths.
+    info: the `_initial_info` dict; its drop counters are incremented.
+
+  Returns:
+    dict user -> `((x_train, y_train), (x_test, y_test))`, users in sorted
+    order, each with a non-empty train and test set.
+  """
+  test_keys = {
+      _pair_key(p, 'test'): fi for fi, p in enumerate(files['test'])
+  }
+  chosen = {}
+  for user in sorted(users):
+    tr, te = occurrences['train'].get(user), occurrences['test'].get(user)
+    if not tr:
+      info['dropped_test_only_clients'] += 1
+      continue
+    if not te:
+      info['dropped_train_only_clients'] += 1
+      continue
+    if len(tr) > 1 or len(te) > 1:
+      info['duplicate_users'] += 1
+      info['dropped_duplicate_occurrences'] += len(tr) + len(te) - 2
+    pick = _pick_occurrence(tr, te, files['train'], test_keys)
+    if pick is None:
+      info['unpaired_users'] += 1
+      pick = (tr[0][1:], te[0][1:])
+    if pick[0][1].size == 0 or pick[1][1].size == 0:
+      info['dropped_empty_clients'] += 1
+      continue
+    chosen[user] = pick
+  return chosen
+
+
+def _client_data(chosen: dict, ids: list[str], original: dict):
+  """Per-client datasets and index arrays of the selected users.
+
+  Returns:
+    `(train, test, train_idx, test_idx)`: dicts client id -> `{'x', 'y'}`
+    arrays, and client id -> int64 positions 0..n-1 in the user's x list.
+  """
+  train, test, train_idx, test_idx = {}, {}, {}, {}
+  for cid in ids:
+    (xtr, ytr), (xte, yte) = chosen[original[cid]]
+    train[cid] = {'x': xtr, 'y': ytr}
+    test[cid] = {'x': xte, 'y': yte}
+    train_idx[cid] = np.arange(ytr.size, dtype=np.int64)
+    test_idx[cid] = np.arange(yte.size, dtype=np.int64)
+  return train, test, train_idx, test_idx
+
+
 def load_leaf(
     data_dir,
     converter: Callable,
@@ -215,71 +350,10 @@ def load_leaf(
   data_dir = os.path.expanduser(os.fspath(data_dir))
   max_clients = _clients.check_max_clients(max_clients)
   files = {s: list_shards(data_dir, s) for s in SPLITS}
-  # occurrences[split][user] = [(file index, x, y), ...] in sorted file order.
-  occurrences = {s: collections.defaultdict(list) for s in SPLITS}
-  mismatches = 0
-  for s in SPLITS:
-    for fi, path in enumerate(files[s]):
-      shard = read_shard(path)
-      for k, user in enumerate(shard['users']):
-        entry = shard['user_data'][user]
-        n = len(entry['y'])
-        if shard['num_samples'] is not None and shard['num_samples'][k] != n:
-          mismatches += 1
-        x, y = converter(path, user, entry['x'], entry['y'])
-        occurrences[s][str(user)].append((fi, x, y))
-      del shard
-  if mismatches:
-    _log.warning(
-        '%s: %d (file, user) entries have num_samples different from len(x); '
-        'len(x) is used', dataset_name, mismatches
-    )
-
-  test_keys = {
-      _pair_key(p, 'test'): fi for fi, p in enumerate(files['test'])
-  }
+  occurrences, mismatches = _read_occurrences(files, converter, dataset_name)
   users = set(occurrences['train']) | set(occurrences['test'])
-  info = collections.OrderedDict(
-      source=data_dir,
-      format='leaf_json',
-      train_files=len(files['train']),
-      test_files=len(files['test']),
-      users_seen=len(users),
-      num_samples_mismatches=mismatches,
-      dropped_train_only_clients=0,
-      dropped_test_only_clients=0,
-      dropped_empty_clients=0,
-      duplicate_users=0,
-      dropped_duplicate_occurrences=0,
-      unpaired_users=0,
-      index_space='per client and split: positions in the user x list of the file used',
-  )
-  chosen = {}
-  for user in sorted(users):
-    tr, te = occurrences['train'].get(user), occurrences['test'].get(user)
-    if not tr:
-      info['dropped_test_only_clients'] += 1
-      continue
-    if not te:
-      info['dropped_train_only_clients'] += 1
-      continue
-    if len(tr) > 1 or len(te) > 1:
-      info['duplicate_users'] += 1
-      info['dropped_duplicate_occurrences'] += len(tr) + len(te) - 2
-    pick = None
-    te_by_file = {fi: (x, y) for fi, x, y in te}
-    for fi, x, y in tr:
-      partner = test_keys.get(_pair_key(files['train'][fi], 'train'))
-      if partner in te_by_file:
-        pick = ((x, y), te_by_file[partner])
-        break
-    if pick is None:
-      info['unpaired_users'] += 1
-      pick = (tr[0][1:], te[0][1:])
-    if pick[0][1].size == 0 or pick[1][1].size == 0:
-      info['dropped_empty_clients'] += 1
-      continue
-    chosen[user] = pick
+  info = _initial_info(data_dir, files, len(users), mismatches)
+  chosen = _choose_users(occurrences, users, files, info)
   if not chosen:
     raise DataError(
         f'{dataset_name} in {data_dir}: no user has examples in both train/ '
@@ -287,13 +361,7 @@ def load_leaf(
     )
   selected = _clients.select_clients(list(chosen), max_clients, client_order, seed)
   ids, original = _clients.sanitize_client_ids(selected)
-  train, test, train_idx, test_idx = {}, {}, {}, {}
-  for cid in ids:
-    (xtr, ytr), (xte, yte) = chosen[original[cid]]
-    train[cid] = {'x': xtr, 'y': ytr}
-    test[cid] = {'x': xte, 'y': yte}
-    train_idx[cid] = np.arange(ytr.size, dtype=np.int64)
-    test_idx[cid] = np.arange(yte.size, dtype=np.int64)
+  train, test, train_idx, test_idx = _client_data(chosen, ids, original)
   del occurrences, chosen
   info['clients_kept'] = len(ids)
   split = _clients.make_split(

@@ -85,7 +85,7 @@ shakespeare_lstm   904,448     16,288
 biases besides (2,768 at width 1, 976 at width 0.125), frozen in the masked
 model, trained in the dense one.
 
-(the exact figures are asserted in ``tests/test_paper_models.py``).
+(the exact figures are asserted in ``tests/unit/test_paper_models.py``).
 """
 
 from __future__ import annotations

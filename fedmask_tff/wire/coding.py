@@ -338,3 +338,21 @@ def decode_mask_tf(data: tf.Tensor, reference: tf.Tensor, n: int) -> tf.Tensor:
   out = tf.numpy_function(fn, [data, reference], tf.uint8, stateful=False)
   out.set_shape([n])
   return out
+
+
+UPLINK_CODINGS = ("none", "entropy")
+
+
+def check_uplink_coding(uplink_coding: str, upload: str, ldp_epsilon) -> str:
+  """Refuses an uplink coding FedMask cannot apply (``ValueError`` naming the flags): entropy
+  coding codes the thresholded mask (``upload="mask"``) against the client's previous upload,
+  which randomized response (``ldp_epsilon``) hides from the server."""
+  if uplink_coding not in UPLINK_CODINGS:
+    raise ValueError(f"--uplink_coding must be 'none' or 'entropy', got {uplink_coding!r}")
+  if uplink_coding == "entropy" and upload != "mask":
+    raise ValueError("--uplink_coding=entropy codes the thresholded mask against the previous "
+                     "one; it applies to --upload=mask")
+  if uplink_coding == "entropy" and ldp_epsilon:
+    raise ValueError("--uplink_coding=entropy codes against the previous upload, which "
+                     "--ldp_epsilon hides from the server: use one of them")
+  return uplink_coding

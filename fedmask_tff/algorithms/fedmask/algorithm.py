@@ -34,19 +34,45 @@ class FedMask(FederatedAlgorithm):
                          pruned_parameters=sum(s.size for s in self.specs if s.prunable),
                          masks=[{"name": s.name, "shape": list(s.shape), "prunable": s.prunable}
                                 for s in self.specs])
-    if uplink_coding not in ("none", "entropy"):
-      raise ValueError(f"uplink_coding must be 'none' or 'entropy', got {uplink_coding!r}")
-    if uplink_coding == "entropy" and config.upload != "mask":
-      raise ValueError("uplink_coding='entropy' codes the thresholded mask against the previous "
-                       "one; it applies to upload='mask'")
-    if uplink_coding == "entropy" and config.ldp_epsilon > 0:
-      raise ValueError("uplink_coding='entropy' codes a mask against the client's previous upload, "
-                       "which randomized response (ldp_epsilon) hides from the server; use one")
-    self.uplink_coding = uplink_coding
+    from fedmask_tff.wire.coding import check_uplink_coding
+    self.uplink_coding = check_uplink_coding(uplink_coding, config.upload, config.ldp_epsilon)
     self.settings["uplink_coding"] = uplink_coding
     self._packed_mask_bits = sum(8 * ((s.size + 7) // 8) for s in self.specs)
     self.description = ("W frozen; each client trains binary masks (mask_mode="
                         f"{context.mask_mode}); personalized model = its mask after local training")
+
+  def results_settings(self):
+    """Kept at the top level of ``results.json["config"]``, where earlier results had them."""
+    return {k: self.settings[k] for k in ("mask_mode_used", "masked_parameters",
+                                          "pruned_parameters", "masks")}
+
+  def round_extras(self, client_metrics):
+    extras = {}
+    if "uplink_bits_packed" in client_metrics[0]:
+      extras["uplink_bits_packed_per_client"] = (sum(m["uplink_bits_packed"] for m in client_metrics)
+                                                 / len(client_metrics))
+    extras["pruned_clients"] = int(sum(m["pruned"] for m in client_metrics))
+    extras["mask_density"] = (sum(m["mask_ones"] for m in client_metrics)
+                              / max(1.0, sum(m["mask_kept"] for m in client_metrics)))
+    return extras
+
+  def final_extras(self, rounds):
+    """With randomized response: the privacy spent, by basic composition over the rounds a
+    client took part in (:mod:`fedmask_tff.wire.ldp`)."""
+    epsilon = self.process.config.ldp_epsilon
+    if not epsilon > 0:
+      return {}
+    times = {}
+    for r in rounds:
+      for c in r["sampled_clients"]:
+        times[c] = times.get(c, 0) + 1
+    return {"ldp": {
+        "mechanism": "randomized response on every uploaded mask bit",
+        "epsilon_per_element_per_round": epsilon,
+        "epsilon_per_element_by_client": {c: n * epsilon for c, n in sorted(times.items())},
+        "epsilon_per_element_max": max(times.values(), default=0) * epsilon,
+        "note": "basic composition over the rounds a client took part in, per mask element; "
+                "correlated bits, the pruning mask and participation are not protected"}}
 
   @property
   def prepares_clients(self):

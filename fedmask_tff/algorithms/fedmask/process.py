@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import types
 from typing import Callable
 
 import numpy as np
@@ -48,160 +49,9 @@ from fedmask_tff.models import costs
 from fedmask_tff.algorithms import evaluation
 from fedmask_tff.masks.layers import mask_variables, masked_layers
 
+from fedmask_tff.algorithms.fedmask.config import UPLOADS, FedMaskConfig  # noqa: F401
+
 DOWNLINK_UNCHANGED = aggregation.UNCHANGED
-UPLOADS = ("mask", "bernoulli", "score_sign")
-
-
-@dataclasses.dataclass(frozen=True)
-class FedMaskConfig:
-  """Hyper-parameters of FedMask's client work and aggregation.
-
-  Attributes:
-    local_epochs: epochs of local training per round (after the pruning epoch
-      at a client's first round).
-    learning_rate: SGD step size on the scores. Score gradients carry W
-      (about ``1/sqrt(fan_in)``) and ``sigmoid'(m_r) <= 1/4``, so useful values
-      are far larger than for weight training.
-    prune_rate: fraction of elements one-shot pruning keeps, in (0, 1].
-    prune_last_layers: how many of the last masked layers are pruned.
-    score_restart: how the vote moves a client's scores (``masking.apply_vote``):
-      ``"scaled_logit"`` or ``"linear"`` overwrite every averaged element's
-      score; ``"vote_shift"``, ``"disagree_shift"`` and ``"disagree_restart"``
-      keep the client's scores between rounds and only move them.
-    restart_scale, restart_eps: the rule's scale (restart scale, or shift step)
-      and logit clip.
-    min_shared: clients that must keep an element for it to be averaged.
-    group_lasso: weight λ of the paper's structured-sparsity term added to the
-      client loss: ``λ * regularizers.structured_penalty(model, normalize=True)``
-      (group lasso over filters / rows / columns of σ(m_r) · keep); 0 = off.
-    secure_aggregation: sum the two per-element counts (``mask * keep`` and
-      ``keep``, integers) with ``tff.federated_secure_sum_bitwidth``, so the
-      server learns only the sums; each client applies the rule itself.
-    secure_bitwidth: bits of the secure sums (they count clients: 2^bits - 1
-      must exceed the clients per round).
-    downlink_bits: 0 sends one float32 per kept element; 1 sends the vote's
-      decision ``1[v >= tau]`` (the client's own bit where not averaged), as the
-      paper's "updated binary masks"; ``b`` in [2, 16] quantizes each to ``b`` bits (:mod:`fedmask_tff.wire.quantization`: levels
-      ``i / (2^b - 2)``, the top code means "keep yours").
-    downlink_stochastic: stochastic (unbiased) instead of nearest rounding.
-    ldp_epsilon: > 0 turns on randomized response on the uploaded mask bits
-      (:mod:`fedmask_tff.wire.ldp`; each bit kept with probability
-      e^eps / (1 + e^eps)); the server debiases the sums. 0 = off. The
-      client's own (personalized) mask is not randomized.
-    score_init_noise: > 0 adds uniform noise in [-a, a] (seeded by ``seed``, the
-      same for every client) to the layers' constant ``score_init``, so that the
-      initial mask is random around the threshold instead of all ones.
-    upload: what the 1 bit per element says. ``"mask"`` (the paper): the
-      client's binary mask ``1[sigmoid(m_r) >= tau] * keep``; the server averages
-      it and each client moves its scores by the vote (``score_restart``).
-      ``"bernoulli"`` (after FedPM, Isik et al. 2023): a sample
-      ``m ~ Bernoulli(sigmoid(m_r)) * keep``, so the server's mean estimates the
-      clients' mean probability (restart with ``scaled_logit``, scale 1, to read
-      it as a probability); the personal mask stays the thresholded one.
-      ``"score_sign"`` (beyond the paper; Algorithm 1 with a real-valued global
-      mask): the server holds global scores ``G`` (its m^T), a selected client
-      starts from ``G`` at the positions it keeps (line 11: m^T ⊙ m_k), trains,
-      and uploads ``1[m_r(after) > m_r(start)]``, the direction its evidence
-      moved; the server steps ``G += server_score_step * (2v - 1)`` where at
-      least ``min_shared`` clients keep the element (a majority-vote sign step).
-      The downlink is ``G`` at the client's kept positions: float32, or with
-      ``downlink_bits=b`` (2..16) ``b`` bits each between the tensor's min and
-      max (sent as two float32).
-    server_score_step: the server's step on ``G`` per round (``score_sign``).
-    global_weight: ``score_sign`` only: a selected client starts from
-      ``global_weight * G + (1 - global_weight) * own`` at its kept positions
-      (1: from ``G`` itself; below 1 the client's own evidence from its earlier
-      rounds is kept in part).
-    personal_head: ``score_sign`` only (ignored otherwise): a client starts
-      from ``G`` in the unpruned layers only and keeps its own scores in the
-      pruned (last) layers between rounds, so its classifier stays personal
-      while the feature layers are learned by everyone. The pruned layers'
-      directions are still uploaded and ``G`` keeps them (for newcomers).
-    global_mask: ``upload="mask"`` or ``"bernoulli"`` only: Algorithm 1 read
-      literally (lines 9-11). The server keeps the binary global mask m^T,
-      ``1[v >= tau]`` per element from the last aggregation in which at least
-      ``min_shared`` clients kept it (an element never shared has none); a
-      selected client starts its round from m^T at the positions it keeps (its
-      scores moved by ``score_restart``, so ``scaled_logit`` restarts them from
-      m^T ⊙ m_k), trains, and uploads; no vote is applied after its round. The
-      downlink is m^T's bit per kept element (plus one "defined" bit per kept
-      element while some are undefined), counted from the packed message.
-    prune_at_init: every client trains its one pruning epoch and prunes before
-      round 1 (Algorithm 1 lines 4-6), sending its pruning mask then, instead of
-      at its first participation (see :meth:`FedMaskProcess.prepare_clients`).
-    seed: the run's seed, from which per-client, per-round seeds of the
-      stochastic rounding and randomized response are derived (together with
-      the round and the client's pruning mask).
-  """
-  local_epochs: int = 2
-  learning_rate: float = 30.0
-  prune_rate: float = 0.2
-  prune_last_layers: int = 2
-  score_restart: str = "scaled_logit"
-  restart_scale: float = 0.1
-  restart_eps: float = 0.01
-  min_shared: int = aggregation.MIN_SHARED_CLIENTS
-  group_lasso: float = 0.0
-  secure_aggregation: bool = False
-  secure_bitwidth: int = 16
-  downlink_bits: int = 0
-  downlink_stochastic: bool = False
-  ldp_epsilon: float = 0.0
-  score_init_noise: float = 0.0
-  upload: str = "score_sign"
-  server_score_step: float = 0.03
-  personal_head: bool = True
-  global_weight: float = 0.5
-  global_mask: bool = False
-  prune_at_init: bool = False
-  seed: int = 0
-
-  def validate(self, num_masked_layers: int | None = None) -> "FedMaskConfig":
-    if int(self.local_epochs) < 1:
-      raise ValueError(f"local_epochs must be >= 1, got {self.local_epochs}")
-    if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-      raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
-    pruning.check_prune_rate(self.prune_rate)
-    if int(self.prune_last_layers) < 0:
-      raise ValueError(f"prune_last_layers must be >= 0, got {self.prune_last_layers}")
-    if num_masked_layers is not None and self.prune_last_layers > num_masked_layers:
-      raise ValueError(f"prune_last_layers={self.prune_last_layers} but the model has only "
-                       f"{num_masked_layers} masked layers")
-    masking.check_rule(self.score_restart, self.restart_scale, self.restart_eps)
-    if not (math.isfinite(self.group_lasso) and self.group_lasso >= 0):
-      raise ValueError(f"group_lasso must be a finite number >= 0, got {self.group_lasso}")
-    if int(self.downlink_bits) == 1 and self.downlink_stochastic:
-      raise ValueError("downlink_stochastic applies to downlink_bits >= 2 (the 1-bit downlink "
-                       "sends the vote's decision)")
-    if int(self.downlink_bits) not in (0, 1):
-      quantization.check_bits(self.downlink_bits)
-    if self.ldp_epsilon != 0:
-      ldp.check_epsilon(self.ldp_epsilon)
-    if not 2 <= int(self.secure_bitwidth) <= 31:
-      raise ValueError(f"secure_bitwidth must be in [2, 31], got {self.secure_bitwidth}")
-    if not (math.isfinite(self.score_init_noise) and self.score_init_noise >= 0):
-      raise ValueError(f"score_init_noise must be a finite number >= 0, got {self.score_init_noise}")
-    if self.upload not in UPLOADS:
-      raise ValueError(f"upload must be one of {UPLOADS}, got {self.upload!r}")
-    if not (math.isfinite(self.server_score_step) and self.server_score_step > 0):
-      raise ValueError(f"server_score_step must be a finite number > 0, got {self.server_score_step}")
-    if self.upload == "score_sign" and int(self.downlink_bits) == 1:
-      raise ValueError("upload='score_sign' sends the server's real-valued scores down: "
-                       "downlink_bits=1 (a vote's decision) applies to upload='mask'; use 0 "
-                       "(float32) or 2..16 bits")
-    if not (0.0 < self.global_weight <= 1.0):
-      raise ValueError(f"global_weight must be in (0, 1], got {self.global_weight}")
-    if self.global_mask and self.upload == "score_sign":
-      raise ValueError("global_mask keeps the binary global mask m^T of upload='mask' or "
-                       "'bernoulli'; upload='score_sign' already starts clients from the server's scores")
-    if self.global_mask and int(self.downlink_bits) >= 2:
-      raise ValueError("global_mask sends m^T down as 1 bit per kept element; downlink_bits "
-                       f"{self.downlink_bits} does not apply (use 0 or 1)")
-    if int(self.min_shared) < 1:
-      raise ValueError(f"min_shared must be >= 1, got {self.min_shared}")
-    return self
-
-
 @dataclasses.dataclass(frozen=True)
 class MaskSpec:
   """One masked weight tensor of the model."""
@@ -224,14 +74,56 @@ def mask_specs(model: tf.keras.Model, prune_last_layers: int) -> list[MaskSpec]:
 
 
 class FedMaskProcess(tff.templates.IterativeProcess):
-  """A ``tff.templates.IterativeProcess`` plus what the driver needs to feed it.
+  """FedMask's ``tff.templates.IterativeProcess`` plus what the driver needs to feed it.
 
-  Extra attributes: ``specs`` (list of :class:`MaskSpec`), ``config``,
-  ``client_state_type``, ``initial_client_state()`` (numpy), ``evaluate``
-  (a federated computation ``(data@CLIENTS, binary masks@CLIENTS) -> metrics@CLIENTS``;
-  pass ``state["personal"]`` for the personalized model)
-  and the TF computations of each step, for tests.
+  Attributes (besides ``initialize`` and ``next``):
+    specs: the model's masked weights (:class:`MaskSpec`), in order; config: the
+      :class:`FedMaskConfig`; client_state_type: the TFF type of a client's state
+      (``scores``, ``keep``, ``personal``, ``rounds``); global_scores: whether the server
+      keeps real-valued global scores (``upload="score_sign"``).
+    client_work, aggregate: the two federated halves of ``next`` (``--workers``).
+    prepare: ``(data@CLIENTS, states@CLIENTS) -> (states, metrics)``, the pruning epoch before
+      round 1 (``prune_at_init``).
+    evaluate: ``(data@CLIENTS, binary masks@CLIENTS) -> metrics@CLIENTS`` (pass
+      ``state["personal"]`` for the personalized model).
+    client_update, prepare_client, decode_upload, download_and_apply, evaluate_client,
+      start_from_global, start_from_mask: the TF computations of each step, for tests.
   """
+
+  def __init__(self, parts):
+    super().__init__(parts.initialize_fn, parts.next_fn)
+    self.specs, self.config, self.client_state_type = parts.specs, parts.config, parts.state_type
+    self.global_scores = parts.global_scores
+    self.client_work, self.aggregate = parts.client_work_fn, parts.aggregate_fn
+    self.prepare, self.evaluate = parts.prepare_fn, parts.evaluate_fn
+    self.client_update, self.prepare_client = parts.client_update, parts.prepare_client
+    self.decode_upload, self.download_and_apply = parts.decode_upload, parts.download_and_apply
+    self.evaluate_client = parts.evaluate_client
+    self.start_from_global, self.start_from_mask = parts.start_from_global, parts.start_from_mask
+    self._initial_scores, self._logit_thresholds = parts.initial_scores, parts.logit_thresholds
+
+  def initial_client_state(self):
+    """The numpy state of a client never seen: the initial scores, nothing pruned."""
+    return collections.OrderedDict(
+        scores=tuple(x.copy() for x in self._initial_scores),
+        keep=tuple(np.ones(s.shape, np.float32) for s in self.specs),
+        personal=tuple((x >= lt).astype(np.float32)
+                       for x, lt in zip(self._initial_scores, self._logit_thresholds)),
+        rounds=np.int32(0))
+
+  def start_masks(self, server_state, state):
+    """The binary masks of the aggregate as a client sees it, before local training (numpy):
+    with ``score_sign`` the mask of the server's scores ``G`` at its kept positions; with
+    ``global_mask`` the mask it starts its next round from (its scores moved by m^T);
+    otherwise the mask it restarted from after its last aggregation."""
+    if self.global_scores:
+      scores = server_state["scores"]
+    elif self.config.global_mask:
+      scores = self.start_from_mask(server_state["mask"], state)["scores"]
+    else:
+      scores = state["scores"]
+    return tuple(((np.asarray(sc) >= lt) * np.asarray(k)).astype(np.float32)
+                 for sc, k, lt in zip(scores, state["keep"], self._logit_thresholds))
 
 
 def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
@@ -248,6 +140,43 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     config: a :class:`FedMaskConfig`.
     eval_element_spec: element spec of the evaluation datasets (default: the same).
   """
+  sh = _facts(model_fn, element_spec, config, eval_element_spec)
+  sh.load_model = _make_load_model(sh)
+  sh.encode_upload_fn = _make_encode_upload_fn(sh)
+  sh.client_seed = _make_client_seed(sh)
+  sh.local_work = _make_local_work(sh)
+  sh.client_update = _make_client_update(sh)
+  sh.prepare_client = _make_prepare_client(sh)
+  sh.decode_upload = _make_decode_upload(sh)
+  sh.download_and_apply = _make_download_and_apply(sh)
+  sh.evaluate_client = _make_evaluate_client(sh)
+  sh.sums_to_int = _make_sums_to_int(sh)
+  sh.sums_to_float = _make_sums_to_float(sh)
+  sh.increment = _make_increment(sh)
+  sh.initial_global_state = _make_initial_global_state(sh)
+  sh.quantized_global = _make_quantized_global(sh)
+  sh.start_from_global = _make_start_from_global(sh)
+  sh.server_votes = _make_server_votes(sh)
+  sh.global_step = _make_global_step(sh)
+  sh.initial_mask_state = _make_initial_mask_state(sh)
+  sh.mask_message = _make_mask_message(sh)
+  sh.start_from_mask = _make_start_from_mask(sh)
+  sh.mask_step = _make_mask_step(sh)
+  sh.mask_downlink_bits = _make_mask_downlink_bits(sh)
+  sh.global_downlink_bits = _make_global_downlink_bits(sh)
+  sh.server_state_type, sh.initialize_fn = _make_initialize(sh)
+  sh.client_work_fn = _make_client_work_fn(sh)
+  sh.summed = _make_summed(sh)
+  sh.aggregate_fn = _make_aggregate_fn(sh)
+  sh.next_fn = _make_next_fn(sh)
+  sh.evaluate_fn = _make_evaluate_fn(sh)
+  sh.prepare_fn = _make_prepare_fn(sh)
+  return FedMaskProcess(sh)
+
+
+def _facts(model_fn, element_spec, config, eval_element_spec) -> types.SimpleNamespace:
+  """What every computation of the process shares: the model's masked weights, the initial
+  scores, thresholds, FLOP costs and the TFF types of states, uploads and sums."""
   probe = model_fn()
   layers = masked_layers(probe)
   config.validate(len(layers))
@@ -269,26 +198,45 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
       scores += noise_rng.uniform(-config.score_init_noise, config.score_init_noise,
                                   s.shape).astype(np.float32)
     initial_scores.append(scores)
-
   lr = float(config.learning_rate)
   global_scores = config.upload == "score_sign"
-
   scores_type = tuple(tff.TensorType(np.float32, s.shape) for s in specs)
   state_type = tff.types.to_type(collections.OrderedDict(
       scores=scores_type, keep=scores_type, personal=scores_type,
       rounds=tff.TensorType(np.int32)))
   data_type = tff.SequenceType(tff.types.tensorflow_to_type(element_spec))
   eval_data_type = tff.SequenceType(tff.types.tensorflow_to_type(eval_element_spec or element_spec))
-  # Variable length: the server validates what arrives (a malformed upload is dropped).
   packed_type = tuple(tff.TensorType(np.uint8, [None]) for s in specs)
   keep_packed_type = tuple(tff.TensorType(np.uint8, [None]) for s in specs if s.prunable)
   upload_type = tff.types.to_type(collections.OrderedDict(mask=packed_type, keep=keep_packed_type))
   sums_type = tff.types.to_type(collections.OrderedDict(total=scores_type, count=scores_type))
   prunable_idx = [i for i, s in enumerate(specs) if s.prunable]
+  int_sums_type = tff.types.to_type(collections.OrderedDict(
+      total=tuple(tff.TensorType(np.int32, s.shape) for s in specs),
+      count=tuple(tff.TensorType(np.int32, s.shape) for s in specs)))
+  global_state_type = tff.types.to_type(collections.OrderedDict(
+      round=tff.TensorType(np.int32), scores=scores_type))
+  mask_state_type = tff.types.to_type(collections.OrderedDict(
+      round=tff.TensorType(np.int32), mask=scores_type))
+  clients_state_type = tff.FederatedType(state_type, tff.CLIENTS)
+  return types.SimpleNamespace(
+      model_fn=model_fn, config=config, specs=specs, thresholds=thresholds,
+      soft_forward=soft_forward, logit_thresholds=logit_thresholds, weight_costs=weight_costs,
+      initial_scores=initial_scores, lr=lr, global_scores=global_scores, scores_type=scores_type,
+      state_type=state_type, data_type=data_type, eval_data_type=eval_data_type,
+      upload_type=upload_type, sums_type=sums_type, prunable_idx=prunable_idx,
+      int_sums_type=int_sums_type, global_state_type=global_state_type,
+      mask_state_type=mask_state_type, clients_state_type=clients_state_type)
 
-  def loss_fn(y, logits):
-    return tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(
-        y, logits, from_logits=True))
+
+def loss_fn(y, logits):
+  """Mean cross-entropy of a batch: labels ``[batch]`` int32, logits ``[batch, classes]``."""
+  return tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(
+      y, logits, from_logits=True))
+
+
+def _make_load_model(sh):
+  model_fn = sh.model_fn
 
   def load_model(state):
     model = model_fn()
@@ -296,6 +244,11 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     assigns = [v.assign(s) for v, s in zip(score_vars, state["scores"])]
     assigns += [v.assign(k) for v, k in zip(keep_vars, state["keep"])]
     return model, kernels, score_vars, keep_vars, assigns
+  return load_model
+
+
+def _make_encode_upload_fn(sh):
+  prunable_idx = sh.prunable_idx
 
   def encode_upload_fn(masks, keeps, send_keep):
     packed_masks = tuple(bitpack.pack_bits_tf(m) for m in masks)
@@ -303,6 +256,11 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
         tf.cond(send_keep > 0, lambda k=keeps[i]: bitpack.pack_bits_tf(k),
                 lambda: tf.zeros([0], tf.uint8)) for i in prunable_idx)
     return collections.OrderedDict(mask=packed_masks, keep=packed_keeps)
+  return encode_upload_fn
+
+
+def _make_client_seed(sh):
+  config = sh.config
 
   def client_seed(keeps, rounds, salt):
     """A shape-[2] int32 seed per client, round and use: from the run's seed, the round and a
@@ -311,8 +269,13 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
                             for k in keeps]) % 2147483647
     return tf.stack([tf.constant(int(config.seed) % 100003 * 7919 + salt, tf.int64)
                      + tf.cast(rounds, tf.int64) * 31, fingerprint])
+  return client_seed
 
-  # --- Client work -------------------------------------------------------------
+
+def _make_local_work(sh):
+  config, load_model, lr = sh.config, sh.load_model, sh.lr
+  prunable_idx, soft_forward, thresholds, weight_costs = sh.prunable_idx, sh.soft_forward, sh.thresholds, sh.weight_costs
+
   def local_work(dataset, state, epochs):
     """A client's training: the pruning epoch (if it has not pruned yet), then ``epochs``
     epochs. Returns ``(new_state, masks, pruned_now, loss_sum, count, flops, diverged)``."""
@@ -378,6 +341,12 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     new_state = collections.OrderedDict(scores=scores, keep=keeps, personal=masks,
                                         rounds=state["rounds"] + tf.where(diverged, 0, 1))
     return new_state, masks, pruned_now, loss_sum, count, flops, diverged
+  return local_work
+
+
+def _make_client_update(sh):
+  client_seed, config, data_type, encode_upload_fn = sh.client_seed, sh.config, sh.data_type, sh.encode_upload_fn
+  global_scores, local_work, state_type = sh.global_scores, sh.local_work, sh.state_type
 
   @tff.tensorflow.computation(data_type, state_type)
   def client_update(dataset, state):
@@ -408,6 +377,11 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
         mask_ones=tf.add_n([tf.reduce_sum(m) for m in masks]),
         mask_kept=tf.add_n([tf.reduce_sum(k) for k in new_state["keep"]]))
     return new_state, upload, metrics
+  return client_update
+
+
+def _make_prepare_client(sh):
+  data_type, encode_upload_fn, local_work, state_type = sh.data_type, sh.encode_upload_fn, sh.local_work, sh.state_type
 
   @tff.tensorflow.computation(data_type, state_type)
   def prepare_client(dataset, state):
@@ -425,8 +399,12 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
         diverged=tf.cast(diverged, tf.int32), train_flops=flops, pruned=tf.cast(done, tf.int32),
         uplink_bits=payloads.tensor_bits(sent_keep))
     return new_state, metrics
+  return prepare_client
 
-  # --- Server side: decode each upload and sum ------------------------------------
+
+def _make_decode_upload(sh):
+  scores_type, specs, upload_type = sh.scores_type, sh.specs, sh.upload_type
+
   @tff.tensorflow.computation(upload_type, scores_type)
   def decode_upload(upload, cached_keep):
     """Validates one client's upload and turns it into its share of the two sums.
@@ -479,8 +457,13 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
 
     totals, counts, valid = tf.cond(sizes_ok, decode, reject)
     return collections.OrderedDict(total=totals, count=counts), tf.cast(valid, tf.int32)
+  return decode_upload
 
-  # --- Download: the server's per-client message, and the client's restart -------
+
+def _make_download_and_apply(sh):
+  client_seed, config, specs, state_type = sh.client_seed, sh.config, sh.specs, sh.state_type
+  sums_type, thresholds = sh.sums_type, sh.thresholds
+
   @tff.tensorflow.computation(sums_type, state_type)
   def download_and_apply(sums, state):
     new_scores, bits = [], []
@@ -520,8 +503,12 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     new_state = collections.OrderedDict(scores=tuple(new_scores), keep=state["keep"],
                                         personal=state["personal"], rounds=state["rounds"])
     return new_state, tf.cast(tf.add_n(bits), tf.int64)
+  return download_and_apply
 
-  # --- Evaluation: each client's binary-masked model on its own data -------------
+
+def _make_evaluate_client(sh):
+  eval_data_type, logit_thresholds, model_fn, scores_type = sh.eval_data_type, sh.logit_thresholds, sh.model_fn, sh.scores_type
+
   @tff.tensorflow.computation(eval_data_type, scores_type)
   def evaluate_client(dataset, masks):
     model = model_fn()
@@ -533,34 +520,49 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
 
     with tf.control_dependencies(assigns):
       return tf.function(lambda d: evaluation.dataset_metrics(model, d))(dataset)
+  return evaluate_client
 
-  int_sums_type = tff.types.to_type(collections.OrderedDict(
-      total=tuple(tff.TensorType(np.int32, s.shape) for s in specs),
-      count=tuple(tff.TensorType(np.int32, s.shape) for s in specs)))
+
+def _make_sums_to_int(sh):
+  sums_type = sh.sums_type
 
   @tff.tensorflow.computation(sums_type)
   def sums_to_int(sums):
     return collections.OrderedDict(total=tuple(tf.cast(tf.round(t), tf.int32) for t in sums["total"]),
                                    count=tuple(tf.cast(tf.round(c), tf.int32) for c in sums["count"]))
+  return sums_to_int
+
+
+def _make_sums_to_float(sh):
+  int_sums_type = sh.int_sums_type
 
   @tff.tensorflow.computation(int_sums_type)
   def sums_to_float(sums):
     return collections.OrderedDict(total=tuple(tf.cast(t, tf.float32) for t in sums["total"]),
                                    count=tuple(tf.cast(c, tf.float32) for c in sums["count"]))
+  return sums_to_float
 
+
+def _make_increment(sh):
   @tff.tensorflow.computation(tff.TensorType(np.int32))
   def increment(r):
     return r + 1
+  return increment
 
-  # score_sign: the server's state is its real-valued global scores G and the round counter.
-  global_state_type = tff.types.to_type(collections.OrderedDict(
-      round=tff.TensorType(np.int32), scores=scores_type))
+
+def _make_initial_global_state(sh):
+  config, initial_scores = sh.config, sh.initial_scores
 
   @tff.tensorflow.computation
   def initial_global_state():
     scores = tuple(tf.constant(x) if config.score_init_noise > 0 else tf.fill(x.shape, x.flat[0])
                    for x in initial_scores)
     return collections.OrderedDict(round=tf.constant(0, tf.int32), scores=scores)
+  return initial_global_state
+
+
+def _make_quantized_global(sh):
+  config = sh.config
 
   def quantized_global(g, keep, seed):
     """score_sign with ``downlink_bits=b``: what the client receives of ``G`` at its kept
@@ -575,6 +577,12 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     received = lo + quantization.dequantize_tf(packed, tf.size(values), config.downlink_bits) * span
     positions = tf.where(flat_keep)
     return tf.reshape(tf.tensor_scatter_nd_update(tf.reshape(g, [-1]), positions, received), g.shape)
+  return quantized_global
+
+
+def _make_start_from_global(sh):
+  client_seed, config, global_scores, quantized_global = sh.client_seed, sh.config, sh.global_scores, sh.quantized_global
+  scores_type, specs, state_type = sh.scores_type, sh.specs, sh.state_type
 
   @tff.tensorflow.computation(scores_type, state_type)
   def start_from_global(server_scores, state):
@@ -591,6 +599,11 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
         for g, s, k, spec in zip(server_scores, state["scores"], state["keep"], specs))
     return collections.OrderedDict(scores=scores, keep=state["keep"], personal=state["personal"],
                                    rounds=state["rounds"])
+  return start_from_global
+
+
+def _make_server_votes(sh):
+  config = sh.config
 
   def server_votes(sums):
     """Per tensor: ``(v, shared)``: the share of 1s among the clients keeping each element
@@ -601,6 +614,11 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
         total = ldp.debias_sum_tf(total, count, config.ldp_epsilon)
       votes.append(aggregation.votes(total, count, config.min_shared))
     return votes
+  return server_votes
+
+
+def _make_global_step(sh):
+  config, global_state_type, server_votes, sums_type = sh.config, sh.global_state_type, sh.server_votes, sh.sums_type
 
   @tff.tensorflow.computation(global_state_type, sums_type)
   def global_step(server, sums):
@@ -608,16 +626,20 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     new = tuple(g + tf.where(shared, config.server_score_step * (2.0 * vote - 1.0), 0.0)
                 for g, (vote, shared) in zip(server["scores"], server_votes(sums)))
     return collections.OrderedDict(round=server["round"] + 1, scores=new)
+  return global_step
 
-  # global_mask (Algorithm 1 literally): the server's state is the binary m^T (-1: never shared).
-  mask_state_type = tff.types.to_type(collections.OrderedDict(
-      round=tff.TensorType(np.int32), mask=scores_type))
+
+def _make_initial_mask_state(sh):
+  specs = sh.specs
 
   @tff.tensorflow.computation
   def initial_mask_state():
     return collections.OrderedDict(round=tf.constant(0, tf.int32),
                                    mask=tuple(tf.fill(s.shape, DOWNLINK_UNCHANGED) for s in specs))
+  return initial_mask_state
 
+
+def _make_mask_message(sh):
   def mask_message(m, keep):
     """What a client receives of m^T (one tensor): its bit per kept element, packed, plus a
     packed "defined" bit per kept element while any of them has no m^T yet. Returns the
@@ -637,6 +659,12 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     received = tf.tensor_scatter_nd_update(tf.fill([tf.size(keep)], DOWNLINK_UNCHANGED), positions,
                                            message)
     return tf.reshape(received, keep.shape), size
+  return mask_message
+
+
+def _make_start_from_mask(sh):
+  config, mask_message, scores_type, state_type = sh.config, sh.mask_message, sh.scores_type, sh.state_type
+  thresholds = sh.thresholds
 
   @tff.tensorflow.computation(scores_type, state_type)
   def start_from_mask(global_mask_value, state):
@@ -648,6 +676,11 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
         for m, s, k, t in zip(global_mask_value, state["scores"], state["keep"], thresholds))
     return collections.OrderedDict(scores=scores, keep=state["keep"], personal=state["personal"],
                                    rounds=state["rounds"])
+  return start_from_mask
+
+
+def _make_mask_step(sh):
+  mask_state_type, server_votes, sums_type, thresholds = sh.mask_state_type, sh.server_votes, sh.sums_type, sh.thresholds
 
   @tff.tensorflow.computation(mask_state_type, sums_type)
   def mask_step(server, sums):
@@ -655,6 +688,11 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     new = tuple(tf.where(shared, tf.cast(vote >= t, tf.float32), m)
                 for m, (vote, shared), t in zip(server["mask"], server_votes(sums), thresholds))
     return collections.OrderedDict(round=server["round"] + 1, mask=new)
+  return mask_step
+
+
+def _make_mask_downlink_bits(sh):
+  client_update, mask_message, scores_type, state_type = sh.client_update, sh.mask_message, sh.scores_type, sh.state_type
 
   @tff.tensorflow.computation(scores_type, state_type, client_update.type_signature.result[2])
   def mask_downlink_bits(global_mask_value, state, metrics):
@@ -663,6 +701,11 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     sizes = [mask_message(m, tf.where(metrics["pruned"] > 0, tf.ones_like(k), k))[1]
              for m, k in zip(global_mask_value, state["keep"])]
     return tf.add_n(sizes)
+  return mask_downlink_bits
+
+
+def _make_global_downlink_bits(sh):
+  client_update, config, specs, state_type = sh.client_update, sh.config, sh.specs, sh.state_type
 
   @tff.tensorflow.computation(state_type, client_update.type_signature.result[2])
   def global_downlink_bits(state, metrics):
@@ -673,7 +716,13 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
       return 32 * tf.add_n(counts)
     b = int(config.downlink_bits)  # b-bit codes, whole bytes per tensor, plus lo and hi
     return tf.add_n([8 * ((n * b + 7) // 8) + 64 for n in counts])
+  return global_downlink_bits
 
+
+def _make_initialize(sh):
+  """The server state's type and ``initialize``: G (score_sign), m^T (global_mask) or a round counter."""
+  config, global_scores, global_state_type, initial_global_state = sh.config, sh.global_scores, sh.global_state_type, sh.initial_global_state
+  initial_mask_state, mask_state_type = sh.initial_mask_state, sh.mask_state_type
   if global_scores:
     server_state_type = tff.FederatedType(global_state_type, tff.SERVER)
 
@@ -692,13 +741,13 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     @tff.federated_computation()
     def initialize_fn():
       return tff.federated_value(np.int32(0), tff.SERVER)
+  return server_state_type, initialize_fn
 
-  clients_state_type = tff.FederatedType(state_type, tff.CLIENTS)
 
-  # A round is two federated computations, each with at most one aggregation, so that TFF's
-  # mergeable execution context can split either over several workers without computing
-  # anything twice: `client_work` (no aggregation) and `aggregate` (one sum, then each
-  # client's own rule). `next_fn` is their composition.
+def _make_client_work_fn(sh):
+  client_update, clients_state_type, config, data_type = sh.client_update, sh.clients_state_type, sh.config, sh.data_type
+  global_scores, server_state_type, start_from_global, start_from_mask = sh.global_scores, sh.server_state_type, sh.start_from_global, sh.start_from_mask
+
   @tff.federated_computation(server_state_type, tff.FederatedType(data_type, tff.CLIENTS),
                              clients_state_type)
   def client_work_fn(server_state, client_data, client_states):
@@ -710,6 +759,11 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
           start_from_mask, (tff.federated_broadcast(server_state.mask), client_states))
     trained, upload, metrics = tff.federated_map(client_update, (client_data, client_states))
     return trained, upload, metrics
+  return client_work_fn
+
+
+def _make_summed(sh):
+  config, specs, sums_to_float, sums_to_int = sh.config, sh.specs, sh.sums_to_float, sh.sums_to_int
 
   def summed(decoded):
     if not config.secure_aggregation:
@@ -719,6 +773,15 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
         counts, collections.OrderedDict(total=tuple(config.secure_bitwidth for _ in specs),
                                         count=tuple(config.secure_bitwidth for _ in specs)))
     return tff.federated_map(sums_to_float, secure)
+  return summed
+
+
+def _make_aggregate_fn(sh):
+  client_update, clients_state_type, config, decode_upload = sh.client_update, sh.clients_state_type, sh.config, sh.decode_upload
+
+  download_and_apply, global_downlink_bits, global_scores, global_step = sh.download_and_apply, sh.global_downlink_bits, sh.global_scores, sh.global_step
+  increment, mask_downlink_bits, mask_step, server_state_type = sh.increment, sh.mask_downlink_bits, sh.mask_step, sh.server_state_type
+  summed, upload_type = sh.summed, sh.upload_type
 
   @tff.federated_computation(server_state_type, clients_state_type,
                              tff.FederatedType(upload_type, tff.CLIENTS),
@@ -742,63 +805,36 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     client_metrics = tff.federated_zip(collections.OrderedDict(
         train=metrics, downlink_bits=downlink_bits, upload_valid=valid))
     return new_server, new_states, client_metrics
+  return aggregate_fn
+
+
+def _make_next_fn(sh):
+  aggregate_fn, client_work_fn, clients_state_type, data_type = sh.aggregate_fn, sh.client_work_fn, sh.clients_state_type, sh.data_type
+  server_state_type = sh.server_state_type
 
   @tff.federated_computation(server_state_type, tff.FederatedType(data_type, tff.CLIENTS),
                              clients_state_type)
   def next_fn(server_state, client_data, client_states):
     trained, upload, metrics = client_work_fn(server_state, client_data, client_states)
     return aggregate_fn(server_state, trained, upload, metrics)
+  return next_fn
+
+
+def _make_evaluate_fn(sh):
+  eval_data_type, evaluate_client, scores_type = sh.eval_data_type, sh.evaluate_client, sh.scores_type
 
   @tff.federated_computation(tff.FederatedType(eval_data_type, tff.CLIENTS),
                              tff.FederatedType(scores_type, tff.CLIENTS))
   def evaluate_fn(client_data, client_masks):
     return tff.federated_map(evaluate_client, (client_data, client_masks))
+  return evaluate_fn
+
+
+def _make_prepare_fn(sh):
+  clients_state_type, data_type, prepare_client = sh.clients_state_type, sh.data_type, sh.prepare_client
 
   @tff.federated_computation(tff.FederatedType(data_type, tff.CLIENTS), clients_state_type)
   def prepare_fn(client_data, client_states):
     new_states, metrics = tff.federated_map(prepare_client, (client_data, client_states))
     return new_states, metrics
-
-  process = FedMaskProcess(initialize_fn, next_fn)
-  process.prepare = prepare_fn
-  process.specs = specs
-  process.config = config
-  process.client_state_type = state_type
-  process.evaluate = evaluate_fn
-  process.client_work = client_work_fn
-  process.aggregate = aggregate_fn
-  process.client_update = client_update
-  process.decode_upload = decode_upload
-  process.download_and_apply = download_and_apply
-  process.evaluate_client = evaluate_client
-
-  def initial_client_state():
-    return collections.OrderedDict(
-        scores=tuple(x.copy() for x in initial_scores),
-        keep=tuple(np.ones(s.shape, np.float32) for s in specs),
-        personal=tuple((x >= lt).astype(np.float32) for x, lt in zip(initial_scores, logit_thresholds)),
-        rounds=np.int32(0))
-
-  process.initial_client_state = initial_client_state
-
-  process.global_scores = global_scores
-  process.start_from_global = start_from_global
-
-  def start_masks(server_state, state):
-    """The binary masks of the aggregate as a client sees it, before local training (numpy):
-    with ``score_sign`` the mask of the server's scores ``G`` at its kept positions; with
-    ``global_mask`` the mask it starts its next round from (its scores moved by m^T);
-    otherwise the mask it restarted from after its last aggregation."""
-    if global_scores:
-      scores = server_state["scores"]
-    elif config.global_mask:
-      scores = start_from_mask(server_state["mask"], state)["scores"]
-    else:
-      scores = state["scores"]
-    return tuple(((np.asarray(sc) >= lt) * np.asarray(k)).astype(np.float32)
-                 for sc, k, lt in zip(scores, state["keep"], logit_thresholds))
-
-  process.start_masks = start_masks
-  process.start_from_mask = start_from_mask
-  process.prepare_client = prepare_client
-  return process
+  return prepare_fn

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from test_cli import ROOT, _orphan_workers, _workers, write_learnable_fashion_dir
+from helpers import ROOT, orphan_workers, tff_workers, write_learnable_fashion_dir
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -88,7 +88,7 @@ def devices(tmp_path_factory):
   args = ["--study=devices", f"--data_dir={data}", f"--output_dir={out}", "--algorithms=fedmask",
           "--devices=2,3", "--num_clients=6", "--rounds=2", "--eval_every=1", "--model=mlp",
           "--model_width=0.25", "--batch_size=16", "--progress=false"]
-  before = _workers()
+  before = tff_workers()
   return _studies(args), out, args, before
 
 
@@ -96,7 +96,7 @@ def test_training_study_end_to_end(devices):
   proc, out, _, before = devices
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "run 1/2 fedmask_devices2" in proc.stderr and "run 2/2 fedmask_devices3" in proc.stderr
-  assert not (_orphan_workers() - before)  # no TFF worker outlives the command
+  assert not (orphan_workers() - before)  # no TFF worker outlives the command
   for name in ("table.md", "study.json", "study.csv", "figure.png", "partition.json"):
     assert os.path.exists(os.path.join(out, name)), name
   assert _is_png(os.path.join(out, "figure.png"))
@@ -180,7 +180,7 @@ def test_fedmask_ablation_plans_every_variant_on_one_partition(tmp_path):
 
 
 def test_mask_capacity_trains_the_mask_and_the_dense_network(tmp_path):
-  from test_cli import write_learnable_fashion_dir
+  from helpers import write_learnable_fashion_dir
   data = tmp_path / "fmnist"
   write_learnable_fashion_dir(str(data), n_train=300, n_test=60)
   out = tmp_path / "cap"

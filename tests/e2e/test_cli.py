@@ -11,58 +11,11 @@ import os
 import subprocess
 import sys
 
+from helpers import ROOT, orphan_workers, run_cli, write_learnable_fashion_dir
+
 import numpy as np
 import pytest
 
-from test_data import idx_bytes, write_file
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def write_learnable_fashion_dir(directory, n_train=600, n_test=100, seed=0):
-  """Fashion-MNIST-shaped files whose class c lights up the image's row band c."""
-  rng = np.random.default_rng(seed)
-  os.makedirs(directory, exist_ok=True)
-  for prefix, n in (("train", n_train), ("t10k", n_test)):
-    labels = (np.arange(n) % 10).astype(np.uint8)
-    images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
-    for i, c in enumerate(labels):
-      images[i, 2 * c + 4: 2 * c + 7, 4:24] = 255
-    write_file(os.path.join(directory, f"{prefix}-images-idx3-ubyte.gz"), idx_bytes(images), True)
-    write_file(os.path.join(directory, f"{prefix}-labels-idx1-ubyte.gz"), idx_bytes(labels), True)
-
-
-def _workers():
-  out = subprocess.run(["pgrep", "-f", "tensorflow_federated/data/worker_binary"],
-                       capture_output=True, text=True).stdout
-  return set(out.split())
-
-
-def _orphan_workers():
-  """TFF workers whose parent is gone (re-parented to init): what a leak looks like. Workers of
-  other live processes on the machine (other runs, other test sessions) are not counted."""
-  orphans = set()
-  for pid in _workers():
-    try:
-      with open(f"/proc/{pid}/stat") as f:
-        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-      with open(f"/proc/{ppid}/cmdline", "rb") as f:
-        parent = f.read()
-    except (OSError, ValueError, IndexError):
-      continue
-    if ppid == 1 or b"python" not in parent:
-      orphans.add(pid)
-  return orphans
-
-
-def run_cli(args, timeout=600):
-  # The console as a user sees it: no TF_CPP_MIN_LOG_LEVEL of the test environment.
-  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-  before = _workers()
-  proc = subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout,
-                        stdin=subprocess.DEVNULL)
-  return proc, before
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +45,7 @@ def test_run_succeeds_and_prints_summary(finished_run):
 def test_no_worker_outlives_the_command(finished_run):
   proc, _, before = finished_run
   assert proc.returncode == 0
-  assert not (_orphan_workers() - before)
+  assert not (orphan_workers() - before)
 
 
 def test_results_json_schema_and_values(finished_run):
@@ -296,7 +249,8 @@ def test_console_is_quiet_and_says_what_loading_does(finished_run):
 
 
 def test_loading_words_for_data_federated_by_nature():
-  from fedmask_tff.simulation.runner import RunConfig, _loading_words
+  from fedmask_tff.simulation.run_config import RunConfig
+  from fedmask_tff.simulation.runner import _loading_words
   assert "one client per subject" in _loading_words(RunConfig(dataset="har", num_clients=30))
   assert "partitioning" not in _loading_words(RunConfig(dataset="femnist_leaf"))
   assert "dirichlet, alpha 0.1" in _loading_words(RunConfig(partition="dirichlet", dirichlet_alpha=0.1))

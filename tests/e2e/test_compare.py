@@ -1,7 +1,7 @@
 """`python -m experiments.compare`: algorithms on one partition, one table.
 
 All eight algorithms run through the README's own compare command in
-tests/test_documented_commands.py, which also checks every algorithm's bits; here two of them,
+tests/e2e/test_documented_commands.py, which also checks every algorithm's bits; here two of them,
 with client dropout, the rerun and the coding table."""
 
 import csv
@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from test_cli import ROOT, write_learnable_fashion_dir
+from helpers import ROOT, write_learnable_fashion_dir
 
 ALGORITHMS = ["fedmask", "local_masks", "fedavg"]
 

@@ -12,7 +12,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from fedmask_tff.data import client_files
-from test_cli import run_cli, write_learnable_fashion_dir
+from helpers import run_cli, write_learnable_fashion_dir
 
 
 def _client_data(n=37):

@@ -12,7 +12,7 @@ import pytest
 
 from fedmask_tff.algorithms import fedmask
 from fedmask_tff.masks import masking
-from test_fedmask_process import (CONFIG, ELEMENT_SPEC, KEPT, NUM_CLIENTS, SHAPES, make_data,
+from helpers import (CONFIG, ELEMENT_SPEC, KEPT, NUM_CLIENTS, SHAPES, make_data,
                                   model_fn, to_datasets)
 
 LITERAL = dataclasses.replace(CONFIG, upload="mask", global_mask=True, score_restart="scaled_logit")

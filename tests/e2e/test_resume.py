@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from test_cli import ROOT, run_cli, write_learnable_fashion_dir
+from helpers import ROOT, run_cli, write_learnable_fashion_dir
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +103,9 @@ def test_changed_flags_and_corrupt_checkpoint_are_refused(data_dir, tmp_path):
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)])
 def test_sigint_and_sigterm_stop_cleanly(data_dir, tmp_path, sig, code):
-  from test_cli import _workers
+  from helpers import tff_workers
   out = str(tmp_path / "run")
-  before = _workers()
+  before = tff_workers()
   child = subprocess.Popen([sys.executable, "-m", "experiments.run", *_args(data_dir, out, "fedmask")],
                            cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
@@ -122,5 +122,5 @@ def test_sigint_and_sigterm_stop_cleanly(data_dir, tmp_path, sig, code):
   if sig == signal.SIGINT:
     assert "rerun the same command to resume" in err
   time.sleep(0.5)
-  assert not set(own) & _workers()  # the run's worker did not outlive it
+  assert not set(own) & tff_workers()  # the run's worker did not outlive it
   assert os.path.exists(os.path.join(out, "checkpoint.npz")) and _rounds_done(out) >= 1

@@ -31,7 +31,7 @@ import psutil
 import pytest
 
 from fedmask_tff.runtime import worker
-from test_cli import ROOT, _orphan_workers, run_cli
+from helpers import ROOT, orphan_workers, run_cli
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
@@ -515,13 +515,13 @@ def two_workers():
 def test_run_over_two_workers_matches_the_local_run(two_workers, tmp_path, algorithm, tol):
   local = LocalRun(str(tmp_path / "local"), algorithm, 2)
   try:
-    before = _orphan_workers()
+    before = orphan_workers()
     out = str(tmp_path / "workers")
     proc, _ = run_cli([*_args(out, algorithm, 2), f"--workers={_spec(two_workers)}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "split over 2 TFF workers" in proc.stderr
     assert all(w.proc.poll() is None for w in two_workers)  # the workers outlive the driver
-    assert not (_orphan_workers() - before)
+    assert not (orphan_workers() - before)
     remote = _results(out)
     assert remote["config"]["workers"] == _spec(two_workers)
     assert [r["round"] for r in remote["rounds"]] == [1, 2]

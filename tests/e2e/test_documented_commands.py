@@ -31,7 +31,7 @@ import sys
 
 import pytest
 
-from test_cli import ROOT, write_learnable_fashion_dir
+from helpers import ROOT, write_learnable_fashion_dir
 
 DOCS = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 PYTHONS = (".venv/bin/python", ".venv-litert/bin/python", "python")

@@ -85,13 +85,13 @@ def test_rule_scale_defaults():
 
 # ------------------------------------------------------------- in the process ---
 
-from test_fedmask_process import (CONFIG, ELEMENT_SPEC, KEPT, NUM_CLIENTS,  # noqa: E402
+from helpers import (CONFIG, ELEMENT_SPEC, KEPT, NUM_CLIENTS,  # noqa: E402
                                         model_fn, to_datasets)
 
 
 @pytest.fixture(scope="module")
 def data():
-  from test_fedmask_process import make_data
+  from helpers import make_data
   return make_data()
 
 
@@ -266,7 +266,7 @@ def test_score_sign_quantized_downlink_counts_its_bits_and_stays_close(tff_conte
     err = np.abs(np.asarray(oi) - gi)[ki > 0]
     assert err.max() <= span / (2 * (2 ** 8 - 2)) + 1e-5 and err.max() > 0
     np.testing.assert_array_equal(np.asarray(oi)[ki == 0], state["scores"][0][0, 0])
-  from test_fedmask_process import make_data
+  from helpers import make_data
   _, states, metrics = process.next(process.initialize(), to_datasets(make_data()),
                                     [process.initial_client_state() for _ in range(NUM_CLIENTS)])
   sizes = [8 * 16, 16 * 12, 12 * 3]  # first round: every element, before pruning
@@ -276,7 +276,7 @@ def test_score_sign_quantized_downlink_counts_its_bits_and_stays_close(tff_conte
 
 def test_runs_differ_only_in_settings_their_algorithm_uses():
   """Resume and compare look only at settings that can change a run's results."""
-  from fedmask_tff.simulation.runner import RunConfig, differing_settings
+  from fedmask_tff.simulation.run_config import RunConfig, differing_settings
   import dataclasses as dc
   stored = dc.asdict(RunConfig(personal_head=False, score_restart="linear"))
   assert differing_settings(stored, RunConfig(algorithm="fedavg", personal_head=False,

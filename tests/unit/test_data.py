@@ -3,7 +3,8 @@
 import collections
 import gzip
 import os
-import struct
+
+from helpers import IDX_CODES, idx_bytes, write_file
 
 import numpy as np
 import pytest
@@ -11,33 +12,6 @@ import pytest
 from fedmask_tff import data
 from fedmask_tff.data import fashion_mnist
 from fedmask_tff.data import DataError
-
-_CODES = {
-    np.dtype('uint8'): 0x08,
-    np.dtype('int8'): 0x09,
-    np.dtype('int16'): 0x0B,
-    np.dtype('int32'): 0x0C,
-    np.dtype('float32'): 0x0D,
-    np.dtype('float64'): 0x0E,
-}
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-  array = np.asarray(array)
-  header = struct.pack('>BBBB', 0, 0, _CODES[array.dtype], array.ndim)
-  header += struct.pack(f'>{array.ndim}I', *array.shape)
-  return header + array.astype(array.dtype.newbyteorder('>')).tobytes()
-
-
-def write_file(path, payload: bytes, compress: bool) -> str:
-  path = str(path)
-  if compress:
-    with gzip.open(path, 'wb') as f:
-      f.write(payload)
-  else:
-    with open(path, 'wb') as f:
-      f.write(payload)
-  return path
 
 
 def write_fashion_dir(directory, n_train=30, n_test=10, compress=True,
@@ -62,7 +36,7 @@ def write_fashion_dir(directory, n_train=30, n_test=10, compress=True,
 
 
 @pytest.mark.parametrize('compress', [True, False])
-@pytest.mark.parametrize('dtype', list(_CODES))
+@pytest.mark.parametrize('dtype', list(IDX_CODES))
 def test_read_idx_round_trip(tmp_path, compress, dtype):
   array = (np.arange(2 * 3 * 4) - 5).reshape(2, 3, 4)
   array = (array % 256 if dtype == np.uint8 else array).astype(dtype)

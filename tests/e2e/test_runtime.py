@@ -63,7 +63,7 @@ def test_worker_dies_when_python_is_killed():
 RUNS_SCRIPT = r"""
 import json, sys
 import psutil
-from fedmask_tff.simulation import runner
+from fedmask_tff.simulation import run_config, runner
 from fedmask_tff import runtime
 data_dir, out = sys.argv[1], sys.argv[2]
 seen = []
@@ -74,7 +74,7 @@ for i in range(2):
     seen.append(proc.pid)
     return proc, port
   runtime.start_worker = spy
-  runner.run(runner.RunConfig(data_dir=data_dir, output_dir=f"{out}/run{i}", model="mlp",
+  runner.run(run_config.RunConfig(data_dir=data_dir, output_dir=f"{out}/run{i}", model="mlp",
                               model_width=0.25, num_clients=4, clients_per_round=2, rounds=1,
                               local_epochs=1, progress=False))
   runtime.start_worker = original
@@ -87,13 +87,13 @@ for i in range(2):
 
 def test_runs_one_after_another_each_get_a_fresh_worker(tmp_path):
   """A run stops the worker it started (a study's runs would otherwise pile up in one worker)."""
-  from test_cli import write_learnable_fashion_dir
+  from helpers import ROOT, write_learnable_fashion_dir
   data = tmp_path / "data"
   write_learnable_fashion_dir(str(data))
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   proc = subprocess.run([sys.executable, "-c", RUNS_SCRIPT, str(data), str(tmp_path / "out")],
                         capture_output=True, text=True, timeout=600, env=env,
-                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                        cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   import json
   first, second = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -106,7 +106,7 @@ def test_runs_one_after_another_each_get_a_fresh_worker(tmp_path):
 def test_worker_restarted_above_its_memory_limit_gives_identical_results(tmp_path):
   """--worker_memory_limit_mb: a fresh worker after every round (limit 1 MB) changes nothing."""
   import json
-  from test_cli import run_cli, write_learnable_fashion_dir
+  from helpers import run_cli, write_learnable_fashion_dir
   data = tmp_path / "data"
   write_learnable_fashion_dir(str(data))
   common = [f"--data_dir={data}", "--model=mlp", "--model_width=0.25", "--num_clients=6",

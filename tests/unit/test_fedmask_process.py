@@ -19,56 +19,10 @@ import tensorflow as tf
 from fedmask_tff.masks import aggregation, pruning
 from fedmask_tff.wire import bitpack
 from fedmask_tff.algorithms import fedmask
-from fedmask_tff.masks.layers import MaskedDense, mask_variables
+from fedmask_tff.masks.layers import mask_variables
 from fedmask_tff.masks.masking import scores_from_mask_values
-
-NUM_CLIENTS = 4
-BATCH = 4
-PRUNE_RATE = 0.3
-# The paper's upload (the binary mask) and vote rule; score_sign is tested in test_vote_rules.
-CONFIG = fedmask.FedMaskConfig(prune_rate=PRUNE_RATE, prune_last_layers=2, learning_rate=1.0,
-                                local_epochs=1, upload="mask", score_restart="scaled_logit")
-ELEMENT_SPEC = collections.OrderedDict(x=tf.TensorSpec([None, 8], tf.float32),
-                                       y=tf.TensorSpec([None], tf.int32))
-SHAPES = [(8, 16), (16, 12), (12, 3)]
-PRUNABLE = [False, True, True]
-# Kept elements per client: 128 + round(0.3 * 192) + round(0.3 * 36) = 128 + 58 + 11.
-KEPT = [128, 58, 11]
-
-
-def model_fn(mask_mode="ste"):
-  return tf.keras.Sequential([
-      tf.keras.Input(shape=(8,)),
-      MaskedDense(16, activation="relu", seed=1, mask_mode=mask_mode, name="d1"),
-      MaskedDense(12, activation="relu", seed=2, mask_mode=mask_mode, name="d2"),
-      MaskedDense(3, seed=3, mask_mode=mask_mode, name="d3"),
-  ])
-
-
-def make_data(seed=0, n=16):
-  """Per-client (x, y): labels from a shared linear rule plus a client-specific shift."""
-  rng = np.random.default_rng(seed)
-  w = rng.standard_normal((8, 3))
-  data = []
-  for c in range(NUM_CLIENTS):
-    x = rng.standard_normal((n, 8)).astype(np.float32)
-    y = np.argmax(x @ w + rng.standard_normal(3) * c, axis=1).astype(np.int32)
-    data.append((x, y))
-  return data
-
-
-def to_datasets(data, batch=BATCH):
-  # Deterministic (no shuffle): client_update and next see the same batches.
-  return [tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=x, y=y)).batch(batch)
-          for x, y in data]
-
-
-def np_state(state):
-  return collections.OrderedDict(
-      scores=tuple(np.asarray(s, np.float32) for s in state["scores"]),
-      keep=tuple(np.asarray(k, np.float32) for k in state["keep"]),
-      personal=tuple(np.asarray(p, np.float32) for p in state["personal"]),
-      rounds=np.int32(state["rounds"]))
+from helpers import (CONFIG, ELEMENT_SPEC, KEPT, NUM_CLIENTS, PRUNABLE, PRUNE_RATE, SHAPES,
+                     make_data, model_fn, np_state, to_datasets)
 
 
 @pytest.fixture(scope="module")
