@@ -1,7 +1,8 @@
 """Memory over a long run: ``python -m benchmarks.long_run_memory [--rounds=500]``.
 
-Runs FedMask on the embedded default with a small model for many rounds and
-samples, once a second, the resident memory (RSS, from /proc) of this driver
+Runs FedMask for many rounds (``--preset=small``: the embedded default with a small model;
+``--preset=har``: the paper's HAR set-up, har_mlp with 1.7 M mask elements) and samples, once a
+second, the resident memory (RSS, from /proc) of this driver
 process and of TFF's worker process. Writes
 ``benchmarks/results/long_run_memory.json`` with the samples and the peak RSS
 of both processes up to round 50 and up to the last round: flat memory means
@@ -23,9 +24,23 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("rounds", 500, "Rounds of the long run.")
 flags.DEFINE_integer("checkpoint_round", 50, "The early round whose peak is compared with the last.")
 flags.DEFINE_string("output_dir", "runs/long_run_memory", "Run directory.")
-flags.DEFINE_string("data_dir", None, "Fashion-MNIST directory (default: searched).")
-flags.DEFINE_integer("num_clients", 100, "Clients.")
-flags.DEFINE_integer("clients_per_round", 10, "Clients per round.")
+flags.DEFINE_string("data_dir", None, "Data directory (default: searched).")
+flags.DEFINE_enum("preset", "small", ["small", "har"],
+                  "small: Fashion-MNIST, mlp at width 0.5, 1 local epoch; har: UCI-HAR with the "
+                  "paper's har_mlp (1.7 M mask elements), 5 local epochs, 20 clients a round.")
+flags.DEFINE_integer("num_clients", None, "Clients (default: the preset's).")
+flags.DEFINE_integer("clients_per_round", None, "Clients per round (default: the preset's).")
+flags.DEFINE_integer("local_epochs", None, "Local epochs (default: the preset's).")
+flags.DEFINE_float("worker_memory_limit_mb", 1e9,
+                   "The runner's worker restart threshold (default: never restart, so that growth "
+                   "shows); each restart is recorded in the samples.")
+
+PRESETS = {
+    "small": dict(dataset="fashion_mnist", model="mlp", model_width=0.5, local_epochs=1,
+                  num_clients=100, clients_per_round=10),
+    "har": dict(dataset="har", model="har_mlp", model_width=1.0, local_epochs=5, num_clients=30,
+                clients_per_round=20),
+}
 flags.DEFINE_string("results", os.path.join(os.path.dirname(__file__), "results", "long_run_memory.json"),
                     "Where the measurements go.")
 
@@ -53,10 +68,13 @@ def main(argv):
   del argv
   from fedmask_tff.simulation import run_config, runner
   from fedmask_tff import runtime
-  config = run_config.RunConfig(model="mlp", model_width=0.5, rounds=FLAGS.rounds, local_epochs=1,
-                            num_clients=FLAGS.num_clients, clients_per_round=FLAGS.clients_per_round,
-                            data_dir=FLAGS.data_dir, output_dir=FLAGS.output_dir, overwrite=True,
-                            progress=False)
+  settings = dict(PRESETS[FLAGS.preset])
+  for name in ("num_clients", "clients_per_round", "local_epochs"):
+    if getattr(FLAGS, name) is not None:
+      settings[name] = getattr(FLAGS, name)
+  config = run_config.RunConfig(rounds=FLAGS.rounds, data_dir=FLAGS.data_dir,
+                                output_dir=FLAGS.output_dir, overwrite=True, progress=False,
+                                worker_memory_limit_mb=FLAGS.worker_memory_limit_mb, **settings)
   samples, stop = [], threading.Event()
 
   def sample():
@@ -79,10 +97,15 @@ def main(argv):
     return max(values) if values else 0
 
   early, last = FLAGS.checkpoint_round, FLAGS.rounds
+  after_round = {}  # worker RSS when round r was just saved (the first sample that sees it)
+  for s in samples:
+    after_round.setdefault(s["round"], s["worker_rss"] / 2 ** 20)
   summary = {
-      "settings": {"model": "mlp", "model_width": 0.5, "rounds": last, "clients_per_round":
-                   config.clients_per_round, "num_clients": config.num_clients, "local_epochs": 1},
+      "settings": dict(settings, preset=FLAGS.preset, rounds=last),
+      "worker_allocator": runtime.worker_allocator_env() or "glibc malloc (defaults)",
+      "worker_restarts": sum(bool(r.get("worker_restarted")) for r in results["rounds"]),
       "wall_s": time.time() - t0,
+      "worker_rss_mb_after_round": {r: round(v, 1) for r, v in sorted(after_round.items()) if r > 0},
       "accuracy": results["final"]["accuracy"],
       f"driver_peak_rss_mb_to_round_{early}": peak("driver_rss", early) / 2 ** 20,
       f"driver_peak_rss_mb_to_round_{last}": peak("driver_rss", last) / 2 ** 20,

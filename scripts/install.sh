@@ -29,6 +29,15 @@ else
   echo "$want" > "$stamp"
 fi
 
+# jemalloc for TFF's worker process (fedmask_tff.runtime: its memory stays flat over rounds;
+# without it the worker falls back to glibc with fewer arenas). Optional: tried only as root.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! dpkg -s libjemalloc2 >/dev/null 2>&1; then
+  echo "[install] installing libjemalloc2 (the TFF worker's allocator) ..." >&2
+  (apt-get install -y -qq libjemalloc2 >/dev/null 2>&1 ||
+   { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libjemalloc2 >/dev/null 2>&1; }) ||
+    echo "[install] libjemalloc2 not installed; the TFF worker uses glibc's malloc" >&2
+fi
+
 # The phone's runtime (LiteRT) in an environment of its own, without TensorFlow, for
 # `python -m tflite.check_runtime` (docs/tflite.md).
 litert_stamp=.venv-litert/.fedmask-install-stamp
