@@ -79,7 +79,7 @@ def training_mask(scores: tf.Tensor, mode: str, threshold: float = DEFAULT_THRES
 
 # --- Moving a client's scores by the aggregated vote ------------------------------
 
-from fedmask_tff.masks.vote_rules import OVERWRITE_RULES, PERSISTENT_RULES, RESTART_RULES  # noqa: E402
+from fedmask_tff.masks.vote_rules import OVERWRITE_RULES, RESTART_RULES  # noqa: E402
 
 
 def check_rule(rule: str, scale: float = 0.1, eps: float = 0.01) -> None:

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import ctypes
 import fcntl
-import os
 import signal
 import socket
 import struct
