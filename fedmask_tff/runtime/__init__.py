@@ -33,10 +33,13 @@ import tensorflow_federated as tff
 
 from fedmask_tff.runtime.worker import WorkerError, parse_workers  # noqa: F401  (re-exported)
 
+# The largest message between the driver and a worker (bytes): protobuf cannot go beyond 2 GiB,
+# and TFF sends all clients' values of a call in one request (and their results in one response).
+MAX_MESSAGE_BYTES = 2_000_000_000
 _GRPC_OPTIONS = [
-    ("grpc.max_message_length", 2_000_000_000),
-    ("grpc.max_receive_message_length", 2_000_000_000),
-    ("grpc.max_send_message_length", 2_000_000_000),
+    ("grpc.max_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
 _PR_SET_PDEATHSIG = 1
 

@@ -30,6 +30,7 @@ from fedmask_tff.simulation.run_config import differing_settings, resume_state
 RUN_FILES = ("client_states", "results.json", "metrics.csv", "partition.json", "checkpoint.npz",
              "tensorboard", "global_model.weights.h5", "client_data")
 EVAL_CHUNK = 20  # clients per evaluation call (bounds the TFF worker's memory)
+MESSAGE_HEADROOM = 0.9  # share of a TFF message the client states may fill (data, metrics too)
 
 
 def _unseen_clients(client_ids: list, fraction: float, seed: int) -> set:
@@ -295,6 +296,29 @@ class _Run:
       raise ConfigError(str(e)) from e
     self.num_params = self.algorithm.model_parameters
     self.store = self.algorithm.make_store(os.path.join(config.output_dir, "client_states"))
+    self.chunk = self._clients_per_call()
+
+  def _clients_per_call(self) -> int:
+    """Clients per evaluation or preparation call, after refusing a round whose clients'
+    states cannot travel to a TFF worker: TFF sends them in one request and gets the new ones
+    back in one response, and a message holds at most ``runtime.MAX_MESSAGE_BYTES``."""
+    from fedmask_tff import runtime
+    config = self.config
+    state_bytes = _nbytes(self.algorithm.initial_client_state())
+    if not state_bytes:
+      return EVAL_CHUNK
+    fits = max(1, int(runtime.MAX_MESSAGE_BYTES * MESSAGE_HEADROOM // state_bytes))
+    workers = len(config.workers.split(",")) if config.workers else 1
+    per_call = math.ceil(config.clients_per_round / workers)
+    if per_call > fits:
+      raise ConfigError(
+          f"--clients_per_round={config.clients_per_round}: each client's state is "
+          f"{state_bytes / 1e6:.3g} MB ({self.model_name} at --model_width={config.model_width:g}), "
+          f"so a round would send {per_call * state_bytes / 1e9:.2f} GB to "
+          f"{'each' if workers > 1 else 'the'} TFF worker in one message, above the "
+          f"{runtime.MAX_MESSAGE_BYTES / 1e9:.1f} GB limit of a message: use at most "
+          f"{fits * workers} clients per round, more --workers, or a smaller --model_width")
+    return min(EVAL_CHUNK, fits)
 
   def _settings_record(self) -> dict:
     """``results.json["config"]``: every flag, what was used, the algorithm's own settings."""
@@ -322,7 +346,7 @@ class _Run:
                               self._settings_record(), rounds=previous_rows)
     if self.algorithm.prepares_clients and not self.resuming:
       initialization = _prepare_clients(self.algorithm, self.store, self.training_ids,
-                                        lambda c: self.train_input(c, 0))
+                                        lambda c: self.train_input(c, 0), self.chunk)
     if initialization is not None:
       self.outputs.results["initialization"] = initialization
       self.outputs.save()
@@ -378,8 +402,8 @@ class _Run:
     state and data are loaded once.
     """
     per_kind: dict[str, dict] = {"personal": {}}
-    for i in range(0, len(client_ids), EVAL_CHUNK):
-      ids = client_ids[i:i + EVAL_CHUNK]
+    for i in range(0, len(client_ids), self.chunk):
+      ids = client_ids[i:i + self.chunk]
       tests = self.test_datasets(ids)
       trains = [self.train_dataset(c, 0) for c in ids]  # a fixed order, for adaptation (Per-FedAvg)
       states = [self.store.get(c) for c in ids] if self.store is not None else None
@@ -504,8 +528,8 @@ class _Run:
     _log(f"[fedmask_tff] {len(self.unseen)} unseen clients join late: one round of local client "
          "work from the server's current view, then evaluation ...")
     per_client, ids, late_round = {}, sorted(self.unseen), self.config.rounds + 1
-    for i in range(0, len(ids), EVAL_CHUNK):
-      chunk = ids[i:i + EVAL_CHUNK]
+    for i in range(0, len(ids), self.chunk):
+      chunk = ids[i:i + self.chunk]
       trains = [self.train_dataset(c, late_round) for c in chunk]
       states = self.algorithm.late_joiner_states(self.server_state, self.store, len(chunk))
       _, new_states, _ = self.algorithm.next(
@@ -516,6 +540,14 @@ class _Run:
     late = reporting.summarize(per_client)
     return {"accuracy_unseen": late["accuracy"], "accuracy_unseen_client_mean": late["accuracy_client_mean"],
             "accuracy_unseen_per_client": late["accuracy_per_client"], "unseen_clients": ids}
+
+
+def _nbytes(state) -> int:
+  """Bytes of a client state's arrays (0 for a stateless algorithm)."""
+  if state is None:
+    return 0
+  import tensorflow as tf
+  return int(sum(np.asarray(x).nbytes for x in tf.nest.flatten(state)))
 
 
 def _triple(metrics) -> tuple:
@@ -570,15 +602,15 @@ def _build_context(config: RunConfig, split, model_name: str, learning_rate: flo
       split_round=bool(config.workers), dataset_computation=dataset_computation)
 
 
-def _prepare_clients(algorithm, store, client_ids: list, train_input) -> dict:
-  """Every client's work before round 1 (``algorithm.prepare_clients``), 20 clients per TFF
-  call, states stored; returns its measured cost (bits sent, FLOPs, seconds)."""
+def _prepare_clients(algorithm, store, client_ids: list, train_input, chunk: int = EVAL_CHUNK) -> dict:
+  """Every client's work before round 1 (``algorithm.prepare_clients``), ``chunk`` clients per
+  TFF call, states stored; returns its measured cost (bits sent, FLOPs, seconds)."""
   _log(f"[fedmask_tff] before round 1: every client ({len(client_ids)}) trains its pruning epoch "
        "and prunes (--prune_at_init) ...")
   t0 = time.perf_counter()
   up, flops, pruned, diverged = 0, 0.0, 0, 0
-  for i in range(0, len(client_ids), 20):
-    ids = client_ids[i:i + 20]
+  for i in range(0, len(client_ids), chunk):
+    ids = client_ids[i:i + chunk]
     new_states, metrics = algorithm.prepare_clients([train_input(c) for c in ids],
                                                     [store.get(c) for c in ids])
     for c, st in zip(ids, new_states):

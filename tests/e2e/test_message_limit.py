@@ -1,0 +1,48 @@
+"""A round whose clients' states cannot travel to TFF's worker in one message is refused before
+any training, with a message that says what to change (issue 17: vgg16 at width 1 with 20
+clients a round needs 3.7 GB in one request; protobuf stops at 2 GiB)."""
+
+import pytest
+
+from fedmask_tff import runtime
+from fedmask_tff.simulation import runner
+from fedmask_tff.simulation.run_config import ConfigError, RunConfig
+from helpers import write_learnable_fashion_dir
+
+# mlp at width 0.25: 42,200 mask elements; a FedMask client state (scores, keep, personal as
+# float32, and the round) is 3 * 4 * 42,200 + 4 = 506,404 bytes.
+STATE_BYTES = 3 * 4 * 42_200 + 4
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("fm_limit")
+  write_learnable_fashion_dir(str(directory), n_train=200, n_test=40)
+  return str(directory)
+
+
+def _config(data_dir, tmp_path, **overrides):
+  settings = dict(model="mlp", model_width=0.25, num_clients=10, clients_per_round=6, rounds=1,
+                  local_epochs=1, data_dir=data_dir, output_dir=str(tmp_path / "run"),
+                  progress=False)
+  settings.update(overrides)
+  return RunConfig(**settings)
+
+
+def test_too_many_clients_for_one_message_are_refused_before_training(data_dir, tmp_path,
+                                                                      monkeypatch):
+  # A message that holds the states of 4 clients (with the runner's headroom), not 6.
+  monkeypatch.setattr(runtime, "MAX_MESSAGE_BYTES", int(4.5 * STATE_BYTES / runner.MESSAGE_HEADROOM))
+  with pytest.raises(ConfigError) as error:
+    runner.run(_config(data_dir, tmp_path))
+  message = str(error.value)
+  assert "--clients_per_round=6: each client's state is 0.506 MB (mlp at --model_width=0.25)" in message
+  assert "use at most 4 clients per round" in message and "--model_width" in message
+  assert not (tmp_path / "run" / "results.json").exists()  # nothing trained, nothing written
+
+
+def test_a_round_that_fits_runs_to_the_end(data_dir, tmp_path, monkeypatch):
+  # 3 clients a round fit; evaluation of the 6 that took part goes 3 per call.
+  monkeypatch.setattr(runtime, "MAX_MESSAGE_BYTES", int(3.5 * STATE_BYTES / runner.MESSAGE_HEADROOM))
+  results = runner.run(_config(data_dir, tmp_path, clients_per_round=3, rounds=2))
+  assert results["complete"] and 3 <= results["final"]["evaluated_clients"] <= 6
