@@ -45,17 +45,6 @@ flags.DEFINE_string("results", os.path.join(os.path.dirname(__file__), "results"
                     "Where the measurements go.")
 
 
-def _rss_bytes(pid) -> int:
-  try:
-    with open(f"/proc/{pid}/status") as f:
-      for line in f:
-        if line.startswith("VmRSS:"):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return 0
-
-
 def _rounds_done(output_dir) -> int:
   try:
     with open(os.path.join(output_dir, "results.json")) as f:
@@ -81,8 +70,8 @@ def main(argv):
     while not stop.is_set():
       worker = (runtime.local_worker_pids() or [None])[0]
       samples.append({"t": time.time(), "round": _rounds_done(config.output_dir),
-                      "driver_rss": _rss_bytes(os.getpid()),
-                      "worker_rss": _rss_bytes(worker) if worker else 0})
+                      "driver_rss": runtime.process_rss_mb(os.getpid()) * 2 ** 20,
+                      "worker_rss": runtime.process_rss_mb(worker) * 2 ** 20 if worker else 0})
       stop.wait(1.0)
 
   thread = threading.Thread(target=sample, daemon=True)

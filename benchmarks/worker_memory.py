@@ -30,23 +30,12 @@ flags.DEFINE_string("results", os.path.join(os.path.dirname(__file__), "results"
                     "Where the table goes (.json and .md are added).")
 
 
-def _rss_mb(pid) -> float:
-  try:
-    with open(f"/proc/{pid}/status") as f:
-      for line in f:
-        if line.startswith("VmRSS:"):
-          return int(line.split()[1]) / 1024
-  except OSError:
-    pass
-  return 0.0
-
-
 def idle_worker_mb() -> float:
   """RSS of a TFF worker that has started and run nothing (its TensorFlow runtime)."""
   from fedmask_tff import runtime
   runtime.install_local_context()
   time.sleep(3.0)
-  rss = _rss_mb(runtime.local_worker_pids()[0])
+  rss = runtime.process_rss_mb(runtime.local_worker_pids()[0])
   runtime.reset_local_context()
   return rss
 
@@ -61,7 +50,7 @@ def measure(config, idle_mb: float, client_data_mb: float) -> dict:
     while not stop.is_set():
       pids = runtime.local_worker_pids()
       if pids:
-        peak[0] = max(peak[0], _rss_mb(pids[0]))
+        peak[0] = max(peak[0], runtime.process_rss_mb(pids[0]))
       stop.wait(0.2)
 
   thread = threading.Thread(target=sample, daemon=True)

@@ -196,18 +196,21 @@ def local_worker_pids() -> list[int]:
   return [proc.pid for proc in _workers]
 
 
+def process_rss_mb(pid: int) -> float:
+  """Resident memory (MB of 2^20 bytes, /proc's VmRSS) of process ``pid``; 0 when it is gone."""
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      for line in f:
+        if line.startswith("VmRSS:"):
+          return int(line.split()[1]) / 1024.0
+  except (OSError, ValueError):
+    pass
+  return 0.0
+
+
 def local_worker_rss_mb() -> float:
   """Resident memory (MB) of this process's local TFF worker; 0 when there is none."""
-  total = 0.0
-  for proc in _workers:
-    try:
-      with open(f"/proc/{proc.pid}/status") as f:
-        for line in f:
-          if line.startswith("VmRSS:"):
-            total += int(line.split()[1]) / 1024.0
-    except (OSError, ValueError):
-      pass
-  return total
+  return sum(process_rss_mb(proc.pid) for proc in _workers)
 
 
 def restart_local_worker() -> None:
