@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import os
 
-from experiments.study_reports import MB, _pyplot, write_raw
+from experiments.study_reports import MB, pyplot, write_raw
 
 
 # (label, model name, input shape, classes, input dtype note)
@@ -185,7 +185,7 @@ def model_size_study(preset: str, out: str, width: float, prune_rate: float, log
   write_raw(out, {"study": "model_size", "preset": preset, "width": width, "prune_rate": prune_rate,
                   "mb_bytes": MB, "paper_table5": paper_table5_rows(), "models": rows},
             rows, SIZE_COLUMNS)
-  plt = _pyplot()
+  plt = pyplot()
   import numpy as np
   fig, ax = plt.subplots(figsize=(10, 4.8))
   keys = (("float32_mb", "float32"), ("pruned_float32_mb", f"float32, pruned (p_r={prune_rate:g})"),

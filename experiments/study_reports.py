@@ -126,7 +126,7 @@ def training_table(study: str, records: list[dict], header: str) -> str:
   return header + "\n\n" + "\n".join(lines) + "\n"
 
 
-def _pyplot():
+def pyplot():
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -134,7 +134,7 @@ def _pyplot():
 
 
 def training_figure(study: str, records: list[dict], path: str, title: str) -> None:
-  plt = _pyplot()
+  plt = pyplot()
   if study == "fedmask_ablation":
     fig, ax = plt.subplots(figsize=(9, 5))
     names = [r["run"] for r in records]

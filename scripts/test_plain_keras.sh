@@ -25,9 +25,15 @@ if [ ! -f "$venv/.env-stamp" ] || [ "$(cat "$venv/.env-stamp")" != "$env_want" ]
   echo "$env_want" > "$venv/.env-stamp"
 fi
 if [ ! -f "$venv/.pkg-stamp" ] || [ "$(cat "$venv/.pkg-stamp")" != "$pkg_want" ]; then
-  echo "[plain-keras] pip install . (no TFF) ..." >&2
-  "$venv/bin/python" -m pip install -q --force-reinstall --no-deps . 2>&1 | grep -v "^WARNING: Location" >&2 || true
-  "$venv/bin/python" -m pip install -q . 2>&1 | grep -v "^WARNING: Location" >&2 || true  # its requirements
+  # First time: `pip install .` as a user types it (its requirements resolved); after a change
+  # of the sources: the new copy only.
+  if "$venv/bin/python" -m pip show -q fedmask_tff >/dev/null 2>&1; then
+    again=(--force-reinstall --no-deps)
+  else
+    again=()
+  fi
+  echo "[plain-keras] pip install ${again[*]} . (no TFF) ..." >&2
+  "$venv/bin/python" -m pip install -q "${again[@]}" . 2>&1 | grep -v "^WARNING: Location" >&2 || true
   "$venv/bin/python" -m pip show -q fedmask_tff >/dev/null 2>&1 || { echo "error: pip install . failed" >&2; exit 1; }
   echo "$pkg_want" > "$venv/.pkg-stamp"
 fi

@@ -85,7 +85,9 @@ def _partition_words(cfg) -> str:
   return "one client per writer/subject/role"
 
 
-def print_summary(results, dense_bits, num_params):
+def print_summary(results, num_params: int):
+  """The run's summary on stdout; dense FedAvg sends 32 bits per parameter each way."""
+  dense_bits = 32 * num_params
   final, totals, cfg = results["final"], results["totals"], results["config"]
   up, down = totals["uplink_bits_per_client_round"], totals["downlink_bits_per_client_round"]
   q = np.percentile(list(final["accuracy_per_client"].values()) or [float("nan")], [0, 10, 50, 100])

@@ -496,7 +496,7 @@ class _Run:
     self.tensorboard.close()
     self.outputs.results["complete"] = True
     self.outputs.save()
-    reporting.print_summary(self.outputs.results, 32 * self.num_params, self.num_params)
+    reporting.print_summary(self.outputs.results, self.num_params)
     return self.outputs.results
 
   def _save_global_model(self) -> None:

@@ -49,9 +49,8 @@ from fedmask_tff.models import costs
 from fedmask_tff.algorithms import evaluation
 from fedmask_tff.masks.layers import mask_variables, masked_layers
 
-from fedmask_tff.algorithms.fedmask.config import UPLOADS, FedMaskConfig  # noqa: F401
+from fedmask_tff.algorithms.fedmask.config import FedMaskConfig
 
-DOWNLINK_UNCHANGED = aggregation.UNCHANGED
 @dataclasses.dataclass(frozen=True)
 class MaskSpec:
   """One masked weight tensor of the model."""
@@ -159,7 +158,6 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
   sh.server_votes = _make_server_votes(sh)
   sh.global_step = _make_global_step(sh)
   sh.initial_mask_state = _make_initial_mask_state(sh)
-  sh.mask_message = _make_mask_message(sh)
   sh.start_from_mask = _make_start_from_mask(sh)
   sh.mask_step = _make_mask_step(sh)
   sh.mask_downlink_bits = _make_mask_downlink_bits(sh)
@@ -496,7 +494,7 @@ def _make_download_and_apply(sh):
       # Client: scatter the message back to its kept positions and move its scores by it.
       positions = tf.where(tf.reshape(keep > 0, [-1]))
       received = tf.reshape(tf.scatter_nd(positions, message, [tf.size(keep, tf.int64)])
-                            + tf.where(tf.reshape(keep > 0, [-1]), 0.0, DOWNLINK_UNCHANGED),
+                            + tf.where(tf.reshape(keep > 0, [-1]), 0.0, aggregation.UNCHANGED),
                             keep.shape)
       new_scores.append(masking.apply_vote(state["scores"][i], received, config.score_restart,
                                            config.restart_scale, config.restart_eps, thresholds[i]))
@@ -635,35 +633,33 @@ def _make_initial_mask_state(sh):
   @tff.tensorflow.computation
   def initial_mask_state():
     return collections.OrderedDict(round=tf.constant(0, tf.int32),
-                                   mask=tuple(tf.fill(s.shape, DOWNLINK_UNCHANGED) for s in specs))
+                                   mask=tuple(tf.fill(s.shape, aggregation.UNCHANGED) for s in specs))
   return initial_mask_state
 
 
-def _make_mask_message(sh):
-  def mask_message(m, keep):
-    """What a client receives of m^T (one tensor): its bit per kept element, packed, plus a
-    packed "defined" bit per kept element while any of them has no m^T yet. Returns the
-    decoded message scattered back (``DOWNLINK_UNCHANGED`` where not kept or undefined)
-    and its int64 size in bits."""
-    flat_keep = tf.reshape(keep > 0, [-1])
-    values = tf.boolean_mask(tf.reshape(m, [-1]), flat_keep)
-    packed_bits = bitpack.pack_bits_tf(tf.cast(values > 0, tf.float32))
-    packed_defined = bitpack.pack_bits_tf(tf.cast(values >= 0, tf.float32))
-    any_undefined = tf.reduce_any(values < 0)
-    size = tf.cast(tf.size(packed_bits) * 8 + tf.where(any_undefined, tf.size(packed_defined) * 8, 0),
-                   tf.int64)
-    n = tf.size(values)
-    defined = tf.where(any_undefined, bitpack.unpack_bits_tf(packed_defined, n), tf.ones([n]))
-    message = tf.where(defined > 0, bitpack.unpack_bits_tf(packed_bits, n), DOWNLINK_UNCHANGED)
-    positions = tf.where(flat_keep)
-    received = tf.tensor_scatter_nd_update(tf.fill([tf.size(keep)], DOWNLINK_UNCHANGED), positions,
-                                           message)
-    return tf.reshape(received, keep.shape), size
-  return mask_message
+def mask_message(m, keep):
+  """What a client receives of m^T (one tensor): its bit per kept element, packed, plus a
+  packed "defined" bit per kept element while any of them has no m^T yet. Returns the
+  decoded message scattered back (``aggregation.UNCHANGED`` where not kept or undefined)
+  and its int64 size in bits."""
+  flat_keep = tf.reshape(keep > 0, [-1])
+  values = tf.boolean_mask(tf.reshape(m, [-1]), flat_keep)
+  packed_bits = bitpack.pack_bits_tf(tf.cast(values > 0, tf.float32))
+  packed_defined = bitpack.pack_bits_tf(tf.cast(values >= 0, tf.float32))
+  any_undefined = tf.reduce_any(values < 0)
+  size = tf.cast(tf.size(packed_bits) * 8 + tf.where(any_undefined, tf.size(packed_defined) * 8, 0),
+                 tf.int64)
+  n = tf.size(values)
+  defined = tf.where(any_undefined, bitpack.unpack_bits_tf(packed_defined, n), tf.ones([n]))
+  message = tf.where(defined > 0, bitpack.unpack_bits_tf(packed_bits, n), aggregation.UNCHANGED)
+  positions = tf.where(flat_keep)
+  received = tf.tensor_scatter_nd_update(tf.fill([tf.size(keep)], aggregation.UNCHANGED), positions,
+                                         message)
+  return tf.reshape(received, keep.shape), size
 
 
 def _make_start_from_mask(sh):
-  config, mask_message, scores_type, state_type = sh.config, sh.mask_message, sh.scores_type, sh.state_type
+  config, scores_type, state_type = sh.config, sh.scores_type, sh.state_type
   thresholds = sh.thresholds
 
   @tff.tensorflow.computation(scores_type, state_type)
@@ -692,7 +688,7 @@ def _make_mask_step(sh):
 
 
 def _make_mask_downlink_bits(sh):
-  client_update, mask_message, scores_type, state_type = sh.client_update, sh.mask_message, sh.scores_type, sh.state_type
+  client_update, scores_type, state_type = sh.client_update, sh.scores_type, sh.state_type
 
   @tff.tensorflow.computation(scores_type, state_type, client_update.type_signature.result[2])
   def mask_downlink_bits(global_mask_value, state, metrics):
