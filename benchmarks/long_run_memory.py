@@ -22,7 +22,14 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("rounds", 500, "Rounds of the long run.")
-flags.DEFINE_integer("checkpoint_round", 50, "The early round whose peak is compared with the last.")
+flags.DEFINE_integer("checkpoint_round", 20,
+                     "The early round compared with the last: the worker's RSS just after it and its "
+                     "peak up to it (flat: the last round within --flat_tolerance of it).")
+flags.DEFINE_float("flat_tolerance", 0.10,
+                   "How far (a fraction) the worker's RSS after the last round may be above its RSS "
+                   "after --checkpoint_round for the run to count as flat.")
+flags.DEFINE_integer("save_every_s", 60, "Seconds between saves of the measurements so far (a "
+                     "killed run keeps what it measured).")
 flags.DEFINE_string("output_dir", "runs/long_run_memory", "Run directory.")
 flags.DEFINE_string("data_dir", None, "Data directory (default: searched).")
 flags.DEFINE_enum("preset", "small", ["small", "har"],
@@ -65,48 +72,78 @@ def main(argv):
                                 output_dir=FLAGS.output_dir, overwrite=True, progress=False,
                                 worker_memory_limit_mb=FLAGS.worker_memory_limit_mb, **settings)
   samples, stop = [], threading.Event()
+  t0 = time.time()
 
   def sample():
+    last_save = time.time()
     while not stop.is_set():
       worker = (runtime.local_worker_pids() or [None])[0]
       samples.append({"t": time.time(), "round": _rounds_done(config.output_dir),
                       "driver_rss": runtime.process_rss_mb(os.getpid()) * 2 ** 20,
-                      "worker_rss": runtime.process_rss_mb(worker) * 2 ** 20 if worker else 0})
+                      "worker_rss": runtime.process_rss_mb(worker) * 2 ** 20 if worker else 0,
+                      "worker_pid": worker})
+      if time.time() - last_save >= FLAGS.save_every_s:
+        _save(summarize(samples, settings, t0, results=None), FLAGS.results)
+        last_save = time.time()
       stop.wait(1.0)
 
   thread = threading.Thread(target=sample, daemon=True)
   thread.start()
-  t0 = time.time()
   results = runner.run(config)
   stop.set()
   thread.join()
+  summary = summarize(samples, settings, t0, results)
+  _save(summary, FLAGS.results)
+  print(json.dumps({k: v for k, v in summary.items() if k != "samples"}, indent=2))
+  sys.stdout.flush()
+
+
+def summarize(samples, settings, t0, results) -> dict:
+  """The measurements so far; ``results`` is None while the run goes on (a partial record).
+
+  Memory in MB (2**20 bytes) of resident set; ``worker_rss_mb_after_round[r]`` is the first
+  sample that saw round r saved.
+  """
+  from fedmask_tff import runtime
+  early, last = FLAGS.checkpoint_round, max([s["round"] for s in samples] or [0])
 
   def peak(key, upto):
     values = [s[key] for s in samples if s["round"] <= upto]
-    return max(values) if values else 0
+    return max(values) / 2 ** 20 if values else 0
 
-  early, last = FLAGS.checkpoint_round, FLAGS.rounds
-  after_round = {}  # worker RSS when round r was just saved (the first sample that sees it)
+  after_round = {}
   for s in samples:
     after_round.setdefault(s["round"], s["worker_rss"] / 2 ** 20)
   summary = {
-      "settings": dict(settings, preset=FLAGS.preset, rounds=last),
+      "settings": dict(settings, preset=FLAGS.preset, rounds=FLAGS.rounds),
+      "complete": results is not None,
+      "rounds_done": last,
       "worker_allocator": runtime.worker_allocator_env() or "glibc malloc (defaults)",
-      "worker_restarts": sum(bool(r.get("worker_restarted")) for r in results["rounds"]),
       "wall_s": time.time() - t0,
+      "worker_processes": len({s["worker_pid"] for s in samples if s["worker_pid"]}),
       "worker_rss_mb_after_round": {r: round(v, 1) for r, v in sorted(after_round.items()) if r > 0},
-      "accuracy": results["final"]["accuracy"],
-      f"driver_peak_rss_mb_to_round_{early}": peak("driver_rss", early) / 2 ** 20,
-      f"driver_peak_rss_mb_to_round_{last}": peak("driver_rss", last) / 2 ** 20,
-      f"worker_peak_rss_mb_to_round_{early}": peak("worker_rss", early) / 2 ** 20,
-      f"worker_peak_rss_mb_to_round_{last}": peak("worker_rss", last) / 2 ** 20,
-      "samples": samples,
+      f"driver_peak_rss_mb_to_round_{early}": peak("driver_rss", early),
+      "driver_peak_rss_mb": peak("driver_rss", last),
+      f"worker_peak_rss_mb_to_round_{early}": peak("worker_rss", early),
+      "worker_peak_rss_mb": peak("worker_rss", last),
   }
-  os.makedirs(os.path.dirname(FLAGS.results), exist_ok=True)
-  with open(FLAGS.results, "w") as f:
+  if early in after_round and last > early:
+    growth = after_round[last] / after_round[early] - 1
+    summary[f"worker_rss_growth_round_{early}_to_{last}"] = round(growth, 4)
+    summary["flat"] = growth <= FLAGS.flat_tolerance
+  if results is not None:
+    summary["worker_restarts"] = sum(bool(r.get("worker_restarted")) for r in results["rounds"])
+    summary["accuracy"] = results["final"]["accuracy"]
+  summary["samples"] = samples
+  return summary
+
+
+def _save(summary, path):
+  """Writes ``summary`` to ``path`` whole or not at all (a temporary file, then a rename)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
     json.dump(summary, f, indent=1)
-  print(json.dumps({k: v for k, v in summary.items() if k != "samples"}, indent=2))
-  sys.stdout.flush()
+  os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -2,18 +2,28 @@
 
 For each model and each number of clients per round, runs two FedMask rounds (1 local epoch)
 and samples, every 0.2 s, the resident memory (RSS, /proc) of TFF's worker; reports its peak,
-the peak above an idle worker (started, nothing run), that excess per client, and
-what a client brings: its state (the arrays of its FedMask state) and its training data
-(float32 images and int32 labels). Writes ``benchmarks/results/worker_memory.{json,md}``.
+the peak above an idle worker (started, nothing run), that excess per client, and what a client
+brings: its state as it travels (``results.json["config"]["client_state_bytes"]``: float32
+scores, bit-packed masks) and its training data (float32 images and int32 labels). Writes
+``benchmarks/results/worker_memory.{json,md}``.
 
-UCI-HAR has 30 subjects, so ``har_mlp`` is measured at 10, 20 and 30 clients a round.
+Cases: cnn on Fashion-MNIST (``--cnn_clients``), ``har_mlp`` on UCI-HAR (30 subjects, so 10,
+20 and 30 clients a round) and ``vgg16`` at width 1 on the paper's CIFAR-10 partition (400
+clients, 2 classes and 25 examples each; ``--vgg16_clients``).
+
+``--baseline=DIR`` (a checkout of earlier code, e.g. ``git worktree add /tmp/before fba7873``)
+measures each cnn and har_mlp case with that code too, right before this tree's, each in a fresh
+process, and reports both peaks and round times with their ratios (measured side by side in one
+run). Every case runs in its own process, so one case's worker never serves another.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -23,11 +33,23 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string("fashion_mnist_dir", None, "Fashion-MNIST directory (default: searched).")
 flags.DEFINE_string("har_dir", "../shared/data/har_inertial", "UCI-HAR directory.")
+flags.DEFINE_string("cifar10_dir", "../shared/data/cifar10_jpeg", "CIFAR-10 directory.")
 flags.DEFINE_list("cnn_clients", ["20", "40", "80"], "Clients per round for cnn (Fashion-MNIST).")
 flags.DEFINE_list("har_clients", ["10", "20", "30"], "Clients per round for har_mlp (UCI-HAR).")
+flags.DEFINE_list("vgg16_clients", ["20"], "Clients per round for vgg16 at width 1 (CIFAR-10).")
+flags.DEFINE_string("baseline", None, "A checkout of earlier code to measure side by side.")
+flags.DEFINE_bool("in_process", False, "Measure the given cases in this process (what each "
+                  "case's own process runs).")
 flags.DEFINE_string("output_dir", "runs/worker_memory", "Run directories.")
 flags.DEFINE_string("results", os.path.join(os.path.dirname(__file__), "results", "worker_memory"),
                     "Where the table goes (.json and .md are added).")
+
+# (model, dataset, clients of the partition, MB of a median client's training data)
+MODELS = {
+    "cnn": ("fashion_mnist", 100, 560 * (28 * 28 + 1) * 4 / 1e6),
+    "har_mlp": ("har", 30, 275 * (128 * 9 + 1) * 4 / 1e6),
+    "vgg16": ("cifar10", 400, 25 * (32 * 32 * 3 + 1) * 4 / 1e6),
+}
 
 
 def idle_worker_mb() -> float:
@@ -40,8 +62,21 @@ def idle_worker_mb() -> float:
   return rss
 
 
+def _config(model: str, clients: int):
+  from fedmask_tff.simulation.run_config import RunConfig
+  dataset, num_clients, _ = MODELS[model]
+  data_dir = {"cnn": FLAGS.fashion_mnist_dir, "har_mlp": FLAGS.har_dir,
+              "vgg16": FLAGS.cifar10_dir}[model]
+  extra = dict(classes_per_client=2, examples_per_client=25) if model == "vgg16" else {}
+  return RunConfig(dataset=dataset, data_dir=data_dir, model=model, model_width=1.0,
+                   num_clients=num_clients, clients_per_round=clients, rounds=2, local_epochs=1,
+                   progress=False, overwrite=True, worker_memory_limit_mb=1e9,
+                   output_dir=os.path.join(FLAGS.output_dir, f"{model}_{clients}"), **extra)
+
+
 def measure(config, idle_mb: float, client_data_mb: float) -> dict:
-  """Runs ``config`` while sampling the worker; returns its memory figures (MB)."""
+  """Runs ``config`` while sampling the worker; returns its memory figures (MB = 1e6 bytes
+  for sizes, 2**20 for RSS as /proc gives it) and the mean round time (seconds)."""
   from fedmask_tff import runtime
   from fedmask_tff.simulation import runner
   peak, stop = [0.0], threading.Event()
@@ -59,7 +94,7 @@ def measure(config, idle_mb: float, client_data_mb: float) -> dict:
   stop.set()
   thread.join()
   clients = config.clients_per_round
-  state_mb = results["config"]["model_parameters"] * 3 * 4 / 1e6  # scores, keep, personal
+  state_mb = results["config"]["client_state_bytes"] / 1e6
   excess = (peak[0] - idle_mb) / clients
   return {"model": config.model, "clients_per_round": clients, "worker_idle_mb": round(idle_mb),
           "worker_peak_mb": round(peak[0]), "excess_per_client_mb": round(excess, 1),
@@ -68,32 +103,78 @@ def measure(config, idle_mb: float, client_data_mb: float) -> dict:
           "round_s": round(results["totals"]["train_wall_s"] / results["totals"]["rounds"], 1)}
 
 
-def main(argv):
-  del argv
-  from fedmask_tff.simulation.run_config import RunConfig
+def _cases():
+  return [(model, int(n)) for model, ns in (("cnn", FLAGS.cnn_clients), ("har_mlp", FLAGS.har_clients),
+                                           ("vgg16", FLAGS.vgg16_clients)) for n in ns]
+
+
+def _in_process_rows() -> list:
   rows, idle = [], idle_worker_mb()
-  cases = [("cnn", "fashion_mnist", FLAGS.fashion_mnist_dir, int(n), 100, 560 * (28 * 28 + 1) * 4 / 1e6)
-           for n in FLAGS.cnn_clients]
-  cases += [("har_mlp", "har", FLAGS.har_dir, int(n), 30, 275 * (128 * 9 + 1) * 4 / 1e6)
-            for n in FLAGS.har_clients]
-  for model, dataset, data_dir, clients, num_clients, data_mb in cases:
+  for model, clients in _cases():
     print(f"[worker_memory] {model}, {clients} clients a round ...", file=sys.stderr, flush=True)
-    config = RunConfig(dataset=dataset, data_dir=data_dir, model=model, num_clients=num_clients,
-                       clients_per_round=clients, rounds=2, local_epochs=1, progress=False,
-                       overwrite=True, worker_memory_limit_mb=1e9,
-                       output_dir=os.path.join(FLAGS.output_dir, f"{model}_{clients}"))
-    rows.append(measure(config, idle, data_mb))
+    rows.append(measure(_config(model, clients), idle, MODELS[model][2]))
     print(json.dumps(rows[-1]), flush=True)
-  os.makedirs(os.path.dirname(FLAGS.results), exist_ok=True)
-  with open(FLAGS.results + ".json", "w") as f:
-    json.dump({"rows": rows, "note": "client_data_mb: the median client's training examples as "
-               "float32 images + int32 labels (cnn: 560, HAR: ~275)"}, f, indent=1)
-  columns = list(rows[0])
+  return rows
+
+
+def _case_in_own_process(checkout: str, model: str, clients: int, baseline: bool) -> dict:
+  """One case measured by ``checkout``'s own ``benchmarks.worker_memory`` in a fresh process."""
+  lists = {"cnn": "--cnn_clients", "har_mlp": "--har_clients", "vgg16": "--vgg16_clients"}
+  args = [f"{flag}={clients if name == model else ''}" for name, flag in lists.items()
+          if not (baseline and name == "vgg16")]  # the earlier code has no vgg16 case
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "table")
+    data = [f"--har_dir={os.path.abspath(FLAGS.har_dir)}"]
+    if FLAGS.fashion_mnist_dir:
+      data.append(f"--fashion_mnist_dir={os.path.abspath(FLAGS.fashion_mnist_dir)}")
+    if not baseline:
+      data += [f"--cifar10_dir={os.path.abspath(FLAGS.cifar10_dir)}", "--in_process"]
+    command = [sys.executable, "-m", "benchmarks.worker_memory", *args, *data,
+               f"--results={out}", f"--output_dir={os.path.join(tmp, 'runs')}"]
+    subprocess.run(command, cwd=checkout, check=True,
+                   env=dict(os.environ, PYTHONPATH=os.path.abspath(checkout)))
+    with open(out + ".json") as f:
+      return json.load(f)["rows"][0]
+
+
+def _side_by_side_rows() -> list:
+  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  rows = []
+  for model, clients in _cases():
+    before = None
+    if FLAGS.baseline and model != "vgg16":
+      before = _case_in_own_process(FLAGS.baseline, model, clients, baseline=True)
+    row = _case_in_own_process(here, model, clients, baseline=False)
+    if before is not None:
+      row.update(worker_peak_mb_before=before["worker_peak_mb"], round_s_before=before["round_s"],
+                 peak_ratio=round(row["worker_peak_mb"] / before["worker_peak_mb"], 2),
+                 round_time_ratio=round(row["round_s"] / before["round_s"], 2))
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+  return rows
+
+
+def write_table(rows: list, path: str, note: str) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + ".json", "w") as f:
+    json.dump({"rows": rows, "note": note}, f, indent=1)
+  columns = list(dict.fromkeys(c for r in rows for c in r))
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-  lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
-  with open(FLAGS.results + ".md", "w") as f:
+  lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
+  with open(path + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))
+
+
+def main(argv):
+  del argv
+  rows = _in_process_rows() if FLAGS.in_process else _side_by_side_rows()
+  note = ("client_data_mb: the median client's training examples as float32 images + int32 "
+          "labels (cnn: 560, HAR: ~275, CIFAR-10: 25); client_state_mb: one client's state as "
+          "TFF carries it; round_s: mean wall time of the 2 rounds")
+  if FLAGS.baseline:
+    note += f"; *_before: the same case measured with the code in {FLAGS.baseline}, just before"
+  write_table(rows, FLAGS.results, note)
 
 
 if __name__ == "__main__":

@@ -152,3 +152,22 @@ def np_state(state):
       keep=tuple(np.asarray(k, np.float32) for k in state["keep"]),
       personal=tuple(np.asarray(p, np.float32) for p in state["personal"]),
       rounds=np.int32(state["rounds"]))
+
+
+def fedmask_next(process, server_state, datasets, states):
+  """``process.next`` on full-size client states: packed into the process's wire form on the
+  way in, unpacked on the way out (as the FedMask adapter does)."""
+  server_state, new_states, metrics = process.next(server_state, datasets,
+                                                   [process.pack_state(s) for s in states])
+  return server_state, [process.unpack_state(s) for s in new_states], metrics
+
+
+def fedmask_prepare(process, datasets, states):
+  """``process.prepare`` on full-size client states (see :func:`fedmask_next`)."""
+  new_states, metrics = process.prepare(datasets, [process.pack_state(s) for s in states])
+  return [process.unpack_state(s) for s in new_states], metrics
+
+
+def fedmask_evaluate(process, datasets, masks):
+  """``process.evaluate`` on full-size 0/1 masks (one tuple per client)."""
+  return process.evaluate(datasets, [process.pack_masks(m) for m in masks])

@@ -156,6 +156,15 @@ class FederatedAlgorithm(abc.ABC):
   def initial_client_state(self) -> Optional[Any]:
     return None
 
+  def client_state_message_bytes(self) -> int:
+    """Bytes of one client's state as the process's computations take and return it (the
+    runner checks that a round's states fit in one TFF message); 0 when stateless."""
+    state = self.initial_client_state()
+    if state is None:
+      return 0
+    import numpy as np
+    return int(sum(np.asarray(x).nbytes for x in tf.nest.flatten(state)))
+
   def make_store(self, directory: str):
     """The client-state store (``None`` for stateless algorithms)."""
     if self.initial_client_state() is None:

@@ -304,7 +304,7 @@ class _Run:
     back in one response, and a message holds at most ``runtime.MAX_MESSAGE_BYTES``."""
     from fedmask_tff import runtime
     config = self.config
-    state_bytes = _nbytes(self.algorithm.initial_client_state())
+    state_bytes = self.algorithm.client_state_message_bytes()
     if not state_bytes:
       return EVAL_CHUNK
     fits = max(1, int(runtime.MAX_MESSAGE_BYTES * MESSAGE_HEADROOM // state_bytes))
@@ -327,7 +327,7 @@ class _Run:
                learning_rate_used=self.learning_rate, algorithm_settings=self.algorithm.settings,
                algorithm_description=self.algorithm.description,
                model_parameters=self.num_params, partition_file_written=self.partition_path,
-               data=self.summary)
+               client_state_bytes=self.algorithm.client_state_message_bytes(), data=self.summary)
     cfg.update(self.algorithm.results_settings())
     return cfg
 
@@ -540,14 +540,6 @@ class _Run:
     late = reporting.summarize(per_client)
     return {"accuracy_unseen": late["accuracy"], "accuracy_unseen_client_mean": late["accuracy_client_mean"],
             "accuracy_unseen_per_client": late["accuracy_per_client"], "unseen_clients": ids}
-
-
-def _nbytes(state) -> int:
-  """Bytes of a client state's arrays (0 for a stateless algorithm)."""
-  if state is None:
-    return 0
-  import tensorflow as tf
-  return int(sum(np.asarray(x).nbytes for x in tf.nest.flatten(state)))
 
 
 def _triple(metrics) -> tuple:

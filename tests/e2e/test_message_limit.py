@@ -1,6 +1,7 @@
 """A round whose clients' states cannot travel to TFF's worker in one message is refused before
 any training, with a message that says what to change (issue 17: vgg16 at width 1 with 20
-clients a round needs 3.7 GB in one request; protobuf stops at 2 GiB)."""
+clients a round needed 3.7 GB in one request when masks travelled as float32; protobuf stops
+at 2 GiB. Packed, a state is 64 MB and 20 clients fit; 29 do not)."""
 
 import pytest
 
@@ -9,9 +10,10 @@ from fedmask_tff.simulation import runner
 from fedmask_tff.simulation.run_config import ConfigError, RunConfig
 from helpers import write_learnable_fashion_dir
 
-# mlp at width 0.25: 42,200 mask elements; a FedMask client state (scores, keep, personal as
-# float32, and the round) is 3 * 4 * 42,200 + 4 = 506,404 bytes.
-STATE_BYTES = 3 * 4 * 42_200 + 4
+# mlp at width 0.25: 42,200 mask elements in weights of 39,200, 2,500 and 500. A FedMask client
+# state travels as float32 scores, keep and personal bit-packed (ceil(n/8) bytes per weight:
+# 4,900 + 313 + 63 = 5,276 each) and the int32 round: 4 * 42,200 + 2 * 5,276 + 4 = 179,356 bytes.
+STATE_BYTES = 4 * 42_200 + 2 * 5_276 + 4
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def test_too_many_clients_for_one_message_are_refused_before_training(data_dir, 
   with pytest.raises(ConfigError) as error:
     runner.run(_config(data_dir, tmp_path))
   message = str(error.value)
-  assert "--clients_per_round=6: each client's state is 0.506 MB (mlp at --model_width=0.25)" in message
+  assert "--clients_per_round=6: each client's state is 0.179 MB (mlp at --model_width=0.25)" in message
   assert "use at most 4 clients per round" in message and "--model_width" in message
   assert not (tmp_path / "run" / "results.json").exists()  # nothing trained, nothing written
 

@@ -12,7 +12,7 @@ import pytest
 
 from fedmask_tff.algorithms import fedmask
 from fedmask_tff.masks import masking
-from helpers import (CONFIG, ELEMENT_SPEC, KEPT, NUM_CLIENTS, SHAPES, make_data,
+from helpers import (fedmask_evaluate, fedmask_next, fedmask_prepare, CONFIG, ELEMENT_SPEC, KEPT, NUM_CLIENTS, SHAPES, make_data,
                                   model_fn, to_datasets)
 
 LITERAL = dataclasses.replace(CONFIG, upload="mask", global_mask=True, score_restart="scaled_logit")
@@ -36,7 +36,7 @@ def test_the_server_keeps_m_T_and_no_vote_is_applied_after_a_round(literal):
   states0 = [literal.initial_client_state() for _ in range(NUM_CLIENTS)]
   # With no m^T yet, a client starts from its own scores: client_update alone is its round.
   trained = [literal.client_update(ds, st)[0] for ds, st in zip(data, states0)]
-  server1, states1, metrics = literal.next(server0, data, states0)
+  server1, states1, metrics = fedmask_next(literal, server0, data, states0)
   for i in range(len(SHAPES)):
     masks = np.stack([np.asarray(t["personal"][i]) for t in trained])
     keeps = np.stack([np.asarray(t["keep"][i]) for t in trained])
@@ -91,8 +91,8 @@ def test_persistent_rule_moves_a_clients_scores_only_where_m_T_disagrees(tff_con
 def test_a_defined_m_T_goes_down_at_one_bit_per_kept_element(literal):
   data = to_datasets(make_data())
   states = [literal.initial_client_state() for _ in range(NUM_CLIENTS)]
-  server, states, _ = literal.next(literal.initialize(), data, states)
-  server2, _, metrics = literal.next(server, data, states)
+  server, states, _ = fedmask_next(literal, literal.initialize(), data, states)
+  server2, _, metrics = fedmask_next(literal, server, data, states)
   for c, m in enumerate(metrics):
     bits = 0
     for i, n in enumerate(KEPT):
@@ -110,20 +110,20 @@ def test_prune_at_init_prunes_every_client_once_and_sends_its_pruning_masks(tff_
   process = fedmask.build_fedmask_process(model_fn, ELEMENT_SPEC, config)
   data = to_datasets(make_data())
   states0 = [process.initial_client_state() for _ in range(NUM_CLIENTS)]
-  prepared, metrics = process.prepare(data, states0)
+  prepared, metrics = fedmask_prepare(process, data, states0)
   keep_bits = sum(packed_bits(n) for n, p in zip(SIZES, [False, True, True]) if p)
   for st, m in zip(prepared, metrics):
     assert [int(np.asarray(k).sum()) for k in st["keep"]] == KEPT
     assert int(st["rounds"]) == 1 and int(m["pruned"]) == 1
     assert int(m["uplink_bits"]) == keep_bits and float(m["train_flops"]) > 0
   # Idempotent: a client that has pruned is left as it is.
-  again, metrics2 = process.prepare(data, list(prepared))
+  again, metrics2 = fedmask_prepare(process, data, list(prepared))
   for a, b, m in zip(again, prepared, metrics2):
     assert int(m["pruned"]) == 0 and int(m["uplink_bits"]) == 0
     for x, y in zip(a["keep"] + a["scores"], b["keep"] + b["scores"]):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # Its first round does not prune again and sends no pruning mask: the mask bits only.
-  _, after, round_metrics = process.next(process.initialize(), data, list(prepared))
+  _, after, round_metrics = fedmask_next(process, process.initialize(), data, list(prepared))
   for st, m in zip(after, round_metrics):
     assert int(m["train"]["pruned"]) == 0
     assert int(m["train"]["uplink_bits"]) == sum(packed_bits(n) for n in SIZES)

@@ -21,7 +21,7 @@ from fedmask_tff.wire import bitpack
 from fedmask_tff.algorithms import fedmask
 from fedmask_tff.masks.layers import mask_variables
 from fedmask_tff.masks.masking import scores_from_mask_values
-from helpers import (CONFIG, ELEMENT_SPEC, KEPT, NUM_CLIENTS, PRUNABLE, PRUNE_RATE, SHAPES,
+from helpers import (fedmask_evaluate, fedmask_next, fedmask_prepare, CONFIG, ELEMENT_SPEC, KEPT, NUM_CLIENTS, PRUNABLE, PRUNE_RATE, SHAPES,
                      make_data, model_fn, np_state, to_datasets)
 
 
@@ -41,8 +41,8 @@ def two_rounds(process, data):
   datasets = to_datasets(data)
   s0 = process.initialize()
   states0 = [process.initial_client_state() for _ in range(NUM_CLIENTS)]
-  s1, states1, metrics1 = process.next(s0, datasets, states0)
-  s2, states2, metrics2 = process.next(s1, datasets, states1)
+  s1, states1, metrics1 = fedmask_next(process, s0, datasets, states0)
+  s2, states2, metrics2 = fedmask_next(process, s1, datasets, states1)
   return dict(server=[s0, s1, s2], states=[states0, [np_state(s) for s in states1],
                                            [np_state(s) for s in states2]],
               metrics=[None, metrics1, metrics2])
@@ -155,7 +155,7 @@ def test_next_matches_pure_aggregation_rule(process, data, two_rounds, round_ind
     assert int(metrics["pruned"]) == (1 if round_index == 0 else 0)
 
   server_state = two_rounds["server"][round_index]
-  _, states_out, _ = process.next(server_state, datasets, states_in)
+  _, states_out, _ = fedmask_next(process, server_state, datasets, states_in)
   states_out = [np_state(s) for s in states_out]
 
   some_fractional = some_unshared = False
@@ -215,7 +215,7 @@ def test_evaluate_matches_keras_model(process, data, two_rounds):
              for c in range(NUM_CLIENTS)]
   # Held-out data of another size, with a ragged last batch.
   test_data = make_data(seed=1, n=13)
-  results = process.evaluate(to_datasets(test_data, batch=5), [t["personal"] for t in trained])
+  results = fedmask_evaluate(process, to_datasets(test_data, batch=5), [t["personal"] for t in trained])
   assert len(results) == NUM_CLIENTS
   accuracies = set()
   for (x, y), t, r in zip(test_data, trained, results):
@@ -232,7 +232,7 @@ def test_evaluate_initial_masks(process, data):
   # All-ones masks: the unmasked random network.
   x, y = data[0]
   ones = tuple(np.ones(s, np.float32) for s in SHAPES)
-  r = process.evaluate(to_datasets(data[:1]), [ones])[0]
+  r = fedmask_evaluate(process, to_datasets(data[:1]), [ones])[0]
   correct, loss_sum = _numpy_metrics(x, y, [np.full(s, 0.05, np.float32) for s in SHAPES], ones)
   assert float(r["correct"]) == correct and float(r["examples"]) == 16.0
   np.testing.assert_allclose(float(r["loss_sum"]), loss_sum, rtol=1e-4)
@@ -243,7 +243,7 @@ def test_evaluate_initial_masks(process, data):
 def test_soft_mask_mode_runs(tff_context, data, two_rounds):
   soft = fedmask.build_fedmask_process(lambda: model_fn("soft"), ELEMENT_SPEC, CONFIG)
   datasets = to_datasets(data)
-  state, states, metrics = soft.next(soft.initialize(), datasets,
+  state, states, metrics = fedmask_next(soft, soft.initialize(), datasets,
                                      [soft.initial_client_state() for _ in range(NUM_CLIENTS)])
   assert int(state) == 1
   for s, m, ste_state in zip(states, metrics, two_rounds["states"][1]):
@@ -334,7 +334,7 @@ def test_a_diverged_client_keeps_its_state_and_is_dropped(process, data):
   state["scores"] = (np.full(SHAPES[0], np.nan, np.float32),) + tuple(state["scores"][1:])
   server = process.initialize()
   states = [state] + [process.initial_client_state() for _ in range(NUM_CLIENTS - 1)]
-  _, new_states, metrics = process.next(server, datasets, states)
+  _, new_states, metrics = fedmask_next(process, server, datasets, states)
   assert int(metrics[0]["train"]["diverged"]) == 1 and int(metrics[0]["upload_valid"]) == 0
   assert float(metrics[0]["train"]["examples"]) == 0.0
   assert int(new_states[0]["rounds"]) == 0  # unchanged
@@ -355,8 +355,8 @@ def test_secure_aggregation_gives_identical_results(tff_context, data):
   states_b = [secure.initial_client_state() for _ in range(NUM_CLIENTS)]
   sa, sb = plain.initialize(), secure.initialize()
   for _ in range(2):
-    sa, states_a, ma = plain.next(sa, datasets, states_a)
-    sb, states_b, mb = secure.next(sb, datasets, states_b)
+    sa, states_a, ma = fedmask_next(plain, sa, datasets, states_a)
+    sb, states_b, mb = fedmask_next(secure, sb, datasets, states_b)
     for a, b in zip(states_a, states_b):
       for key in ("scores", "keep", "personal"):
         for x, y in zip(a[key], b[key]):
@@ -368,7 +368,7 @@ def _run(config, data, rounds=2):
   proc = fedmask.build_fedmask_process(model_fn, ELEMENT_SPEC, config)
   server, states = proc.initialize(), [proc.initial_client_state() for _ in range(NUM_CLIENTS)]
   for _ in range(rounds):
-    server, states, metrics = proc.next(server, to_datasets(data), states)
+    server, states, metrics = fedmask_next(proc, server, to_datasets(data), states)
   return states, metrics
 
 

@@ -85,7 +85,7 @@ def test_rule_scale_defaults():
 
 # ------------------------------------------------------------- in the process ---
 
-from helpers import (CONFIG, ELEMENT_SPEC, KEPT, NUM_CLIENTS,  # noqa: E402
+from helpers import (fedmask_evaluate, fedmask_next, fedmask_prepare, CONFIG, ELEMENT_SPEC, KEPT, NUM_CLIENTS,  # noqa: E402
                                         model_fn, to_datasets)
 
 
@@ -99,7 +99,7 @@ def _round(config, data, states=None, process=None):
   process = process or fedmask.build_fedmask_process(model_fn, ELEMENT_SPEC, config)
   states = states or [process.initial_client_state() for _ in range(NUM_CLIENTS)]
   trained = [process.client_update(ds, st) for ds, st in zip(to_datasets(data), states)]
-  server, new_states, metrics = process.next(process.initialize(), to_datasets(data), states)
+  server, new_states, metrics = fedmask_next(process, process.initialize(), to_datasets(data), states)
   return process, trained, new_states, metrics
 
 
@@ -173,7 +173,7 @@ def test_score_sign_upload_steps_the_servers_scores_by_the_majority(tff_context,
   assert all(np.all(g == np.float32(0.05)) for g in g0)
   states0 = [process.initial_client_state() for _ in range(NUM_CLIENTS)]
   trained = [process.client_update(ds, st)[0] for ds, st in zip(to_datasets(data), states0)]
-  server1, states1, metrics = process.next(server0, to_datasets(data), states0)
+  server1, states1, metrics = fedmask_next(process, server0, to_datasets(data), states0)
   assert int(server1["round"]) == 1
   for i in range(3):
     keeps = np.stack([np.asarray(t["keep"][i]) for t in trained])
@@ -190,7 +190,7 @@ def test_score_sign_upload_steps_the_servers_scores_by_the_majority(tff_context,
   assert [int(m["downlink_bits"]) for m in metrics] == [32 * total] * NUM_CLIENTS
   assert [int(m["train"]["uplink_bits"]) for m in metrics] == [592] * NUM_CLIENTS
   # Round 2: a client starts from G at its kept positions; G at the kept positions goes down.
-  server2, states2, metrics2 = process.next(server1, to_datasets(data), states1)
+  server2, states2, metrics2 = fedmask_next(process, server1, to_datasets(data), states1)
   assert [int(m["downlink_bits"]) for m in metrics2] == [32 * sum(KEPT)] * NUM_CLIENTS
   assert int(server2["round"]) == 2
 
@@ -267,7 +267,7 @@ def test_score_sign_quantized_downlink_counts_its_bits_and_stays_close(tff_conte
     assert err.max() <= span / (2 * (2 ** 8 - 2)) + 1e-5 and err.max() > 0
     np.testing.assert_array_equal(np.asarray(oi)[ki == 0], state["scores"][0][0, 0])
   from helpers import make_data
-  _, states, metrics = process.next(process.initialize(), to_datasets(make_data()),
+  _, states, metrics = fedmask_next(process, process.initialize(), to_datasets(make_data()),
                                     [process.initial_client_state() for _ in range(NUM_CLIENTS)])
   sizes = [8 * 16, 16 * 12, 12 * 3]  # first round: every element, before pruning
   assert [int(m["downlink_bits"]) for m in metrics] == \

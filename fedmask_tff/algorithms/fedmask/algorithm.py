@@ -80,13 +80,22 @@ class FedMask(FederatedAlgorithm):
 
   def prepare_clients(self, train_datasets, client_states):
     """Algorithm 1 lines 4-6: each client's pruning epoch and one-shot pruning, before round 1."""
-    new_states, metrics = self._with_datasets("prepare")(train_datasets, client_states)
-    return list(new_states), [{"uplink_bits": int(m["uplink_bits"]), "train_flops": float(m["train_flops"]),
+    process = self.process
+    new_states, metrics = self._with_datasets("prepare")(
+        train_datasets, [process.pack_state(s) for s in client_states])
+    return [process.unpack_state(s) for s in new_states], [{"uplink_bits": int(m["uplink_bits"]), "train_flops": float(m["train_flops"]),
                                "examples": float(m["examples"]), "pruned": int(m["pruned"]),
                                "diverged": int(m["diverged"])} for m in metrics]
 
   def initial_client_state(self):
     return self.process.initial_client_state()
+
+  def client_state_message_bytes(self) -> int:
+    """A client state's bytes in the process's values: its wire form (packed masks)."""
+    import numpy as np
+    import tensorflow as tf
+    wire = self.process.pack_state(self.process.initial_client_state())
+    return int(sum(np.asarray(x).nbytes for x in tf.nest.flatten(wire)))
 
   def make_store(self, directory):
     from fedmask_tff.wire.client_state import ClientStateStore
@@ -125,7 +134,10 @@ class FedMask(FederatedAlgorithm):
     return [type(init)(state) for _ in range(count)]
 
   def next(self, server_state, train_datasets, client_states):
-    server_state, new_states, metrics = self.run_round(server_state, train_datasets, client_states)
+    process = self.process
+    server_state, new_states, metrics = self.run_round(
+        server_state, train_datasets, [process.pack_state(s) for s in client_states])
+    new_states = [process.unpack_state(s) for s in new_states]
     out = []
     for m in metrics:
       t = m["train"]
@@ -137,7 +149,7 @@ class FedMask(FederatedAlgorithm):
     if self.uplink_coding == "entropy":
       for old, new, m in zip(client_states, new_states, out):
         self._code_upload(old, new, m)
-    return server_state, list(new_states), out
+    return server_state, new_states, out
 
   def _code_upload(self, old_state, new_state, metrics):
     """Uplink coding, measured exactly: the client's mask at its kept positions, entropy-coded
@@ -163,7 +175,8 @@ class FedMask(FederatedAlgorithm):
     metrics["uplink_bits"] = 8 * len(stream) + keep_bits
 
   def _evaluate(self, test_datasets, masks):
-    return payloads.eval_dicts(self.process.evaluate(test_datasets, masks))
+    packed = [self.process.pack_masks(m) for m in masks]
+    return payloads.eval_dicts(self.process.evaluate(test_datasets, packed))
 
   def evaluate(self, server_state, test_datasets, client_states, train_datasets):
     return self._evaluate(test_datasets, [s["personal"] for s in client_states])

@@ -78,20 +78,26 @@ class FedMaskProcess(tff.templates.IterativeProcess):
   Attributes (besides ``initialize`` and ``next``):
     specs: the model's masked weights (:class:`MaskSpec`), in order; config: the
       :class:`FedMaskConfig`; client_state_type: the TFF type of a client's state
-      (``scores``, ``keep``, ``personal``, ``rounds``); global_scores: whether the server
-      keeps real-valued global scores (``upload="score_sign"``).
-    client_work, aggregate: the two federated halves of ``next`` (``--workers``).
-    prepare: ``(data@CLIENTS, states@CLIENTS) -> (states, metrics)``, the pruning epoch before
-      round 1 (``prune_at_init``).
-    evaluate: ``(data@CLIENTS, binary masks@CLIENTS) -> metrics@CLIENTS`` (pass
-      ``state["personal"]`` for the personalized model).
+      (``scores``, ``keep``, ``personal``: float32 of each weight's shape, ``rounds``);
+      wire_state_type: the same state in its *wire form*, ``keep`` and ``personal``
+      bit-packed (:meth:`pack_state`); global_scores: whether the server keeps real-valued
+      global scores (``upload="score_sign"``).
+    next, client_work, aggregate, prepare: the federated computations; every client state
+      they take and return is in the wire form (``pack_state`` / ``unpack_state`` convert).
+      ``client_work`` and ``aggregate`` are the two halves of ``next`` (``--workers``);
+      ``prepare``: ``(data@CLIENTS, states@CLIENTS) -> (states, metrics)``, the pruning epoch
+      before round 1 (``prune_at_init``).
+    evaluate: ``(data@CLIENTS, packed binary masks@CLIENTS) -> metrics@CLIENTS`` (pass
+      ``pack_masks(state["personal"])`` for the personalized model).
     client_update, prepare_client, decode_upload, download_and_apply, evaluate_client,
-      start_from_global, start_from_mask: the TF computations of each step, for tests.
+      start_from_global, start_from_mask: the TF computations of each step on full-size
+      (unpacked) states, for tests and the driver.
   """
 
   def __init__(self, parts):
     super().__init__(parts.initialize_fn, parts.next_fn)
     self.specs, self.config, self.client_state_type = parts.specs, parts.config, parts.state_type
+    self.wire_state_type = parts.wire_state_type
     self.global_scores = parts.global_scores
     self.client_work, self.aggregate = parts.client_work_fn, parts.aggregate_fn
     self.prepare, self.evaluate = parts.prepare_fn, parts.evaluate_fn
@@ -109,6 +115,29 @@ class FedMaskProcess(tff.templates.IterativeProcess):
         personal=tuple((x >= lt).astype(np.float32)
                        for x, lt in zip(self._initial_scores, self._logit_thresholds)),
         rounds=np.int32(0))
+
+  def pack_state(self, state):
+    """A client state (numpy, as :meth:`initial_client_state` gives it) in its wire form: the
+    same ``scores`` and ``rounds``, ``keep`` and ``personal`` as uint8 ``[ceil(n/8)]`` each."""
+    return collections.OrderedDict(scores=tuple(np.asarray(x, np.float32) for x in state["scores"]),
+                                   keep=self.pack_masks(state["keep"]),
+                                   personal=self.pack_masks(state["personal"]),
+                                   rounds=np.int32(state["rounds"]))
+
+  def unpack_state(self, wire):
+    """The inverse of :meth:`pack_state` (masks back to float32 0/1 of each weight's shape)."""
+    return collections.OrderedDict(
+        scores=tuple(np.asarray(x, np.float32) for x in wire["scores"]),
+        keep=tuple(bitpack.unpack_bits_np(np.asarray(p), s.shape) for p, s in zip(wire["keep"], self.specs)),
+        personal=tuple(bitpack.unpack_bits_np(np.asarray(p), s.shape)
+                       for p, s in zip(wire["personal"], self.specs)),
+        rounds=np.int32(wire["rounds"]))
+
+  def pack_masks(self, masks) -> tuple:
+    """0/1 masks, one per masked weight, bit-packed (what ``evaluate`` takes)."""
+    if len(masks) != len(self.specs):
+      raise ValueError(f"{len(masks)} masks for a model with {len(self.specs)} masked weights")
+    return tuple(bitpack.pack_bits_np(m) for m in masks)
 
   def start_masks(self, server_state, state):
     """The binary masks of the aggregate as a client sees it, before local training (numpy):
@@ -140,28 +169,29 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
     eval_element_spec: element spec of the evaluation datasets (default: the same).
   """
   sh = _facts(model_fn, element_spec, config, eval_element_spec)
+  sh.wire = _make_wire(sh)
   sh.load_model = _make_load_model(sh)
   sh.encode_upload_fn = _make_encode_upload_fn(sh)
   sh.client_seed = _make_client_seed(sh)
   sh.local_work = _make_local_work(sh)
-  sh.client_update = _make_client_update(sh)
-  sh.prepare_client = _make_prepare_client(sh)
-  sh.decode_upload = _make_decode_upload(sh)
-  sh.download_and_apply = _make_download_and_apply(sh)
-  sh.evaluate_client = _make_evaluate_client(sh)
+  sh.client_update, sh.client_update_wire = _make_client_update(sh)
+  sh.prepare_client, sh.prepare_client_wire = _make_prepare_client(sh)
+  sh.decode_upload, sh.decode_upload_wire = _make_decode_upload(sh)
+  sh.download_and_apply, sh.download_and_apply_wire = _make_download_and_apply(sh)
+  sh.evaluate_client, sh.evaluate_client_wire = _make_evaluate_client(sh)
   sh.sums_to_int = _make_sums_to_int(sh)
   sh.sums_to_float = _make_sums_to_float(sh)
   sh.increment = _make_increment(sh)
   sh.initial_global_state = _make_initial_global_state(sh)
   sh.quantized_global = _make_quantized_global(sh)
-  sh.start_from_global = _make_start_from_global(sh)
+  sh.start_from_global, sh.start_from_global_wire = _make_start_from_global(sh)
   sh.server_votes = _make_server_votes(sh)
   sh.global_step = _make_global_step(sh)
   sh.initial_mask_state = _make_initial_mask_state(sh)
-  sh.start_from_mask = _make_start_from_mask(sh)
+  sh.start_from_mask, sh.start_from_mask_wire = _make_start_from_mask(sh)
   sh.mask_step = _make_mask_step(sh)
-  sh.mask_downlink_bits = _make_mask_downlink_bits(sh)
-  sh.global_downlink_bits = _make_global_downlink_bits(sh)
+  sh.mask_downlink_bits, sh.mask_downlink_bits_wire = _make_mask_downlink_bits(sh)
+  sh.global_downlink_bits, sh.global_downlink_bits_wire = _make_global_downlink_bits(sh)
   sh.server_state_type, sh.initialize_fn = _make_initialize(sh)
   sh.client_work_fn = _make_client_work_fn(sh)
   sh.summed = _make_summed(sh)
@@ -216,7 +246,12 @@ def _facts(model_fn, element_spec, config, eval_element_spec) -> types.SimpleNam
       round=tff.TensorType(np.int32), scores=scores_type))
   mask_state_type = tff.types.to_type(collections.OrderedDict(
       round=tff.TensorType(np.int32), mask=scores_type))
-  clients_state_type = tff.FederatedType(state_type, tff.CLIENTS)
+  packed_masks_type = tuple(tff.TensorType(np.uint8, [bitpack.packed_size_bytes(s.size)])
+                            for s in specs)
+  wire_state_type = tff.types.to_type(collections.OrderedDict(
+      scores=scores_type, keep=packed_masks_type, personal=packed_masks_type,
+      rounds=tff.TensorType(np.int32)))
+  clients_state_type = tff.FederatedType(wire_state_type, tff.CLIENTS)
   return types.SimpleNamespace(
       model_fn=model_fn, config=config, specs=specs, thresholds=thresholds,
       soft_forward=soft_forward, logit_thresholds=logit_thresholds, weight_costs=weight_costs,
@@ -224,13 +259,66 @@ def _facts(model_fn, element_spec, config, eval_element_spec) -> types.SimpleNam
       state_type=state_type, data_type=data_type, eval_data_type=eval_data_type,
       upload_type=upload_type, sums_type=sums_type, prunable_idx=prunable_idx,
       int_sums_type=int_sums_type, global_state_type=global_state_type,
-      mask_state_type=mask_state_type, clients_state_type=clients_state_type)
+      mask_state_type=mask_state_type, clients_state_type=clients_state_type,
+      packed_masks_type=packed_masks_type, wire_state_type=wire_state_type)
 
 
 def loss_fn(y, logits):
   """Mean cross-entropy of a batch: labels ``[batch]`` int32, logits ``[batch, classes]``."""
   return tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(
       y, logits, from_logits=True))
+
+
+def _make_wire(sh) -> types.SimpleNamespace:
+  """A client state's *wire form*, the form it takes in TFF values and messages: the scores as
+  they are (float32), the pruning mask ``keep`` and the ``personal`` mask bit-packed (uint8
+  ``[ceil(n/8)]`` per weight, :mod:`fedmask_tff.wire.bitpack`). 4.25 bytes a mask element
+  instead of 12; exact (both masks are 0/1). TF code; ``FedMaskProcess.pack_state`` and
+  ``unpack_state`` are the numpy side."""
+  specs = sh.specs
+
+  def unpack_masks(packed):
+    return tuple(tf.reshape(bitpack.unpack_bits_tf(p, s.size), s.shape) for p, s in zip(packed, specs))
+
+  def pack_masks(masks):
+    return tuple(tf.reshape(bitpack.pack_bits_tf(m), [bitpack.packed_size_bytes(s.size)])
+                 for m, s in zip(masks, specs))
+
+  def from_wire(state):
+    return collections.OrderedDict(scores=state["scores"], keep=unpack_masks(state["keep"]),
+                                   personal=unpack_masks(state["personal"]), rounds=state["rounds"])
+
+  def to_wire(state):
+    return collections.OrderedDict(scores=state["scores"], keep=pack_masks(state["keep"]),
+                                   personal=pack_masks(state["personal"]), rounds=state["rounds"])
+  return types.SimpleNamespace(unpack_masks=unpack_masks, from_wire=from_wire, to_wire=to_wire,
+                               state=(sh.wire_state_type, from_wire),
+                               masks=(sh.packed_masks_type, unpack_masks))
+
+
+def _computations(body, arg_types, wire_args: dict, wire_result=None):
+  """``body`` as two TF computations ``(logical, on_wire)``.
+
+  ``logical`` takes ``arg_types`` (tests and the driver call it). ``on_wire`` is what the
+  federated computations run: the argument at each position ``i`` of ``wire_args``
+  (``{i: (wire_type, unpack)}``) arrives in its wire form and ``body`` sees ``unpack`` of it;
+  ``wire_result`` (default: none) turns ``body``'s result into the wire form. A client's state
+  is unpacked and packed inside its own computation, so its full-size masks live only there.
+  """
+  logical = tff.tensorflow.computation(body, *arg_types)
+  wire_types = [wire_args[i][0] if i in wire_args else t for i, t in enumerate(arg_types)]
+  finish = wire_result or (lambda result: result)
+
+  def unpacked(args):
+    return [wire_args[i][1](a) if i in wire_args else a for i, a in enumerate(args)]
+
+  if len(arg_types) == 2:  # TFF takes no *args: one function per arity.
+    def on_wire(a, b):
+      return finish(body(*unpacked([a, b])))
+  else:
+    def on_wire(a, b, c):
+      return finish(body(*unpacked([a, b, c])))
+  return logical, tff.tensorflow.computation(on_wire, *wire_types)
 
 
 def _make_load_model(sh):
@@ -346,7 +434,6 @@ def _make_client_update(sh):
   client_seed, config, data_type, encode_upload_fn = sh.client_seed, sh.config, sh.data_type, sh.encode_upload_fn
   global_scores, local_work, state_type = sh.global_scores, sh.local_work, sh.state_type
 
-  @tff.tensorflow.computation(data_type, state_type)
   def client_update(dataset, state):
     new_state, masks, pruned_now, loss_sum, count, flops, diverged = local_work(
         dataset, state, config.local_epochs)
@@ -375,13 +462,13 @@ def _make_client_update(sh):
         mask_ones=tf.add_n([tf.reduce_sum(m) for m in masks]),
         mask_kept=tf.add_n([tf.reduce_sum(k) for k in new_state["keep"]]))
     return new_state, upload, metrics
-  return client_update
+  return _computations(client_update, (data_type, state_type), {1: sh.wire.state},
+                       lambda r: (sh.wire.to_wire(r[0]),) + tuple(r[1:]))
 
 
 def _make_prepare_client(sh):
   data_type, encode_upload_fn, local_work, state_type = sh.data_type, sh.encode_upload_fn, sh.local_work, sh.state_type
 
-  @tff.tensorflow.computation(data_type, state_type)
   def prepare_client(dataset, state):
     """Algorithm 1 lines 4-6 (``prune_at_init``): a client that has not pruned yet trains its
     pruning epoch and prunes; it sends its packed pruning masks (counted in ``uplink_bits``).
@@ -397,13 +484,13 @@ def _make_prepare_client(sh):
         diverged=tf.cast(diverged, tf.int32), train_flops=flops, pruned=tf.cast(done, tf.int32),
         uplink_bits=payloads.tensor_bits(sent_keep))
     return new_state, metrics
-  return prepare_client
+  return _computations(prepare_client, (data_type, state_type), {1: sh.wire.state},
+                       lambda r: (sh.wire.to_wire(r[0]),) + tuple(r[1:]))
 
 
 def _make_decode_upload(sh):
   scores_type, specs, upload_type = sh.scores_type, sh.specs, sh.upload_type
 
-  @tff.tensorflow.computation(upload_type, scores_type)
   def decode_upload(upload, cached_keep):
     """Validates one client's upload and turns it into its share of the two sums.
 
@@ -455,14 +542,13 @@ def _make_decode_upload(sh):
 
     totals, counts, valid = tf.cond(sizes_ok, decode, reject)
     return collections.OrderedDict(total=totals, count=counts), tf.cast(valid, tf.int32)
-  return decode_upload
+  return _computations(decode_upload, (upload_type, scores_type), {1: sh.wire.masks})
 
 
 def _make_download_and_apply(sh):
   client_seed, config, specs, state_type = sh.client_seed, sh.config, sh.specs, sh.state_type
   sums_type, thresholds = sh.sums_type, sh.thresholds
 
-  @tff.tensorflow.computation(sums_type, state_type)
   def download_and_apply(sums, state):
     new_scores, bits = [], []
     for i in range(len(specs)):
@@ -501,13 +587,13 @@ def _make_download_and_apply(sh):
     new_state = collections.OrderedDict(scores=tuple(new_scores), keep=state["keep"],
                                         personal=state["personal"], rounds=state["rounds"])
     return new_state, tf.cast(tf.add_n(bits), tf.int64)
-  return download_and_apply
+  return _computations(download_and_apply, (sums_type, state_type), {1: sh.wire.state},
+                       lambda r: (sh.wire.to_wire(r[0]),) + tuple(r[1:]))
 
 
 def _make_evaluate_client(sh):
   eval_data_type, logit_thresholds, model_fn, scores_type = sh.eval_data_type, sh.logit_thresholds, sh.model_fn, sh.scores_type
 
-  @tff.tensorflow.computation(eval_data_type, scores_type)
   def evaluate_client(dataset, masks):
     model = model_fn()
     _, score_vars, keep_vars = mask_variables(model)
@@ -518,7 +604,7 @@ def _make_evaluate_client(sh):
 
     with tf.control_dependencies(assigns):
       return tf.function(lambda d: evaluation.dataset_metrics(model, d))(dataset)
-  return evaluate_client
+  return _computations(evaluate_client, (eval_data_type, scores_type), {1: sh.wire.masks})
 
 
 def _make_sums_to_int(sh):
@@ -582,7 +668,6 @@ def _make_start_from_global(sh):
   client_seed, config, global_scores, quantized_global = sh.client_seed, sh.config, sh.global_scores, sh.quantized_global
   scores_type, specs, state_type = sh.scores_type, sh.specs, sh.state_type
 
-  @tff.tensorflow.computation(scores_type, state_type)
   def start_from_global(server_scores, state):
     """A selected client starts from the server's scores (mixed with its own by
     ``global_weight``) where it keeps the element."""
@@ -597,7 +682,8 @@ def _make_start_from_global(sh):
         for g, s, k, spec in zip(server_scores, state["scores"], state["keep"], specs))
     return collections.OrderedDict(scores=scores, keep=state["keep"], personal=state["personal"],
                                    rounds=state["rounds"])
-  return start_from_global
+  return _computations(start_from_global, (scores_type, state_type), {1: sh.wire.state},
+                       sh.wire.to_wire)
 
 
 def _make_server_votes(sh):
@@ -662,7 +748,6 @@ def _make_start_from_mask(sh):
   config, scores_type, state_type = sh.config, sh.scores_type, sh.state_type
   thresholds = sh.thresholds
 
-  @tff.tensorflow.computation(scores_type, state_type)
   def start_from_mask(global_mask_value, state):
     """Algorithm 1 line 11: a selected client moves its scores by m^T where it keeps the element
     (``score_restart``; ``scaled_logit`` restarts them from m^T ⊙ m_k), its own elsewhere."""
@@ -672,7 +757,8 @@ def _make_start_from_mask(sh):
         for m, s, k, t in zip(global_mask_value, state["scores"], state["keep"], thresholds))
     return collections.OrderedDict(scores=scores, keep=state["keep"], personal=state["personal"],
                                    rounds=state["rounds"])
-  return start_from_mask
+  return _computations(start_from_mask, (scores_type, state_type), {1: sh.wire.state},
+                       sh.wire.to_wire)
 
 
 def _make_mask_step(sh):
@@ -690,20 +776,20 @@ def _make_mask_step(sh):
 def _make_mask_downlink_bits(sh):
   client_update, scores_type, state_type = sh.client_update, sh.scores_type, sh.state_type
 
-  @tff.tensorflow.computation(scores_type, state_type, client_update.type_signature.result[2])
   def mask_downlink_bits(global_mask_value, state, metrics):
     """Bits of the m^T message the client received at the start of its round (all positions
     before its pruning)."""
     sizes = [mask_message(m, tf.where(metrics["pruned"] > 0, tf.ones_like(k), k))[1]
              for m, k in zip(global_mask_value, state["keep"])]
     return tf.add_n(sizes)
-  return mask_downlink_bits
+  return _computations(mask_downlink_bits,
+                       (scores_type, state_type, client_update.type_signature.result[2]),
+                       {1: sh.wire.state})
 
 
 def _make_global_downlink_bits(sh):
   client_update, config, specs, state_type = sh.client_update, sh.config, sh.specs, sh.state_type
 
-  @tff.tensorflow.computation(state_type, client_update.type_signature.result[2])
   def global_downlink_bits(state, metrics):
     """float32 G at the positions the client kept when it started (all before its pruning)."""
     counts = [tf.where(metrics["pruned"] > 0, tf.constant(spec.size, tf.int64),
@@ -712,7 +798,8 @@ def _make_global_downlink_bits(sh):
       return 32 * tf.add_n(counts)
     b = int(config.downlink_bits)  # b-bit codes, whole bytes per tensor, plus lo and hi
     return tf.add_n([8 * ((n * b + 7) // 8) + 64 for n in counts])
-  return global_downlink_bits
+  return _computations(global_downlink_bits, (state_type, client_update.type_signature.result[2]),
+                       {0: sh.wire.state})
 
 
 def _make_initialize(sh):
@@ -741,8 +828,8 @@ def _make_initialize(sh):
 
 
 def _make_client_work_fn(sh):
-  client_update, clients_state_type, config, data_type = sh.client_update, sh.clients_state_type, sh.config, sh.data_type
-  global_scores, server_state_type, start_from_global, start_from_mask = sh.global_scores, sh.server_state_type, sh.start_from_global, sh.start_from_mask
+  client_update, clients_state_type, config, data_type = sh.client_update_wire, sh.clients_state_type, sh.config, sh.data_type
+  global_scores, server_state_type, start_from_global, start_from_mask = sh.global_scores, sh.server_state_type, sh.start_from_global_wire, sh.start_from_mask_wire
 
   @tff.federated_computation(server_state_type, tff.FederatedType(data_type, tff.CLIENTS),
                              clients_state_type)
@@ -773,10 +860,10 @@ def _make_summed(sh):
 
 
 def _make_aggregate_fn(sh):
-  client_update, clients_state_type, config, decode_upload = sh.client_update, sh.clients_state_type, sh.config, sh.decode_upload
+  client_update, clients_state_type, config, decode_upload = sh.client_update, sh.clients_state_type, sh.config, sh.decode_upload_wire
 
-  download_and_apply, global_downlink_bits, global_scores, global_step = sh.download_and_apply, sh.global_downlink_bits, sh.global_scores, sh.global_step
-  increment, mask_downlink_bits, mask_step, server_state_type = sh.increment, sh.mask_downlink_bits, sh.mask_step, sh.server_state_type
+  download_and_apply, global_downlink_bits, global_scores, global_step = sh.download_and_apply_wire, sh.global_downlink_bits_wire, sh.global_scores, sh.global_step
+  increment, mask_downlink_bits, mask_step, server_state_type = sh.increment, sh.mask_downlink_bits_wire, sh.mask_step, sh.server_state_type
   summed, upload_type = sh.summed, sh.upload_type
 
   @tff.federated_computation(server_state_type, clients_state_type,
@@ -817,17 +904,17 @@ def _make_next_fn(sh):
 
 
 def _make_evaluate_fn(sh):
-  eval_data_type, evaluate_client, scores_type = sh.eval_data_type, sh.evaluate_client, sh.scores_type
+  eval_data_type, evaluate_client, packed_masks_type = sh.eval_data_type, sh.evaluate_client_wire, sh.packed_masks_type
 
   @tff.federated_computation(tff.FederatedType(eval_data_type, tff.CLIENTS),
-                             tff.FederatedType(scores_type, tff.CLIENTS))
+                             tff.FederatedType(packed_masks_type, tff.CLIENTS))
   def evaluate_fn(client_data, client_masks):
     return tff.federated_map(evaluate_client, (client_data, client_masks))
   return evaluate_fn
 
 
 def _make_prepare_fn(sh):
-  clients_state_type, data_type, prepare_client = sh.clients_state_type, sh.data_type, sh.prepare_client
+  clients_state_type, data_type, prepare_client = sh.clients_state_type, sh.data_type, sh.prepare_client_wire
 
   @tff.federated_computation(tff.FederatedType(data_type, tff.CLIENTS), clients_state_type)
   def prepare_fn(client_data, client_states):
