@@ -71,6 +71,9 @@ def main(argv):
   config = run_config.RunConfig(rounds=FLAGS.rounds, data_dir=FLAGS.data_dir,
                                 output_dir=FLAGS.output_dir, overwrite=True, progress=False,
                                 worker_memory_limit_mb=FLAGS.worker_memory_limit_mb, **settings)
+  # A results file of an earlier run here would be read as this run's rounds until replaced.
+  if os.path.exists(os.path.join(config.output_dir, "results.json")):
+    os.remove(os.path.join(config.output_dir, "results.json"))
   samples, stop = [], threading.Event()
   t0 = time.time()
 

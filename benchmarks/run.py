@@ -117,11 +117,12 @@ def _fedmask_round_fn(split, clients, batch_size, epochs, store_dir):
   """A callable running one FedMask round on ``clients`` as the runner does (with state I/O)."""
   from fedmask_tff.algorithms import fedmask
   from fedmask_tff.models import basic
-  from fedmask_tff.wire.client_state import ClientStateStore
+  from fedmask_tff.wire.client_state import PackedStateStore
   process = fedmask.build_fedmask_process(
       lambda: basic.build_cnn(seed=0), _batched_spec(split),
       fedmask.FedMaskConfig(local_epochs=epochs))
-  store = ClientStateStore(store_dir, [s.shape for s in process.specs], process.initial_client_state)
+  store = PackedStateStore(store_dir, [s.shape for s in process.specs],
+                           lambda: process.pack_state(process.initial_client_state()))
   state = [process.initialize()]
 
   def one_round():

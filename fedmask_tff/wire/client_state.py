@@ -16,6 +16,10 @@ On disk, one ``.npz`` file per client holds
 * ``rounds``: how many rounds the client has taken part in;
 * ``sha256``: a checksum of the above, checked on load.
 
+:class:`PackedStateStore` reads and writes the same files in the process's wire form (masks
+bit-packed over all elements), so that FedMask's driver never holds a round's states at full
+size.
+
 Writes are atomic (temporary file, ``fsync``, ``os.replace``): a crash mid-write
 leaves the previous state readable. A client never seen has no file and gets
 the process's initial state.
@@ -89,32 +93,11 @@ class ClientStateStore:
 
   def decode(self, arrays: dict, where: str = "client state"):
     """The state that :meth:`encode` made ``arrays`` from (checksum checked)."""
-    arrays, path = _checked(arrays, where), where
-    if "rounds" not in arrays:
-      raise ClientStateError(f"client state file {path} lacks rounds")
-    scores, keeps, personal = [], [], []
-    for i, shape in enumerate(self.shapes):
-      try:
-        packed, kept_scores = arrays[f"keep_{i}"], arrays[f"scores_{i}"]
-      except KeyError as e:
-        raise ClientStateError(f"client state file {path} lacks {e.args[0]}") from None
-      keep = bitpack.unpack_bits_np(packed, shape) if packed.size == bitpack.packed_size_bytes(
-          int(np.prod(shape))) else None
-      if keep is None or kept_scores.shape != (int(keep.sum()),):
-        raise ClientStateError(f"client state file {path} does not match the model's mask "
-                               f"{i} of shape {shape}")
-      full = np.zeros(shape, np.float32)
-      full[keep > 0] = kept_scores
-      scores.append(full)
-      keeps.append(keep.astype(np.float32))
-      packed_personal = arrays.get(f"personal_{i}")
-      if packed_personal is None or packed_personal.size != bitpack.packed_size_bytes(kept_scores.size):
-        raise ClientStateError(f"client state file {path} lacks a valid personal_{i}")
-      mine = np.zeros(shape, np.float32)
-      mine[keep > 0] = bitpack.unpack_bits_np(packed_personal, (kept_scores.size,))
-      personal.append(mine)
-    return collections.OrderedDict(scores=tuple(scores), keep=tuple(keeps),
-                                   personal=tuple(personal), rounds=np.int32(arrays["rounds"]))
+    packed = self.decode_packed(arrays, where)
+    unpack = lambda masks: tuple(bitpack.unpack_bits_np(m, shape)
+                                 for m, shape in zip(masks, self.shapes))
+    return collections.OrderedDict(scores=packed["scores"], keep=unpack(packed["keep"]),
+                                   personal=unpack(packed["personal"]), rounds=packed["rounds"])
 
   def put(self, client_id: str, state) -> int:
     """Stores ``state`` atomically; returns the file's size in bytes."""
@@ -123,20 +106,83 @@ class ClientStateStore:
 
   def encode(self, state, client_id: str = "?") -> dict:
     """The packed arrays (with their checksum) that represent ``state`` on disk."""
+    if len(state["scores"]) != len(self.shapes):
+      raise ValueError(f"state has {len(state['scores'])} masks, the store expects {len(self.shapes)}")
+    for i, (s, k) in enumerate(zip(state["scores"], state["keep"])):
+      if np.shape(s) != self.shapes[i] or np.shape(k) != self.shapes[i]:
+        raise ValueError(f"mask {i}: shapes {np.shape(s)}/{np.shape(k)}, expected {self.shapes[i]}")
+    return self.encode_packed(collections.OrderedDict(
+        scores=state["scores"], keep=tuple(bitpack.pack_bits_np(k) for k in state["keep"]),
+        personal=tuple(bitpack.pack_bits_np(p) for p in state["personal"]),
+        rounds=state["rounds"]), client_id)
+
+  def decode_packed(self, arrays: dict, where: str = "client state"):
+    """The wire-form state (masks packed) that ``arrays`` hold (checksum checked)."""
+    arrays, path = _checked(arrays, where), where
+    if "rounds" not in arrays:
+      raise ClientStateError(f"client state file {path} lacks rounds")
+    scores, keeps, personal = [], [], []
+    for i, shape in enumerate(self.shapes):
+      n = int(np.prod(shape))
+      try:
+        packed, kept_scores = arrays[f"keep_{i}"], arrays[f"scores_{i}"]
+      except KeyError as e:
+        raise ClientStateError(f"client state file {path} lacks {e.args[0]}") from None
+      keep = (np.unpackbits(packed, count=n, bitorder="little").astype(bool)
+              if packed.dtype == np.uint8 and packed.size == bitpack.packed_size_bytes(n) else None)
+      if keep is None or kept_scores.shape != (int(keep.sum()),):
+        raise ClientStateError(f"client state file {path} does not match the model's mask "
+                               f"{i} of shape {shape}")
+      full = np.zeros(n, np.float32)
+      full[keep] = kept_scores
+      scores.append(full.reshape(shape))
+      keeps.append(np.packbits(keep, bitorder="little"))
+      packed_personal = arrays.get(f"personal_{i}")
+      if packed_personal is None or packed_personal.size != bitpack.packed_size_bytes(kept_scores.size):
+        raise ClientStateError(f"client state file {path} lacks a valid personal_{i}")
+      mine = np.zeros(n, bool)
+      mine[keep] = np.unpackbits(packed_personal, count=kept_scores.size, bitorder="little")
+      personal.append(np.packbits(mine, bitorder="little"))
+    return collections.OrderedDict(scores=tuple(scores), keep=tuple(keeps),
+                                   personal=tuple(personal), rounds=np.int32(arrays["rounds"]))
+
+  def encode_packed(self, state, client_id: str = "?") -> dict:
+    """The arrays (with their checksum) that represent the wire-form ``state`` on disk."""
     arrays = {"rounds": np.asarray(state["rounds"], np.int32)}
     if len(state["scores"]) != len(self.shapes):
       raise ValueError(f"state has {len(state['scores'])} masks, the store expects {len(self.shapes)}")
     for i, (s, k, p) in enumerate(zip(state["scores"], state["keep"], state["personal"])):
       s, k, p = np.asarray(s, np.float32), np.asarray(k), np.asarray(p)
-      if s.shape != self.shapes[i] or k.shape != self.shapes[i]:
-        raise ValueError(f"mask {i}: shapes {s.shape}/{k.shape}, expected {self.shapes[i]}")
+      n, nbytes = int(np.prod(self.shapes[i])), bitpack.packed_size_bytes(int(np.prod(self.shapes[i])))
+      if s.shape != self.shapes[i] or k.shape != (nbytes,) or p.shape != (nbytes,):
+        raise ValueError(f"mask {i}: scores {s.shape}, packed keep {k.shape} and personal "
+                         f"{p.shape}; expected {self.shapes[i]} and ({nbytes},)")
       if not np.all(np.isfinite(s)):
         raise ValueError(f"client {client_id}: mask {i} has non-finite scores")
-      arrays[f"keep_{i}"] = bitpack.pack_bits_np(k)
-      arrays[f"scores_{i}"] = s[k > 0]
-      arrays[f"personal_{i}"] = bitpack.pack_bits_np(p[k > 0])
+      keep = np.unpackbits(k.astype(np.uint8), count=n, bitorder="little").astype(bool)
+      arrays[f"keep_{i}"] = np.packbits(keep, bitorder="little")
+      arrays[f"scores_{i}"] = s.reshape(-1)[keep]
+      mine = np.unpackbits(p.astype(np.uint8), count=n, bitorder="little")[keep]
+      arrays[f"personal_{i}"] = np.packbits(mine, bitorder="little")
     arrays["sha256"] = np.array(digest(arrays))
     return arrays
+
+
+
+class PackedStateStore(ClientStateStore):
+  """The files of :class:`ClientStateStore`, read and written in FedMask's *wire form*:
+  ``OrderedDict(scores=(float32 S_i...), keep=(uint8 [ceil(n_i/8)]...), personal=(uint8
+  [ceil(n_i/8)]...), rounds=int32)``, the masks bit-packed over all ``n_i`` elements
+  (:mod:`fedmask_tff.wire.bitpack`), as the process takes them. A round's states never exist
+  at full size in the driver (4.25 bytes a mask element, not 12); the files are byte for byte
+  those of :class:`ClientStateStore`.
+  """
+
+  def decode(self, arrays: dict, where: str = "client state"):
+    return self.decode_packed(arrays, where)
+
+  def encode(self, state, client_id: str = "?") -> dict:
+    return self.encode_packed(state, client_id)
 
 
 def _checked(arrays: dict, path: str) -> dict:

@@ -364,3 +364,49 @@ def test_keep_is_stored_bit_packed(tmp_path):
     assert arrays[f"keep_{i}"].size == bitpack.packed_size_bytes(int(np.prod(s)))
     np.testing.assert_array_equal(arrays[f"keep_{i}"], bitpack.pack_bits_np(k))
     assert arrays[f"scores_{i}"].shape == (int(k.sum()),)
+
+
+# ------------------------------------------------------ the packed (wire) form ---
+
+def packed(state):
+  """``state`` in FedMask's wire form, packed by hand with numpy (little-endian bits)."""
+  pack = lambda masks: tuple(np.packbits(np.asarray(m, np.uint8).reshape(-1), bitorder="little")
+                             for m in masks)
+  return collections.OrderedDict(scores=state["scores"], keep=pack(state["keep"]),
+                                 personal=pack(state["personal"]), rounds=state["rounds"])
+
+
+def test_packed_store_writes_the_same_files_and_reads_them_packed(tmp_path):
+  from fedmask_tff.wire.client_state import PackedStateStore
+  plain = make_store(tmp_path, name="plain")
+  wire = PackedStateStore(str(tmp_path / "wire"), SHAPES, lambda: packed(initial_state()))
+  for seed in range(4):
+    state = random_state(seed)
+    plain.put(f"c{seed}", state)
+    wire.put(f"c{seed}", packed(state))
+    with open(plain.path(f"c{seed}"), "rb") as a, open(wire.path(f"c{seed}"), "rb") as b:
+      assert a.read() == b.read()  # byte for byte: runs stored either way resume either way
+    loaded = wire.get(f"c{seed}")
+    # Packed masks of ceil(n/8) bytes; scores full-size, 0 where pruned.
+    expected = packed(plain.get(f"c{seed}"))
+    for key in ("keep", "personal"):
+      for got, want, shape in zip(loaded[key], expected[key], SHAPES):
+        assert got.dtype == np.uint8 and got.shape == (bitpack.packed_size_bytes(np.prod(shape)),)
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(loaded["scores"], expected["scores"]):
+      np.testing.assert_array_equal(got, want)
+    assert int(loaded["rounds"]) == 3
+  assert wire.get("never")["keep"][0].dtype == np.uint8  # a new client's state is packed too
+
+
+def test_packed_store_refuses_masks_of_the_wrong_size(tmp_path):
+  from fedmask_tff.wire.client_state import PackedStateStore
+  wire = PackedStateStore(str(tmp_path / "wire"), SHAPES, lambda: None)
+  state = packed(random_state(0))
+  state["keep"] = (state["keep"][0][:-1],) + state["keep"][1:]  # one byte short
+  with pytest.raises(ValueError, match="mask 0: scores"):
+    wire.put("c", state)
+  state = packed(random_state(0))
+  state["scores"] = (np.full(SHAPES[0], np.inf, np.float32),) + state["scores"][1:]
+  with pytest.raises(ValueError, match="non-finite"):
+    wire.put("c", state)

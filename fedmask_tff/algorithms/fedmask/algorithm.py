@@ -80,26 +80,20 @@ class FedMask(FederatedAlgorithm):
 
   def prepare_clients(self, train_datasets, client_states):
     """Algorithm 1 lines 4-6: each client's pruning epoch and one-shot pruning, before round 1."""
-    process = self.process
-    new_states, metrics = self._with_datasets("prepare")(
-        train_datasets, [process.pack_state(s) for s in client_states])
-    return [process.unpack_state(s) for s in new_states], [{"uplink_bits": int(m["uplink_bits"]), "train_flops": float(m["train_flops"]),
+    new_states, metrics = self._with_datasets("prepare")(train_datasets, client_states)
+    return list(new_states), [{"uplink_bits": int(m["uplink_bits"]), "train_flops": float(m["train_flops"]),
                                "examples": float(m["examples"]), "pruned": int(m["pruned"]),
                                "diverged": int(m["diverged"])} for m in metrics]
 
   def initial_client_state(self):
-    return self.process.initial_client_state()
-
-  def client_state_message_bytes(self) -> int:
-    """A client state's bytes in the process's values: its wire form (packed masks)."""
-    import numpy as np
-    import tensorflow as tf
-    wire = self.process.pack_state(self.process.initial_client_state())
-    return int(sum(np.asarray(x).nbytes for x in tf.nest.flatten(wire)))
+    """A new client's state in the process's wire form (masks bit-packed): FedMask's states
+    stay packed in the driver too (:class:`~fedmask_tff.wire.client_state.PackedStateStore`);
+    ``process.unpack_state`` gives the full-size arrays."""
+    return self.process.pack_state(self.process.initial_client_state())
 
   def make_store(self, directory):
-    from fedmask_tff.wire.client_state import ClientStateStore
-    return ClientStateStore(directory, [s.shape for s in self.specs], self.process.initial_client_state)
+    from fedmask_tff.wire.client_state import PackedStateStore
+    return PackedStateStore(directory, [s.shape for s in self.specs], self.initial_client_state)
 
   def late_joiner_states(self, server_state, store, count):
     """The server's view for a newcomer: per element, the mean of the personal masks of the
@@ -110,12 +104,11 @@ class FedMask(FederatedAlgorithm):
     from fedmask_tff.masks import aggregation, masking
     if self.process.global_scores or self.process.config.global_mask:
       # A newcomer starts from the server's scores (or m^T), like anyone.
-      init = self.process.initial_client_state()
-      return [type(init)(init) for _ in range(count)]
+      return [self.initial_client_state() for _ in range(count)]
     totals = [np.zeros(s.shape, np.float64) for s in self.specs]
     counts = [np.zeros(s.shape, np.float64) for s in self.specs]
     for cid in store.client_ids():
-      state = store.get(cid)
+      state = self.process.unpack_state(store.get(cid))
       for i in range(len(self.specs)):
         totals[i] += state["personal"][i] * state["keep"][i]
         counts[i] += state["keep"][i]
@@ -131,13 +124,11 @@ class FedMask(FederatedAlgorithm):
     state = dict(init)
     state["scores"] = tuple(scores)
     state["personal"] = tuple((s >= 0).astype(np.float32) for s in scores)
-    return [type(init)(state) for _ in range(count)]
+    return [self.process.pack_state(state) for _ in range(count)]
 
   def next(self, server_state, train_datasets, client_states):
-    process = self.process
-    server_state, new_states, metrics = self.run_round(
-        server_state, train_datasets, [process.pack_state(s) for s in client_states])
-    new_states = [process.unpack_state(s) for s in new_states]
+    server_state, new_states, metrics = self.run_round(server_state, train_datasets, client_states)
+    new_states = list(new_states)
     out = []
     for m in metrics:
       t = m["train"]
@@ -164,26 +155,30 @@ class FedMask(FederatedAlgorithm):
     metrics["uplink_bits_packed"] = metrics["uplink_bits"]
     if not metrics["upload_valid"]:
       return
-    keeps = [np.asarray(k) > 0 for k in new_state["keep"]]
-    bits = np.concatenate([np.asarray(p)[k] for p, k in zip(new_state["personal"], keeps)])
-    ref = np.concatenate([np.asarray(p)[k] for p, k in zip(old_state["personal"], keeps)])
-    bits, ref = bits.astype(np.uint8), ref.astype(np.uint8)
+    sizes = [s.size for s in self.specs]
+    keeps = [np.unpackbits(np.asarray(k), count=n, bitorder="little").astype(bool)
+             for k, n in zip(new_state["keep"], sizes)]
+    bits = np.concatenate([np.unpackbits(np.asarray(p), count=n, bitorder="little")[k]
+                           for p, k, n in zip(new_state["personal"], keeps, sizes)])
+    ref = np.concatenate([np.unpackbits(np.asarray(p), count=n, bitorder="little")[k]
+                          for p, k, n in zip(old_state["personal"], keeps, sizes)])
     stream = coding.encode_mask(bits, ref)
     if not np.array_equal(coding.decode_mask(stream, ref, bits.size), bits):
       raise RuntimeError("uplink coding did not decode exactly")  # never expected
     keep_bits = metrics["uplink_bits"] - self._packed_mask_bits
     metrics["uplink_bits"] = 8 * len(stream) + keep_bits
 
-  def _evaluate(self, test_datasets, masks):
-    packed = [self.process.pack_masks(m) for m in masks]
-    return payloads.eval_dicts(self.process.evaluate(test_datasets, packed))
+  def _evaluate(self, test_datasets, packed_masks):
+    return payloads.eval_dicts(self.process.evaluate(test_datasets, packed_masks))
 
   def evaluate(self, server_state, test_datasets, client_states, train_datasets):
     return self._evaluate(test_datasets, [s["personal"] for s in client_states])
 
   def evaluate_extra(self, server_state, test_datasets, client_states, train_datasets):
     """``after_aggregation``: each client with the mask it restarted from after the last aggregation."""
-    masks = [self.process.start_masks(server_state, s) for s in client_states]
+    process = self.process
+    masks = [process.pack_masks(process.start_masks(server_state, process.unpack_state(s)))
+             for s in client_states]
     return {"after_aggregation": self._evaluate(test_datasets, masks)}
 
 
