@@ -37,6 +37,10 @@ flags.DEFINE_string("cifar10_dir", "../shared/data/cifar10_jpeg", "CIFAR-10 dire
 flags.DEFINE_list("cnn_clients", ["20", "40", "80"], "Clients per round for cnn (Fashion-MNIST).")
 flags.DEFINE_list("har_clients", ["10", "20", "30"], "Clients per round for har_mlp (UCI-HAR).")
 flags.DEFINE_list("vgg16_clients", ["20"], "Clients per round for vgg16 at width 1 (CIFAR-10).")
+flags.DEFINE_integer("max_concurrent_clients", -1, "The worker's cap on concurrent client "
+                     "computations (-1: the run's default).")
+flags.DEFINE_enum("client_datasets", "driver", ["driver", "workers"],
+                  "Where each client's dataset is built (the run's --client_datasets).")
 flags.DEFINE_string("baseline", None, "A checkout of earlier code to measure side by side.")
 flags.DEFINE_bool("in_process", False, "Measure the given cases in this process (what each "
                   "case's own process runs).")
@@ -71,6 +75,8 @@ def _config(model: str, clients: int):
   return RunConfig(dataset=dataset, data_dir=data_dir, model=model, model_width=1.0,
                    num_clients=num_clients, clients_per_round=clients, rounds=2, local_epochs=1,
                    progress=False, overwrite=True, worker_memory_limit_mb=1e9,
+                   max_concurrent_clients=FLAGS.max_concurrent_clients,
+                   client_datasets=FLAGS.client_datasets,
                    output_dir=os.path.join(FLAGS.output_dir, f"{model}_{clients}"), **extra)
 
 
