@@ -160,6 +160,26 @@ def _side_by_side_rows() -> list:
   return rows
 
 
+def add_marginal(rows: list) -> list:
+  """Adds ``marginal_mb_per_client``: per model, the worker peak's growth per added client from
+  the fewest to the most clients measured (fixed costs cancel), and that over the client's
+  state plus data (``marginal_over_state_and_data``, the issue's "at most 3x" measure)."""
+  for model in dict.fromkeys(r["model"] for r in rows):
+    mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["clients_per_round"])
+    if len(mine) < 2 or mine[-1]["clients_per_round"] == mine[0]["clients_per_round"]:
+      continue
+    lo, hi = mine[0], mine[-1]
+    added = hi["clients_per_round"] - lo["clients_per_round"]
+    slope = (hi["worker_peak_mb"] - lo["worker_peak_mb"]) / added
+    for r in mine:
+      r["marginal_mb_per_client"] = round(slope, 1)
+      r["marginal_over_state_and_data"] = round(slope / (r["client_state_mb"] + r["client_data_mb"]), 1)
+      if "worker_peak_mb_before" in lo and "worker_peak_mb_before" in hi:
+        r["marginal_mb_per_client_before"] = round(
+            (hi["worker_peak_mb_before"] - lo["worker_peak_mb_before"]) / added, 1)
+  return rows
+
+
 def write_table(rows: list, path: str, note: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path + ".json", "w") as f:
@@ -174,7 +194,7 @@ def write_table(rows: list, path: str, note: str) -> None:
 
 def main(argv):
   del argv
-  rows = _in_process_rows() if FLAGS.in_process else _side_by_side_rows()
+  rows = _in_process_rows() if FLAGS.in_process else add_marginal(_side_by_side_rows())
   note = ("client_data_mb: the median client's training examples as float32 images + int32 "
           "labels (cnn: 560, HAR: ~275, CIFAR-10: 20); client_state_mb: one client's state as "
           "TFF carries it; round_s: mean wall time of the 2 rounds")
