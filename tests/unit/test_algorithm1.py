@@ -12,8 +12,8 @@ import pytest
 
 from fedmask_tff.algorithms import fedmask
 from fedmask_tff.masks import masking
-from helpers import (fedmask_evaluate, fedmask_next, fedmask_prepare, CONFIG, ELEMENT_SPEC, KEPT, NUM_CLIENTS, SHAPES, make_data,
-                                  model_fn, to_datasets)
+from helpers import (CONFIG, ELEMENT_SPEC, KEPT, NUM_CLIENTS, SHAPES, fedmask_next,
+                     fedmask_prepare, make_data, model_fn, to_datasets)
 
 LITERAL = dataclasses.replace(CONFIG, upload="mask", global_mask=True, score_restart="scaled_logit")
 SIZES = [int(np.prod(s)) for s in SHAPES]

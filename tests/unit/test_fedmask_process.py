@@ -21,8 +21,8 @@ from fedmask_tff.wire import bitpack
 from fedmask_tff.algorithms import fedmask
 from fedmask_tff.masks.layers import mask_variables
 from fedmask_tff.masks.masking import scores_from_mask_values
-from helpers import (fedmask_evaluate, fedmask_next, fedmask_prepare, CONFIG, ELEMENT_SPEC, KEPT, NUM_CLIENTS, PRUNABLE, PRUNE_RATE, SHAPES,
-                     make_data, model_fn, np_state, to_datasets)
+from helpers import (CONFIG, ELEMENT_SPEC, KEPT, NUM_CLIENTS, PRUNABLE, PRUNE_RATE, SHAPES,
+                     fedmask_evaluate, fedmask_next, make_data, model_fn, np_state, to_datasets)
 
 
 @pytest.fixture(scope="module")

@@ -85,8 +85,8 @@ def test_rule_scale_defaults():
 
 # ------------------------------------------------------------- in the process ---
 
-from helpers import (fedmask_evaluate, fedmask_next, fedmask_prepare, CONFIG, ELEMENT_SPEC, KEPT, NUM_CLIENTS,  # noqa: E402
-                                        model_fn, to_datasets)
+from helpers import (CONFIG, ELEMENT_SPEC, KEPT, NUM_CLIENTS, fedmask_next,  # noqa: E402
+                     model_fn, to_datasets)
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +233,6 @@ def test_bernoulli_upload_samples_around_the_mask_probability(tff_context, data)
   state, upload, _ = process.client_update(ds, process.initial_client_state())
   agree, n = 0, 0
   for i, shape in enumerate([(8, 16), (16, 12), (12, 3)]):
-    size = int(np.prod(shape))
     bits = bitpack.unpack_bits_np(np.asarray(upload["mask"][i]), shape)
     keep = np.asarray(state["keep"][i])
     assert np.all(bits[keep == 0] == 0)
