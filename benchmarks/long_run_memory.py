@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 import time
 
 import tensorflow as tf  # noqa: F401  (before absl's main, see benchmarks.run)
@@ -64,7 +63,8 @@ def _rounds_done(output_dir) -> int:
 
 def main(argv):
   del argv
-  from fedmask_tff.simulation import run_config, runner
+  from fedmask_tff.simulation import run_config
+  from benchmarks.sampling import run_sampled
   from fedmask_tff import runtime
   settings = dict(PRESETS[FLAGS.preset])
   for name in ("num_clients", "clients_per_round", "local_epochs"):
@@ -76,27 +76,20 @@ def main(argv):
   # A results file of an earlier run here would be read as this run's rounds until replaced.
   if os.path.exists(os.path.join(config.output_dir, "results.json")):
     os.remove(os.path.join(config.output_dir, "results.json"))
-  samples, stop = [], threading.Event()
+  samples, last_save = [], [time.time()]
   t0 = time.time()
 
   def sample():
-    last_save = time.time()
-    while not stop.is_set():
-      worker = (runtime.local_worker_pids() or [None])[0]
-      samples.append({"t": time.time(), "round": _rounds_done(config.output_dir),
-                      "driver_rss": runtime.process_rss_mb(os.getpid()) * 2 ** 20,
-                      "worker_rss": runtime.process_rss_mb(worker) * 2 ** 20 if worker else 0,
-                      "worker_pid": worker})
-      if time.time() - last_save >= FLAGS.save_every_s:
-        _save(summarize(samples, settings, t0, results=None), FLAGS.results)
-        last_save = time.time()
-      stop.wait(1.0)
+    worker = (runtime.local_worker_pids() or [None])[0]
+    samples.append({"t": time.time(), "round": _rounds_done(config.output_dir),
+                    "driver_rss": runtime.process_rss_mb(os.getpid()) * 2 ** 20,
+                    "worker_rss": runtime.process_rss_mb(worker) * 2 ** 20 if worker else 0,
+                    "worker_pid": worker})
+    if time.time() - last_save[0] >= FLAGS.save_every_s:
+      _save(summarize(samples, settings, t0, results=None), FLAGS.results)
+      last_save[0] = time.time()
 
-  thread = threading.Thread(target=sample, daemon=True)
-  thread.start()
-  results = runner.run(config)
-  stop.set()
-  thread.join()
+  results = run_sampled(config, sample, 1.0)
   summary = summarize(samples, settings, t0, results)
   _save(summary, FLAGS.results)
   print(json.dumps({k: v for k, v in summary.items() if k != "samples"}, indent=2))

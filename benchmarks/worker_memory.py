@@ -24,7 +24,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import tensorflow as tf  # noqa: F401  (before absl's main, see benchmarks.run)
@@ -84,21 +83,15 @@ def measure(config, idle_mb: float, client_data_mb: float) -> dict:
   """Runs ``config`` while sampling the worker; returns its memory figures (MB = 1e6 bytes
   for sizes, 2**20 for RSS as /proc gives it) and the mean round time (seconds)."""
   from fedmask_tff import runtime
-  from fedmask_tff.simulation import runner
-  peak, stop = [0.0], threading.Event()
+  from benchmarks.sampling import run_sampled
+  peak = [0.0]
 
   def sample():
-    while not stop.is_set():
-      pids = runtime.local_worker_pids()
-      if pids:
-        peak[0] = max(peak[0], runtime.process_rss_mb(pids[0]))
-      stop.wait(0.2)
+    pids = runtime.local_worker_pids()
+    if pids:
+      peak[0] = max(peak[0], runtime.process_rss_mb(pids[0]))
 
-  thread = threading.Thread(target=sample, daemon=True)
-  thread.start()
-  results = runner.run(config)
-  stop.set()
-  thread.join()
+  results = run_sampled(config, sample, 0.2)
   clients = config.clients_per_round
   state_mb = results["config"]["client_state_bytes"] / 1e6
   excess = (peak[0] - idle_mb) / clients

@@ -304,7 +304,7 @@ class _Run:
     back in one response, and a message holds at most ``runtime.MAX_MESSAGE_BYTES``."""
     from fedmask_tff import runtime
     config = self.config
-    state_bytes = self.algorithm.client_state_message_bytes()
+    state_bytes = self.client_state_bytes = self.algorithm.client_state_message_bytes()
     if not state_bytes:
       return EVAL_CHUNK
     fits = max(1, int(runtime.MAX_MESSAGE_BYTES * MESSAGE_HEADROOM // state_bytes))
@@ -327,7 +327,7 @@ class _Run:
                learning_rate_used=self.learning_rate, algorithm_settings=self.algorithm.settings,
                algorithm_description=self.algorithm.description,
                model_parameters=self.num_params, partition_file_written=self.partition_path,
-               client_state_bytes=self.algorithm.client_state_message_bytes(), data=self.summary)
+               client_state_bytes=self.client_state_bytes, data=self.summary)
     cfg.update(self.algorithm.results_settings())
     return cfg
 

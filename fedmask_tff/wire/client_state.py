@@ -128,7 +128,7 @@ class ClientStateStore:
         packed, kept_scores = arrays[f"keep_{i}"], arrays[f"scores_{i}"]
       except KeyError as e:
         raise ClientStateError(f"client state file {path} lacks {e.args[0]}") from None
-      keep = (np.unpackbits(packed, count=n, bitorder="little").astype(bool)
+      keep = (bitpack.unpack_bits_np(packed, (n,), bool)
               if packed.dtype == np.uint8 and packed.size == bitpack.packed_size_bytes(n) else None)
       if keep is None or kept_scores.shape != (int(keep.sum()),):
         raise ClientStateError(f"client state file {path} does not match the model's mask "
@@ -136,13 +136,13 @@ class ClientStateStore:
       full = np.zeros(n, np.float32)
       full[keep] = kept_scores
       scores.append(full.reshape(shape))
-      keeps.append(np.packbits(keep, bitorder="little"))
+      keeps.append(bitpack.pack_bits_np(keep))
       packed_personal = arrays.get(f"personal_{i}")
       if packed_personal is None or packed_personal.size != bitpack.packed_size_bytes(kept_scores.size):
         raise ClientStateError(f"client state file {path} lacks a valid personal_{i}")
       mine = np.zeros(n, bool)
-      mine[keep] = np.unpackbits(packed_personal, count=kept_scores.size, bitorder="little")
-      personal.append(np.packbits(mine, bitorder="little"))
+      mine[keep] = bitpack.unpack_bits_np(packed_personal, (kept_scores.size,), bool)
+      personal.append(bitpack.pack_bits_np(mine))
     return collections.OrderedDict(scores=tuple(scores), keep=tuple(keeps),
                                    personal=tuple(personal), rounds=np.int32(arrays["rounds"]))
 
@@ -159,11 +159,10 @@ class ClientStateStore:
                          f"{p.shape}; expected {self.shapes[i]} and ({nbytes},)")
       if not np.all(np.isfinite(s)):
         raise ValueError(f"client {client_id}: mask {i} has non-finite scores")
-      keep = np.unpackbits(k.astype(np.uint8), count=n, bitorder="little").astype(bool)
-      arrays[f"keep_{i}"] = np.packbits(keep, bitorder="little")
+      keep = bitpack.unpack_bits_np(k.astype(np.uint8), (n,), bool)
+      arrays[f"keep_{i}"] = bitpack.pack_bits_np(keep)
       arrays[f"scores_{i}"] = s.reshape(-1)[keep]
-      mine = np.unpackbits(p.astype(np.uint8), count=n, bitorder="little")[keep]
-      arrays[f"personal_{i}"] = np.packbits(mine, bitorder="little")
+      arrays[f"personal_{i}"] = bitpack.pack_bits_np(bitpack.unpack_bits_np(p.astype(np.uint8), (n,), bool)[keep])
     arrays["sha256"] = np.array(digest(arrays))
     return arrays
 

@@ -155,13 +155,14 @@ class FedMask(FederatedAlgorithm):
     metrics["uplink_bits_packed"] = metrics["uplink_bits"]
     if not metrics["upload_valid"]:
       return
-    sizes = [s.size for s in self.specs]
-    keeps = [np.unpackbits(np.asarray(k), count=n, bitorder="little").astype(bool)
-             for k, n in zip(new_state["keep"], sizes)]
-    bits = np.concatenate([np.unpackbits(np.asarray(p), count=n, bitorder="little")[k]
-                           for p, k, n in zip(new_state["personal"], keeps, sizes)])
-    ref = np.concatenate([np.unpackbits(np.asarray(p), count=n, bitorder="little")[k]
-                          for p, k, n in zip(old_state["personal"], keeps, sizes)])
+    from fedmask_tff.wire import bitpack
+    sizes = [(s.size,) for s in self.specs]
+    keeps = [bitpack.unpack_bits_np(np.asarray(k), n, bool) for k, n in zip(new_state["keep"], sizes)]
+
+    def kept_bits(state):  # the personal mask at the kept positions, uint8
+      return np.concatenate([bitpack.unpack_bits_np(np.asarray(p), n, np.uint8)[k]
+                             for p, k, n in zip(state["personal"], keeps, sizes)])
+    bits, ref = kept_bits(new_state), kept_bits(old_state)
     stream = coding.encode_mask(bits, ref)
     if not np.array_equal(coding.decode_mask(stream, ref, bits.size), bits):
       raise RuntimeError("uplink coding did not decode exactly")  # never expected
