@@ -40,12 +40,17 @@ flags.DEFINE_integer("max_concurrent_clients", -1, "The worker's cap on concurre
                      "computations (-1: the run's default).")
 flags.DEFINE_enum("client_datasets", "driver", ["driver", "workers"],
                   "Where each client's dataset is built (the run's --client_datasets).")
+flags.DEFINE_enum("client_states", "auto", ["auto", "messages", "files"],
+                  "How client states reach the worker (the run's --client_states; auto: files).")
 flags.DEFINE_string("baseline", None, "A checkout of earlier code to measure side by side.")
 flags.DEFINE_bool("in_process", False, "Measure the given cases in this process (what each "
                   "case's own process runs).")
 flags.DEFINE_string("output_dir", "runs/worker_memory", "Run directories.")
 flags.DEFINE_string("results", os.path.join(os.path.dirname(__file__), "results", "worker_memory"),
                     "Where the table goes (.json and .md are added).")
+
+# Flags that set the measured runs (passed on to each case's own process).
+RUN_SETTINGS = ("max_concurrent_clients", "client_datasets", "client_states")
 
 # (model, dataset, clients of the partition, MB of a median client's training data)
 MODELS = {
@@ -75,7 +80,7 @@ def _config(model: str, clients: int):
                    num_clients=num_clients, clients_per_round=clients, rounds=2, local_epochs=1,
                    progress=False, overwrite=True, worker_memory_limit_mb=1e9,
                    max_concurrent_clients=FLAGS.max_concurrent_clients,
-                   client_datasets=FLAGS.client_datasets,
+                   client_datasets=FLAGS.client_datasets, client_states=FLAGS.client_states,
                    output_dir=os.path.join(FLAGS.output_dir, f"{model}_{clients}"), **extra)
 
 
@@ -128,7 +133,10 @@ def _case_in_own_process(checkout: str, model: str, clients: int, baseline: bool
       data.append(f"--fashion_mnist_dir={os.path.abspath(FLAGS.fashion_mnist_dir)}")
     if not baseline:
       data += [f"--cifar10_dir={os.path.abspath(FLAGS.cifar10_dir)}", "--in_process"]
-    command = [sys.executable, "-m", "benchmarks.worker_memory", *args, *data,
+    # The run's settings, where not the defaults (a baseline without a flag refuses it).
+    settings = [f"--{name}={FLAGS[name].value}" for name in RUN_SETTINGS
+                if FLAGS[name].value != FLAGS[name].default]
+    command = [sys.executable, "-m", "benchmarks.worker_memory", *args, *data, *settings,
                f"--results={out}", f"--output_dir={os.path.join(tmp, 'runs')}"]
     subprocess.run(command, cwd=checkout, check=True,
                    env=dict(os.environ, PYTHONPATH=os.path.abspath(checkout)))

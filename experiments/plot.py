@@ -19,7 +19,7 @@ import sys
 
 # Settings never worth a label: where outputs went, and how the run was executed.
 _UNLABELLED = {"output_dir", "overwrite", "progress", "verbose", "workers", "max_concurrent_clients",
-               "worker_memory_limit_mb", "client_datasets", "client_data_dir", "eval_every",
+               "worker_memory_limit_mb", "client_datasets", "client_data_dir", "client_states", "eval_every",
                "eval_batch_size", "partition_file", "data_dir"}
 
 

@@ -132,6 +132,12 @@ flags.DEFINE_enum("client_datasets", _D.client_datasets, ["driver", "workers"],
 flags.DEFINE_string("client_data_dir", None, "With --client_datasets=workers: where the client "
                     "files go (default OUTPUT_DIR/client_data; on several hosts a path every "
                     "worker can read).")
+flags.DEFINE_enum("client_states", _D.client_states, ["auto", "messages", "files"],
+                  "How FedMask's client states reach TFF's worker: files (the worker reads and "
+                  "writes each state under OUTPUT_DIR/client_states/.exchange; its memory no "
+                  "longer grows with the states of a round), messages (inside TFF's requests), "
+                  "or auto: files with the local worker, messages with --workers. Same results. "
+                  "See docs/workers.md.")
 flags.DEFINE_float("worker_memory_limit_mb", _D.worker_memory_limit_mb,
                    "Restart the local TFF worker after a round when its resident memory exceeds "
                    "this (MB; 0: half the machine's memory). Results are unchanged.")

@@ -74,6 +74,9 @@ class BuildContext:
     dataset_computation: ``None``, or a function ``repeats -> TFF computation`` turning a
       client's data source into its batched dataset inside the round's computation
       (``--client_datasets=workers``, :mod:`fedmask_tff.data.client_files`).
+    client_states_dir: ``None``, or a directory where FedMask's client states travel as files
+      that the worker reads and writes (``--client_states=files``,
+      :mod:`fedmask_tff.wire.state_files`); the worker must see it at the same path.
   """
   input_shape: tuple
   num_classes: int
@@ -89,6 +92,7 @@ class BuildContext:
   score_init: float = 0.05
   split_round: bool = False
   dataset_computation: Optional[Callable[[int], Any]] = None
+  client_states_dir: Optional[str] = None
 
   def dense_model_fn(self) -> Callable[[], tf.keras.Model]:
     """The dense, trainable counterpart of the run's model (what FedAvg-style methods train)."""
@@ -156,14 +160,18 @@ class FederatedAlgorithm(abc.ABC):
   def initial_client_state(self) -> Optional[Any]:
     return None
 
-  def client_state_message_bytes(self) -> int:
-    """Bytes of one client's state as the process's computations take and return it (the
-    runner checks that a round's states fit in one TFF message); 0 when stateless."""
+  def client_state_bytes(self) -> int:
+    """Bytes of one client's state as the process's computations take it; 0 when stateless."""
     state = self.initial_client_state()
     if state is None:
       return 0
     import numpy as np
     return int(sum(np.asarray(x).nbytes for x in tf.nest.flatten(state)))
+
+  def client_state_message_bytes(self) -> int:
+    """Bytes of one client's state in a TFF message (the runner checks that a round's states
+    fit in one): :meth:`client_state_bytes` unless states travel otherwise (FedMask's files)."""
+    return self.client_state_bytes()
 
   def make_store(self, directory: str):
     """The client-state store (``None`` for stateless algorithms)."""

@@ -104,8 +104,17 @@ class RunConfig:
   worker_memory_limit_mb: float = 0.0  # restart the local worker above this RSS (0: half the RAM)
   client_datasets: str = "driver"  # "workers": built inside the round's computation from files
   client_data_dir: Optional[str] = None  # where those files go (default OUTPUT_DIR/client_data)
+  client_states: str = "auto"  # FedMask: "files" (the worker reads and writes them), "messages"
   overwrite: bool = False
   progress: bool = True
+  def client_states_used(self) -> str:
+    """How FedMask's client states reach TFF's worker: ``--client_states``, where ``auto`` is
+    ``files`` with the local worker and ``messages`` with ``--workers`` (other hosts may not
+    see the output directory)."""
+    if self.client_states != "auto":
+      return self.client_states
+    return "messages" if self.workers else "files"
+
   def validate(self) -> "RunConfig":
     """Raises :class:`ConfigError` naming the first impossible setting."""
     for check in (_check_choices, _check_data, _check_training, _check_baselines,
@@ -228,6 +237,8 @@ def _check_execution(c: RunConfig) -> None:
         f"--client_datasets must be 'driver' or 'workers', got {c.client_datasets!r}")
   _need(c.client_data_dir is None or c.client_datasets == "workers",
         "--client_data_dir is where --client_datasets=workers writes client files; it needs that flag")
+  _need(c.client_states in ("auto", "messages", "files"),
+        f"--client_states must be 'auto', 'messages' or 'files', got {c.client_states!r}")
   if c.workers is not None:
     from fedmask_tff.runtime.worker import parse_workers
     try:
@@ -252,7 +263,7 @@ def _check_output(c: RunConfig) -> None:
 # Settings that may differ between a run and its resumption (they do not change results).
 RESUME_FREE = ("overwrite", "progress", "max_concurrent_clients", "output_dir", "workers",
                "worker_memory_limit_mb",
-               "client_datasets", "client_data_dir")
+               "client_datasets", "client_data_dir", "client_states")
 
 
 # FedMask's own settings: they change nothing for the other algorithms.

@@ -304,7 +304,8 @@ class _Run:
     back in one response, and a message holds at most ``runtime.MAX_MESSAGE_BYTES``."""
     from fedmask_tff import runtime
     config = self.config
-    state_bytes = self.client_state_bytes = self.algorithm.client_state_message_bytes()
+    self.client_state_bytes = self.algorithm.client_state_bytes()
+    state_bytes = self.client_state_message_bytes = self.algorithm.client_state_message_bytes()
     if not state_bytes:
       return EVAL_CHUNK
     fits = max(1, int(runtime.MAX_MESSAGE_BYTES * MESSAGE_HEADROOM // state_bytes))
@@ -327,7 +328,8 @@ class _Run:
                learning_rate_used=self.learning_rate, algorithm_settings=self.algorithm.settings,
                algorithm_description=self.algorithm.description,
                model_parameters=self.num_params, partition_file_written=self.partition_path,
-               client_state_bytes=self.client_state_bytes, data=self.summary)
+               client_state_bytes=self.client_state_bytes,
+               client_state_message_bytes=self.client_state_message_bytes, data=self.summary)
     cfg.update(self.algorithm.results_settings())
     return cfg
 
@@ -579,7 +581,9 @@ def _build_context(config: RunConfig, split, model_name: str, learning_rate: flo
   element_spec = split.train.element_type_structure
   batched_spec = type(element_spec)(
       (k, tf.TensorSpec([None] + v.shape.as_list(), v.dtype)) for k, v in element_spec.items())
-  dataset_computation = None
+  dataset_computation, client_states_dir = None, None
+  if config.client_states_used() == "files":
+    client_states_dir = os.path.abspath(os.path.join(config.output_dir, "client_states", ".exchange"))
   if config.client_datasets == "workers":
     from fedmask_tff.data import client_files
     dataset_computation = lambda repeats: client_files.dataset_computation(  # noqa: E731
@@ -591,7 +595,8 @@ def _build_context(config: RunConfig, split, model_name: str, learning_rate: flo
       learning_rate=learning_rate, batch_size=config.batch_size, mask_mode=config.mask_mode,
       score_init=config.score_init,
       # Several workers: rounds as two TFF calls, each split over the workers without recomputation.
-      split_round=bool(config.workers), dataset_computation=dataset_computation)
+      split_round=bool(config.workers), dataset_computation=dataset_computation,
+      client_states_dir=client_states_dir)
 
 
 def _prepare_clients(algorithm, store, client_ids: list, train_input, chunk: int = EVAL_CHUNK) -> dict:

@@ -1,7 +1,9 @@
 """A round whose clients' states cannot travel to TFF's worker in one message is refused before
 any training, with a message that says what to change (issue 17: vgg16 at width 1 with 20
 clients a round needed 3.7 GB in one request when masks travelled as float32; protobuf stops
-at 2 GiB. Packed, a state is 64 MB and 20 clients fit; 29 do not)."""
+at 2 GiB. Packed, a state is 64 MB and 20 clients fit; 29 do not). That applies when states
+travel in TFF's messages (``--client_states=messages``, the default with ``--workers``); by
+default with the local worker they travel as files and a round's size is no limit."""
 
 import pytest
 
@@ -36,7 +38,7 @@ def test_too_many_clients_for_one_message_are_refused_before_training(data_dir, 
   # A message that holds the states of 4 clients (with the runner's headroom), not 6.
   monkeypatch.setattr(runtime, "MAX_MESSAGE_BYTES", int(4.5 * STATE_BYTES / runner.MESSAGE_HEADROOM))
   with pytest.raises(ConfigError) as error:
-    runner.run(_config(data_dir, tmp_path))
+    runner.run(_config(data_dir, tmp_path, client_states="messages"))
   message = str(error.value)
   assert "--clients_per_round=6: each client's state is 0.179 MB (mlp at --model_width=0.25)" in message
   assert "use at most 4 clients per round" in message and "--model_width" in message
@@ -46,5 +48,17 @@ def test_too_many_clients_for_one_message_are_refused_before_training(data_dir, 
 def test_a_round_that_fits_runs_to_the_end(data_dir, tmp_path, monkeypatch):
   # 3 clients a round fit; evaluation of the 6 that took part goes 3 per call.
   monkeypatch.setattr(runtime, "MAX_MESSAGE_BYTES", int(3.5 * STATE_BYTES / runner.MESSAGE_HEADROOM))
-  results = runner.run(_config(data_dir, tmp_path, clients_per_round=3, rounds=2))
+  results = runner.run(_config(data_dir, tmp_path, clients_per_round=3, rounds=2,
+                               client_states="messages"))
   assert results["complete"] and 3 <= results["final"]["evaluated_clients"] <= 6
+
+
+def test_states_as_files_are_no_limit_on_clients_per_round(data_dir, tmp_path, monkeypatch):
+  # The default with the local worker: each state in TFF's messages is a path, so the 6 clients
+  # that the message above refuses run; the record keeps both sizes.
+  monkeypatch.setattr(runtime, "MAX_MESSAGE_BYTES", int(4.5 * STATE_BYTES / runner.MESSAGE_HEADROOM))
+  results = runner.run(_config(data_dir, tmp_path))
+  config = results["config"]
+  assert results["complete"] and config["algorithm_settings"]["client_states_used"] == "files"
+  assert config["client_state_bytes"] == STATE_BYTES
+  assert 0 < config["client_state_message_bytes"] < 1000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 from fedmask_tff.algorithms.fedmask import process as fedmask_process
@@ -25,15 +26,22 @@ class FedMask(FederatedAlgorithm):
                      score_init=context.score_init)
 
     self.model_fn = model_fn
-    self.process = fedmask_process.build_fedmask_process(model_fn, context.element_spec, config,
-                                                         eval_element_spec=context.eval_element_spec)
+    files = context.client_states_dir is not None
+    self.process = fedmask_process.build_fedmask_process(
+        model_fn, context.element_spec, config, eval_element_spec=context.eval_element_spec,
+        client_states="files" if files else "messages")
+    self.exchange = None
+    if files:  # States as files the worker reads and writes (issue 17: its memory per client).
+      from fedmask_tff.wire.state_files import StateExchange
+      self.exchange = StateExchange(context.client_states_dir, self.initial_client_state())
     self.specs = self.process.specs
     self.model_parameters = sum(s.size for s in self.specs)
     self.settings = dict(dataclasses.asdict(config), mask_mode_used=context.mask_mode,
                          masked_parameters=self.model_parameters,
                          pruned_parameters=sum(s.size for s in self.specs if s.prunable),
                          masks=[{"name": s.name, "shape": list(s.shape), "prunable": s.prunable}
-                                for s in self.specs])
+                                for s in self.specs],
+                         client_states_used=self.process.client_states)
     from fedmask_tff.wire.coding import check_uplink_coding
     self.uplink_coding = check_uplink_coding(uplink_coding, config.upload, config.ldp_epsilon)
     self.settings["uplink_coding"] = uplink_coding
@@ -80,8 +88,10 @@ class FedMask(FederatedAlgorithm):
 
   def prepare_clients(self, train_datasets, client_states):
     """Algorithm 1 lines 4-6: each client's pruning epoch and one-shot pruning, before round 1."""
-    new_states, metrics = self._with_datasets("prepare")(train_datasets, client_states)
-    return list(new_states), [{"uplink_bits": int(m["uplink_bits"]), "train_flops": float(m["train_flops"]),
+    with self._carried(client_states) as (carried, read):
+      new_states, metrics = self._with_datasets("prepare")(train_datasets, carried)
+      new_states = read(new_states)
+    return new_states, [{"uplink_bits": int(m["uplink_bits"]), "train_flops": float(m["train_flops"]),
                                "examples": float(m["examples"]), "pruned": int(m["pruned"]),
                                "diverged": int(m["diverged"])} for m in metrics]
 
@@ -90,6 +100,23 @@ class FedMask(FederatedAlgorithm):
     stay packed in the driver too (:class:`~fedmask_tff.wire.client_state.PackedStateStore`);
     ``process.unpack_state`` gives the full-size arrays."""
     return self.process.pack_state(self.process.initial_client_state())
+
+  @contextlib.contextmanager
+  def _carried(self, client_states):
+    """``(states as the process takes them, read)``: the wire-form states themselves, or with
+    files the paths of the files they are written to; ``read(returned)`` gives the wire-form
+    states a computation returned. A call's files are removed when the block ends."""
+    if self.exchange is None:
+      yield client_states, list
+    else:
+      with self.exchange.call(client_states) as carried:
+        yield carried
+
+  def client_state_message_bytes(self) -> int:
+    """With files, a state in TFF's messages is its path (at most this many bytes)."""
+    if self.exchange is not None:
+      return len(self.exchange.directory.encode()) + 64
+    return super().client_state_message_bytes()
 
   def make_store(self, directory):
     from fedmask_tff.wire.client_state import PackedStateStore
@@ -127,8 +154,9 @@ class FedMask(FederatedAlgorithm):
     return [self.process.pack_state(state) for _ in range(count)]
 
   def next(self, server_state, train_datasets, client_states):
-    server_state, new_states, metrics = self.run_round(server_state, train_datasets, client_states)
-    new_states = list(new_states)
+    with self._carried(client_states) as (carried, read):
+      server_state, new_states, metrics = self.run_round(server_state, train_datasets, carried)
+      new_states = read(new_states)
     out = []
     for m in metrics:
       t = m["train"]

@@ -11,10 +11,11 @@ client rebuilds it from the model's seed):
 2. **Upload** (``encode_upload``): the binary mask ``1[sigmoid(m_r) >= tau] * keep``
    of every masked weight, bit-packed (8 per byte); at the client's first
    round also its packed pruning masks. Bits are counted from these bytes.
-3. **Server** (``decode_upload`` + ``tff.federated_sum``): unpack each payload
-   and sum, per element, ``mask * keep`` and ``keep``. The server keeps every
-   client's pruning mask from its first upload (the paper's server does the
-   same); in the simulation that cached copy travels with the client state.
+3. **Server** (``tff.federated_aggregate`` whose ``accumulate`` runs ``decode_upload``):
+   unpack each payload and sum, per element, ``mask * keep`` and ``keep``, one client at a
+   time (with secure aggregation: ``decode_upload`` per client, then the secure sum). The
+   server keeps every client's pruning mask from its first upload (the paper's server does
+   the same); in the simulation that cached copy travels with the client state.
 4. **Download** (``encode_download`` / ``apply_download``): each client gets a
    float32 value per element it keeps: the mean over the clients sharing the
    element where at least ``min_shared`` (2) keep it, else -1 ("unchanged").
@@ -24,8 +25,9 @@ client rebuilds it from the model's seed):
 
 ``next(server_state, client_data, client_states)`` returns
 ``(server_state, client_states, client_metrics)``; the states are
-CLIENTS-placed values, kept between rounds by
-:class:`fedmask_tff.wire.client_state.ClientStateStore` in the driver. ``next`` is the
+CLIENTS-placed values (in their wire form, or the paths of files holding it:
+``client_states="files"``, :mod:`fedmask_tff.wire.state_files`), kept between rounds by
+:class:`fedmask_tff.wire.client_state.PackedStateStore` in the driver. ``next`` is the
 composition of ``process.client_work`` (steps 1-2, no aggregation) and
 ``process.aggregate`` (steps 3-4, one sum), which ``--workers`` calls one after
 the other so that TFF's mergeable context can split each over several workers.
@@ -44,7 +46,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from fedmask_tff.masks import aggregation, masking, pruning, regularizers
-from fedmask_tff.wire import bitpack, ldp, payloads, quantization
+from fedmask_tff.wire import bitpack, ldp, payloads, quantization, state_files
 from fedmask_tff.models import costs
 from fedmask_tff.algorithms import evaluation
 from fedmask_tff.masks.layers import mask_variables, masked_layers
@@ -83,7 +85,9 @@ class FedMaskProcess(tff.templates.IterativeProcess):
       bit-packed (:meth:`pack_state`); global_scores: whether the server keeps real-valued
       global scores (``upload="score_sign"``).
     next, client_work, aggregate, prepare: the federated computations; every client state
-      they take and return is in the wire form (``pack_state`` / ``unpack_state`` convert).
+      they take and return is in the wire form (``pack_state`` / ``unpack_state`` convert),
+      or, with ``client_states == "files"``, the path of a file holding it
+      (:class:`fedmask_tff.wire.state_files.StateExchange` writes and reads them).
       ``client_work`` and ``aggregate`` are the two halves of ``next`` (``--workers``);
       ``prepare``: ``(data@CLIENTS, states@CLIENTS) -> (states, metrics)``, the pruning epoch
       before round 1 (``prune_at_init``).
@@ -97,7 +101,7 @@ class FedMaskProcess(tff.templates.IterativeProcess):
   def __init__(self, parts):
     super().__init__(parts.initialize_fn, parts.next_fn)
     self.specs, self.config, self.client_state_type = parts.specs, parts.config, parts.state_type
-    self.wire_state_type = parts.wire_state_type
+    self.wire_state_type, self.client_states = parts.wire_state_type, parts.client_states
     self.global_scores = parts.global_scores
     self.client_work, self.aggregate = parts.client_work_fn, parts.aggregate_fn
     self.prepare, self.evaluate = parts.prepare_fn, parts.evaluate_fn
@@ -156,7 +160,7 @@ class FedMaskProcess(tff.templates.IterativeProcess):
 
 def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
                           config: FedMaskConfig = FedMaskConfig(),
-                          eval_element_spec=None) -> FedMaskProcess:
+                          eval_element_spec=None, client_states: str = "messages") -> FedMaskProcess:
   """Builds FedMask as a TFF iterative process.
 
   Args:
@@ -167,8 +171,18 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
       an ``OrderedDict(x=..., y=...)`` of ``tf.TensorSpec`` (labels int32).
     config: a :class:`FedMaskConfig`.
     eval_element_spec: element spec of the evaluation datasets (default: the same).
+    client_states: how client states cross the TFF boundary: ``"messages"`` (in TFF's values,
+      in their wire form) or ``"files"`` (TFF's values carry paths; each client's computation
+      reads its state from a file and writes the new one beside it, where the work runs:
+      :mod:`fedmask_tff.wire.state_files`, driven by its ``StateExchange``). The same numbers
+      either way (tested).
   """
+  if client_states not in ("messages", "files"):
+    raise ValueError(f"client_states must be 'messages' or 'files', got {client_states!r}")
   sh = _facts(model_fn, element_spec, config, eval_element_spec)
+  sh.client_states = client_states
+  sh.clients_state_type = tff.FederatedType(
+      tff.TensorType(np.str_) if client_states == "files" else sh.wire_state_type, tff.CLIENTS)
   sh.wire = _make_wire(sh)
   sh.load_model = _make_load_model(sh)
   sh.encode_upload_fn = _make_encode_upload_fn(sh)
@@ -177,6 +191,8 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
   sh.client_update, sh.client_update_wire = _make_client_update(sh)
   sh.prepare_client, sh.prepare_client_wire = _make_prepare_client(sh)
   sh.decode_upload, sh.decode_upload_wire = _make_decode_upload(sh)
+  sh.upload_valid = _make_upload_valid(sh)
+  sh.sum_uploads = _make_sum_uploads(sh)
   sh.download_and_apply, sh.download_and_apply_wire = _make_download_and_apply(sh)
   sh.evaluate_client, sh.evaluate_client_wire = _make_evaluate_client(sh)
   sh.sums_to_int = _make_sums_to_int(sh)
@@ -251,7 +267,11 @@ def _facts(model_fn, element_spec, config, eval_element_spec) -> types.SimpleNam
   wire_state_type = tff.types.to_type(collections.OrderedDict(
       scores=scores_type, keep=packed_masks_type, personal=packed_masks_type,
       rounds=tff.TensorType(np.int32)))
-  clients_state_type = tff.FederatedType(wire_state_type, tff.CLIENTS)
+  wire_state_spec = collections.OrderedDict(
+      scores=tuple(tf.TensorSpec(s.shape, tf.float32) for s in specs),
+      keep=tuple(tf.TensorSpec([bitpack.packed_size_bytes(s.size)], tf.uint8) for s in specs),
+      personal=tuple(tf.TensorSpec([bitpack.packed_size_bytes(s.size)], tf.uint8) for s in specs),
+      rounds=tf.TensorSpec([], tf.int32))
   return types.SimpleNamespace(
       model_fn=model_fn, config=config, specs=specs, thresholds=thresholds,
       soft_forward=soft_forward, logit_thresholds=logit_thresholds, weight_costs=weight_costs,
@@ -259,8 +279,8 @@ def _facts(model_fn, element_spec, config, eval_element_spec) -> types.SimpleNam
       state_type=state_type, data_type=data_type, eval_data_type=eval_data_type,
       upload_type=upload_type, sums_type=sums_type, prunable_idx=prunable_idx,
       int_sums_type=int_sums_type, global_state_type=global_state_type,
-      mask_state_type=mask_state_type, clients_state_type=clients_state_type,
-      packed_masks_type=packed_masks_type, wire_state_type=wire_state_type)
+      mask_state_type=mask_state_type, packed_masks_type=packed_masks_type,
+      wire_state_type=wire_state_type, wire_state_spec=wire_state_spec)
 
 
 def loss_fn(y, logits):
@@ -270,11 +290,22 @@ def loss_fn(y, logits):
 
 
 def _make_wire(sh) -> types.SimpleNamespace:
-  """A client state's *wire form*, the form it takes in TFF values and messages: the scores as
-  they are (float32), the pruning mask ``keep`` and the ``personal`` mask bit-packed (uint8
-  ``[ceil(n/8)]`` per weight, :mod:`fedmask_tff.wire.bitpack`). 4.25 bytes a mask element
-  instead of 12; exact (both masks are 0/1). TF code; ``FedMaskProcess.pack_state`` and
-  ``unpack_state`` are the numpy side."""
+  """How client states cross the TFF boundary (``sh.client_states``), as argument and result
+  *forms* for :func:`_computations`.
+
+  The state's *wire form*: the scores as they are (float32), the pruning mask ``keep`` and the
+  ``personal`` mask bit-packed (uint8 ``[ceil(n/8)]`` per weight,
+  :mod:`fedmask_tff.wire.bitpack`); 4.25 bytes a mask element instead of 12, exact (both masks
+  are 0/1). ``FedMaskProcess.pack_state`` and ``unpack_state`` are the numpy side.
+
+  * ``"messages"``: the wire form travels in TFF's values.
+  * ``"files"``: a client's state in TFF's values is the path of a file holding its wire form
+    (:mod:`fedmask_tff.wire.state_files`); a computation reads it there and writes the state
+    it returns next to it, returning the new path.
+
+  Forms: ``"state"`` (a client state), ``"keep"`` (the pruning masks of a trained state:
+  packed masks, or with files the state's path) and ``"masks"`` (packed 0/1 masks).
+  """
   specs = sh.specs
 
   def unpack_masks(packed):
@@ -291,34 +322,51 @@ def _make_wire(sh) -> types.SimpleNamespace:
   def to_wire(state):
     return collections.OrderedDict(scores=state["scores"], keep=pack_masks(state["keep"]),
                                    personal=pack_masks(state["personal"]), rounds=state["rounds"])
-  return types.SimpleNamespace(unpack_masks=unpack_masks, from_wire=from_wire, to_wire=to_wire,
-                               state=(sh.wire_state_type, from_wire),
-                               masks=(sh.packed_masks_type, unpack_masks))
+
+  masks = (sh.packed_masks_type, unpack_masks)
+  if sh.client_states == "files":
+    path_type, template = tff.TensorType(np.str_), sh.wire_state_spec
+    forms = {"state": (path_type, lambda p: from_wire(state_files.read_tf(p, template))),
+             "keep": (path_type, lambda p: unpack_masks(state_files.read_tf(p, template)["keep"])),
+             "masks": masks}
+    result = lambda arg, state: state_files.write_next_tf(arg, to_wire(state))
+  else:
+    forms = {"state": (sh.wire_state_type, from_wire), "keep": masks, "masks": masks}
+    result = lambda arg, state: to_wire(state)
+  return types.SimpleNamespace(forms=forms, result=result, files=sh.client_states == "files")
 
 
-def _computations(body, arg_types, wire_args: dict, wire_result=None):
-  """``body`` as two TF computations ``(logical, on_wire)``.
+def _computations(sh, body, arg_types, forms: dict, result: str | None = None):
+  """``body`` as two TF computations ``(logical, federated)``.
 
-  ``logical`` takes ``arg_types`` (tests and the driver call it). ``on_wire`` is what the
-  federated computations run: the argument at each position ``i`` of ``wire_args``
-  (``{i: (wire_type, unpack)}``) arrives in its wire form and ``body`` sees ``unpack`` of it;
-  ``wire_result`` (default: none) turns ``body``'s result into the wire form. A client's state
-  is unpacked and packed inside its own computation, so its full-size masks live only there.
+  ``logical`` takes ``arg_types`` (tests and the driver call it). ``federated`` is what the
+  federated computations run: the argument at each position ``i`` of ``forms`` (``{i: form}``,
+  see :func:`_make_wire`) arrives in that form and ``body`` sees it unpacked (full-size
+  tensors); ``result`` ``"state"`` (the whole result is a client state) or ``"first"`` (its
+  first element is) returns that state in the form the process's states travel in, written
+  next to the state argument's file when states are files. A client's state is unpacked and
+  packed inside its own computation, so its full-size masks live only there.
   """
   logical = tff.tensorflow.computation(body, *arg_types)
-  wire_types = [wire_args[i][0] if i in wire_args else t for i, t in enumerate(arg_types)]
-  finish = wire_result or (lambda result: result)
+  wire = sh.wire
+  wire_types = [wire.forms[forms[i]][0] if i in forms else t for i, t in enumerate(arg_types)]
+  state_at = next((i for i, f in forms.items() if f == "state"), None)
 
-  def unpacked(args):
-    return [wire_args[i][1](a) if i in wire_args else a for i, a in enumerate(args)]
+  def call(args):
+    out = body(*[wire.forms[forms[i]][1](a) if i in forms else a for i, a in enumerate(args)])
+    if result == "state":
+      return wire.result(args[state_at], out)
+    if result == "first":
+      return (wire.result(args[state_at], out[0]),) + tuple(out[1:])
+    return out
 
   if len(arg_types) == 2:  # TFF takes no *args: one function per arity.
-    def on_wire(a, b):
-      return finish(body(*unpacked([a, b])))
+    def federated(a, b):
+      return call([a, b])
   else:
-    def on_wire(a, b, c):
-      return finish(body(*unpacked([a, b, c])))
-  return logical, tff.tensorflow.computation(on_wire, *wire_types)
+    def federated(a, b, c):
+      return call([a, b, c])
+  return logical, tff.tensorflow.computation(federated, *wire_types)
 
 
 def _make_load_model(sh):
@@ -462,8 +510,7 @@ def _make_client_update(sh):
         mask_ones=tf.add_n([tf.reduce_sum(m) for m in masks]),
         mask_kept=tf.add_n([tf.reduce_sum(k) for k in new_state["keep"]]))
     return new_state, upload, metrics
-  return _computations(client_update, (data_type, state_type), {1: sh.wire.state},
-                       lambda r: (sh.wire.to_wire(r[0]),) + tuple(r[1:]))
+  return _computations(sh, client_update, (data_type, state_type), {1: "state"}, "first")
 
 
 def _make_prepare_client(sh):
@@ -484,12 +531,11 @@ def _make_prepare_client(sh):
         diverged=tf.cast(diverged, tf.int32), train_flops=flops, pruned=tf.cast(done, tf.int32),
         uplink_bits=payloads.tensor_bits(sent_keep))
     return new_state, metrics
-  return _computations(prepare_client, (data_type, state_type), {1: sh.wire.state},
-                       lambda r: (sh.wire.to_wire(r[0]),) + tuple(r[1:]))
+  return _computations(sh, prepare_client, (data_type, state_type), {1: "state"}, "first")
 
 
-def _make_decode_upload(sh):
-  scores_type, specs, upload_type = sh.scores_type, sh.specs, sh.upload_type
+def _decode_upload_body(sh):
+  specs = sh.specs
 
   def decode_upload(upload, cached_keep):
     """Validates one client's upload and turns it into its share of the two sums.
@@ -542,7 +588,47 @@ def _make_decode_upload(sh):
 
     totals, counts, valid = tf.cond(sizes_ok, decode, reject)
     return collections.OrderedDict(total=totals, count=counts), tf.cast(valid, tf.int32)
-  return _computations(decode_upload, (upload_type, scores_type), {1: sh.wire.masks})
+  return decode_upload
+
+
+def _make_decode_upload(sh):
+  return _computations(sh, _decode_upload_body(sh), (sh.upload_type, sh.scores_type), {1: "keep"})
+
+
+def _make_upload_valid(sh):
+  """``(upload, keep) -> int32``: whether the server accepts the upload (``decode_upload``'s
+  second result; the sums come from :func:`_make_sum_uploads`)."""
+  decode_upload = _decode_upload_body(sh)
+  return _computations(sh, lambda upload, keep: decode_upload(upload, keep)[1],
+                       (sh.upload_type, sh.scores_type), {1: "keep"})[1]
+
+
+def _make_sum_uploads(sh):
+  """``tff.federated_aggregate`` pieces that sum the decoded uploads one client at a time:
+  ``(zero, accumulate, merge, report)``. ``accumulate(sums, (upload, keep))`` decodes a client's
+  upload and adds it, so that decoded uploads (8 bytes a mask element) never exist for every
+  client of the round at once, as a ``federated_map`` before ``federated_sum`` would keep
+  them. The sums are of 0/1 values, exact in float32 in any order."""
+  decode_upload, sums_type, wire = _decode_upload_body(sh), sh.sums_type, sh.wire
+  keep_type, unpack_keep = wire.forms["keep"]
+  specs = sh.specs
+
+  @tff.tensorflow.computation
+  def zero():
+    zeros = tuple(tf.zeros(s.shape) for s in specs)
+    return collections.OrderedDict(total=zeros, count=zeros)
+
+  def add(a, b):
+    return collections.OrderedDict(total=tuple(x + y for x, y in zip(a["total"], b["total"])),
+                                   count=tuple(x + y for x, y in zip(a["count"], b["count"])))
+
+  @tff.tensorflow.computation(sums_type, (sh.upload_type, keep_type))
+  def accumulate(sums, client):
+    return add(sums, decode_upload(client[0], unpack_keep(client[1]))[0])
+
+  merge = tff.tensorflow.computation(add, sums_type, sums_type)
+  report = tff.tensorflow.computation(lambda sums: sums, sums_type)
+  return zero, accumulate, merge, report
 
 
 def _make_download_and_apply(sh):
@@ -587,8 +673,7 @@ def _make_download_and_apply(sh):
     new_state = collections.OrderedDict(scores=tuple(new_scores), keep=state["keep"],
                                         personal=state["personal"], rounds=state["rounds"])
     return new_state, tf.cast(tf.add_n(bits), tf.int64)
-  return _computations(download_and_apply, (sums_type, state_type), {1: sh.wire.state},
-                       lambda r: (sh.wire.to_wire(r[0]),) + tuple(r[1:]))
+  return _computations(sh, download_and_apply, (sums_type, state_type), {1: "state"}, "first")
 
 
 def _make_evaluate_client(sh):
@@ -604,7 +689,7 @@ def _make_evaluate_client(sh):
 
     with tf.control_dependencies(assigns):
       return tf.function(lambda d: evaluation.dataset_metrics(model, d))(dataset)
-  return _computations(evaluate_client, (eval_data_type, scores_type), {1: sh.wire.masks})
+  return _computations(sh, evaluate_client, (eval_data_type, scores_type), {1: "masks"})
 
 
 def _make_sums_to_int(sh):
@@ -682,8 +767,7 @@ def _make_start_from_global(sh):
         for g, s, k, spec in zip(server_scores, state["scores"], state["keep"], specs))
     return collections.OrderedDict(scores=scores, keep=state["keep"], personal=state["personal"],
                                    rounds=state["rounds"])
-  return _computations(start_from_global, (scores_type, state_type), {1: sh.wire.state},
-                       sh.wire.to_wire)
+  return _computations(sh, start_from_global, (scores_type, state_type), {1: "state"}, "state")
 
 
 def _make_server_votes(sh):
@@ -757,8 +841,7 @@ def _make_start_from_mask(sh):
         for m, s, k, t in zip(global_mask_value, state["scores"], state["keep"], thresholds))
     return collections.OrderedDict(scores=scores, keep=state["keep"], personal=state["personal"],
                                    rounds=state["rounds"])
-  return _computations(start_from_mask, (scores_type, state_type), {1: sh.wire.state},
-                       sh.wire.to_wire)
+  return _computations(sh, start_from_mask, (scores_type, state_type), {1: "state"}, "state")
 
 
 def _make_mask_step(sh):
@@ -782,9 +865,9 @@ def _make_mask_downlink_bits(sh):
     sizes = [mask_message(m, tf.where(metrics["pruned"] > 0, tf.ones_like(k), k))[1]
              for m, k in zip(global_mask_value, state["keep"])]
     return tf.add_n(sizes)
-  return _computations(mask_downlink_bits,
+  return _computations(sh, mask_downlink_bits,
                        (scores_type, state_type, client_update.type_signature.result[2]),
-                       {1: sh.wire.state})
+                       {1: "state"})
 
 
 def _make_global_downlink_bits(sh):
@@ -798,8 +881,8 @@ def _make_global_downlink_bits(sh):
       return 32 * tf.add_n(counts)
     b = int(config.downlink_bits)  # b-bit codes, whole bytes per tensor, plus lo and hi
     return tf.add_n([8 * ((n * b + 7) // 8) + 64 for n in counts])
-  return _computations(global_downlink_bits, (state_type, client_update.type_signature.result[2]),
-                       {0: sh.wire.state})
+  return _computations(sh, global_downlink_bits,
+                       (state_type, client_update.type_signature.result[2]), {0: "state"})
 
 
 def _make_initialize(sh):
@@ -847,10 +930,16 @@ def _make_client_work_fn(sh):
 
 def _make_summed(sh):
   config, specs, sums_to_float, sums_to_int = sh.config, sh.specs, sh.sums_to_float, sh.sums_to_int
+  decode_upload, sum_uploads = sh.decode_upload_wire, sh.sum_uploads
 
-  def summed(decoded):
+  def summed(upload, keep):
+    """The server's sums of the round's uploads (``keep``: each client's pruning masks, in
+    their form; see :func:`_make_wire`)."""
     if not config.secure_aggregation:
-      return tff.federated_sum(decoded)
+      zero, accumulate, merge, report = sum_uploads
+      return tff.federated_aggregate(tff.federated_zip((upload, keep)), zero(), accumulate,
+                                     merge, report)
+    decoded, _ = tff.federated_map(decode_upload, (upload, keep))
     counts = tff.federated_map(sums_to_int, decoded)
     secure = tff.federated_secure_sum_bitwidth(
         counts, collections.OrderedDict(total=tuple(config.secure_bitwidth for _ in specs),
@@ -860,7 +949,7 @@ def _make_summed(sh):
 
 
 def _make_aggregate_fn(sh):
-  client_update, clients_state_type, config, decode_upload = sh.client_update, sh.clients_state_type, sh.config, sh.decode_upload_wire
+  client_update, clients_state_type, config, upload_valid = sh.client_update, sh.clients_state_type, sh.config, sh.upload_valid
 
   download_and_apply, global_downlink_bits, global_scores, global_step = sh.download_and_apply_wire, sh.global_downlink_bits_wire, sh.global_scores, sh.global_step
   increment, mask_downlink_bits, mask_step, server_state_type = sh.increment, sh.mask_downlink_bits_wire, sh.mask_step, sh.server_state_type
@@ -870,8 +959,9 @@ def _make_aggregate_fn(sh):
                              tff.FederatedType(upload_type, tff.CLIENTS),
                              tff.FederatedType(client_update.type_signature.result[2], tff.CLIENTS))
   def aggregate_fn(server_state, trained, upload, metrics):
-    decoded, valid = tff.federated_map(decode_upload, (upload, trained.keep))
-    sums = summed(decoded)
+    keep = trained if sh.wire.files else trained.keep  # pruning masks (with files: read there)
+    valid = tff.federated_map(upload_valid, (upload, keep))
+    sums = summed(upload, keep)
     if global_scores:
       new_server = tff.federated_map(global_step, (server_state, sums))
       new_states = trained
