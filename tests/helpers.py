@@ -91,6 +91,14 @@ def run_cli(args, timeout=600):
   return proc, before
 
 
+def stderr_tail(stderr: str, chars: int = 3000) -> str:
+  """The end of a subprocess's stderr for a failure message, without the one long line of
+  loaded extension modules that Python's fault handler prints after the threads' stacks (it
+  alone is ~7,000 characters and would push the stacks out)."""
+  lines = [line for line in stderr.splitlines() if not line.startswith("Extension modules:")]
+  return "\n".join(lines)[-chars:]
+
+
 NUM_CLIENTS = 4
 
 

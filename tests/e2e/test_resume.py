@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import ROOT, run_cli, write_learnable_fashion_dir
+from helpers import ROOT, run_cli, stderr_tail, write_learnable_fashion_dir
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def _comparable(results):
 def test_sigkill_mid_round_then_resume_matches_uninterrupted(data_dir, tmp_path, algorithm):
   straight = str(tmp_path / "straight")
   proc, _ = run_cli(_args(data_dir, straight, algorithm))
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.returncode == 0, stderr_tail(proc.stderr)
 
   out = str(tmp_path / "killed")
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
@@ -61,7 +61,7 @@ def test_sigkill_mid_round_then_resume_matches_uninterrupted(data_dir, tmp_path,
   done = _rounds_done(out)
   assert 2 <= done < 4
   proc, _ = run_cli(_args(data_dir, out, algorithm))  # the same command resumes
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.returncode == 0, stderr_tail(proc.stderr)
   assert "resuming" in proc.stderr
   with open(os.path.join(straight, "results.json")) as f:
     a = json.load(f)

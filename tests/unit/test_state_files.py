@@ -127,3 +127,24 @@ def test_files_give_what_messages_give(tff_context, name):
     assert _equal(tf.nest.map_structure(np.asarray, server_m), tf.nest.map_structure(np.asarray, server_f))
   assert int(states_f[0]["rounds"]) == 2 + config.prune_at_init  # prepare counts as one
   assert os.listdir(exchange.directory) == []
+
+
+def test_a_round_split_in_two_calls_reads_the_files_the_first_wrote(tff_context):
+  # --workers --client_states=files: client_work writes the trained states, aggregate reads them.
+  datasets = to_datasets(make_data())
+  config = fedmask_process.FedMaskConfig(local_epochs=1, learning_rate=0.5, prune_rate=0.3,
+                                         upload="mask")
+  process = fedmask_process.build_fedmask_process(model_fn, datasets[0].element_spec, config,
+                                                  client_states="files")
+  initial = process.pack_state(process.initial_client_state())
+  exchange = state_files.StateExchange(None, initial)
+  server = process.initialize()
+  with exchange.call([initial] * len(datasets)) as (paths, read):
+    _, whole, whole_metrics = process.next(server, datasets, paths)
+    whole = read(whole)
+  with exchange.call([initial] * len(datasets)) as (paths, read):
+    trained, upload, metrics = process.client_work(server, datasets, paths)
+    assert all(p.endswith(b"+") for p in trained)  # only paths came back
+    _, split, split_metrics = process.aggregate(server, trained, upload, metrics)
+    split = read(split)
+  assert all(_equal(a, b) for a, b in zip(whole, split)) and str(whole_metrics) == str(split_metrics)

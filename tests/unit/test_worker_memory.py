@@ -48,3 +48,39 @@ def test_the_running_worker_got_its_allocator(tff_context):
   if "LD_PRELOAD" in expected:  # jemalloc installed: it is really mapped into the worker
     with open(f"/proc/{pid}/maps") as f:
       assert "libjemalloc" in f.read()
+
+
+def test_the_benchmark_passes_the_runs_settings_to_each_cases_process(monkeypatch, tmp_path):
+  # A case runs in its own process; settings left out there were silently not measured (the
+  # cap on concurrent clients was, at first).
+  import json
+  import subprocess
+
+  from absl import flags
+
+  from benchmarks import worker_memory
+  commands = []
+
+  def fake_run(command, **kwargs):
+    commands.append(command)
+    out = next(a.split("=", 1)[1] for a in command if a.startswith("--results="))
+    with open(out + ".json", "w") as f:
+      json.dump({"rows": [{"model": "cnn"}]}, f)
+
+  monkeypatch.setattr(subprocess, "run", fake_run)
+  (tmp_path / "benchmarks").mkdir()
+  (tmp_path / "benchmarks" / "worker_memory.py").write_text(
+      'DEFINE_list("cnn_clients"); DEFINE_list("har_clients")')  # code before the vgg16 case
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["worker_memory", "--max_concurrent_clients=2", "--client_states=messages"])
+  try:
+    worker_memory._case_in_own_process(str(tmp_path), "cnn", 20, baseline=False)  # pylint: disable=protected-access
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["worker_memory"])
+    worker_memory._case_in_own_process(str(tmp_path), "cnn", 20, baseline=True)  # pylint: disable=protected-access
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert "--max_concurrent_clients=2" in commands[0] and "--client_states=messages" in commands[0]
+  assert "--cnn_clients=20" in commands[0] and "--har_clients=" in commands[0]
+  assert "--vgg16_clients=" not in " ".join(commands[1])  # that code has no such flag
+  assert not [a for a in commands[1] if a.startswith(("--max_concurrent", "--client_states"))]
