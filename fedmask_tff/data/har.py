@@ -159,7 +159,13 @@ def read_uci_split(root: str, split: str):
   return x, y - 1, subjects
 
 
-def _read_npz(path: str):
+def read_subject_npz(path: str, row_shape=INPUT_SHAPE):
+  """`(x float32 [n, *row_shape], y int64 [n] in 0..5)` of one `subject_NN.npz`, checked.
+
+  Raises DataError naming `path` for a missing array, a wrong shape, non-finite or non-float
+  x, non-integer y, no rows, or labels outside 0..5.
+  """
+  row_shape = tuple(row_shape)
   try:
     with np.load(path, allow_pickle=False) as z:
       if 'x' not in z.files or 'y' not in z.files:
@@ -171,11 +177,9 @@ def _read_npz(path: str):
     raise
   except Exception as e:  # zipfile.BadZipFile, ValueError (pickles), OSError
     raise DataError(f'HAR file {path}: not a readable .npz file ({e})') from e
-  if x.ndim != 3 or x.shape[1:] != INPUT_SHAPE:
-    raise DataError(
-        f'HAR file {path}: x must have shape (n, {WINDOW}, {len(CHANNELS)}), '
-        f'got {x.shape}'
-    )
+  if x.ndim != 1 + len(row_shape) or x.shape[1:] != row_shape:
+    wanted = ', '.join(str(d) for d in row_shape)
+    raise DataError(f'HAR file {path}: x must have shape (n, {wanted}), got {x.shape}')
   if not np.issubdtype(x.dtype, np.floating) or not np.isfinite(x).all():
     raise DataError(f'HAR file {path}: x must be finite floats')
   if y.ndim != 1 or y.shape[0] != x.shape[0]:
@@ -210,7 +214,7 @@ def read_npz_dir(data_dir: str):
           'subject'
       )
     seen[subject] = name
-    x, y = _read_npz(os.path.join(data_dir, name))
+    x, y = read_subject_npz(os.path.join(data_dir, name))
     xs.append(x)
     ys.append(y)
     ss.append(np.full(y.shape, subject, np.int64))
@@ -261,7 +265,7 @@ def _read_source(data_dir: str, subjects: str, info: dict):
   return x, y, subj, keep_set
 
 
-def _split_subjects(x, y, subj, chosen, ids_by_subject, test_fraction, seed):
+def split_subjects(x, y, subj, chosen, ids_by_subject, test_fraction, seed):
   """Splits each chosen subject's windows into train and test.
 
   Subject `cid` is split by `split_client_examples` with seed
@@ -269,7 +273,7 @@ def _split_subjects(x, y, subj, chosen, ids_by_subject, test_fraction, seed):
   candidate subjects (not only the chosen ones), clients in `chosen` order.
 
   Args:
-    x: float32 [n, 128, 9] pooled windows.
+    x: float32 [n, ...] pooled rows (windows [n, 128, 9], or features [n, 561]).
     y: int64 [n] labels in 0..5.
     subj: int64 [n] subject of each window.
     chosen: client ids to build, in order.
@@ -340,19 +344,33 @@ def load_har(
   all_subjects = sorted(set(subj.tolist()))
   if keep_set is not None:
     all_subjects = [s for s in all_subjects if s in keep_set]
-  ids_by_subject = {client_id_for_subject(s): s for s in all_subjects}
-  chosen = _clients.select_clients(
-      list(ids_by_subject), max_clients, client_order, seed
-  )
   info['subjects'] = subjects
+  return subject_split(x, y, subj, all_subjects, info, test_fraction=test_fraction, seed=seed,
+                       max_clients=max_clients, client_order=client_order, start=start)
+
+
+def subject_split(x, y, subj, subject_numbers, info, test_fraction, seed, max_clients,
+                  client_order, start):
+  """One client per subject of `subject_numbers`, each split by `split_subjects`.
+
+  Args:
+    x: float32 [n, ...] pooled rows; y: int64 [n] labels in 0..5; subj: int64 [n] subjects.
+    subject_numbers: the candidate subjects (sorted ints); `max_clients` and
+      `client_order` choose among them.
+    info: the split's info dict (`index_space`, `test_fraction`, `load_seconds` are added).
+    start: `time.time()` when loading began.
+
+  Returns:
+    A `FederatedSplit` (ids `subject_NN`) whose indices index the pooled order.
+  """
+  ids_by_subject = {client_id_for_subject(s): s for s in subject_numbers}
+  chosen = _clients.select_clients(list(ids_by_subject), max_clients, client_order, seed)
   info['index_space'] = 'pooled source order'
   info['test_fraction'] = float(test_fraction)
-  train, test, train_idx, test_idx = _split_subjects(
+  train, test, train_idx, test_idx = split_subjects(
       x, y, subj, chosen, ids_by_subject, test_fraction, seed
   )
   original = {cid: int(ids_by_subject[cid]) for cid in chosen}
-  split = _clients.make_split(
-      train, test, NUM_CLASSES, train_idx, test_idx, original, info
-  )
+  split = _clients.make_split(train, test, NUM_CLASSES, train_idx, test_idx, original, info)
   split.info['load_seconds'] = round(time.time() - start, 3)
   return split

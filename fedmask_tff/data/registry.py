@@ -1,7 +1,7 @@
 """One entry point for every federated dataset: `load_federated(name, ...)`.
 
 Names (`DATASETS`): fashion_mnist, emnist, shakespeare, femnist_leaf,
-shakespeare_leaf, shakespeare_h5, har, cifar10.
+shakespeare_leaf, shakespeare_h5, har, har_features, cifar10.
 
 Default data folders (`data_dir=None`), searched in order, the first that
 holds the dataset's files wins:
@@ -20,7 +20,7 @@ Arguments: `num_clients` is the number of synthetic clients for the
 partitioned datasets (fashion_mnist, cifar10) and the maximum number of
 natural clients kept for the others (`max_clients`: first N ids in sorted
 order, or random with `client_order='random'`). `test_fraction` is used where
-the loader splits each client (fashion_mnist, cifar10, har); the LEAF, TFF
+the loader splits each client (fashion_mnist, cifar10, har, har_features); the LEAF, TFF
 SQLite and HDF5 datasets come with their own per-client train/test split and
 ignore it. Other keyword options go to the loader (see each loader's doc).
 """
@@ -41,6 +41,7 @@ DATASETS = (
     'shakespeare_leaf',
     'shakespeare_h5',
     'har',
+    'har_features',
     'cifar10',
 )
 
@@ -52,6 +53,7 @@ DEFAULT_FOLDERS = {
     'shakespeare_leaf': 'shakespeare_leaf',
     'shakespeare_h5': 'shakespeare_tff_h5',
     'har': 'har_inertial',
+    'har_features': 'har_features',
     'cifar10': 'cifar10_jpeg',
 }
 
@@ -69,6 +71,9 @@ EXPECTED_FILES = {
     'har': 'subject_NN.npz files, or UCI\'s "UCI HAR Dataset" layout '
            '(train/y_train.txt, train/subject_train.txt, train/Inertial Signals/..., '
            'the same for test/)',
+    'har_features': 'subject_NN.npz files (x: n x 561 features, y: labels 0..5), or UCI\'s '
+                    '"UCI HAR Dataset" layout (train/X_train.txt, train/y_train.txt, '
+                    'train/subject_train.txt, the same for test/)',
     'cifar10': 'cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta) '
                'or cifar10_train_jpeg.tar.gz and cifar10_test_jpeg.tar.gz',
 }
@@ -108,6 +113,10 @@ def _holds(name: str, d: str) -> bool:
     if har.find_uci_root(d) is not None:
       return True
     return any(har._NPZ_NAME.match(n) for n in os.listdir(d))  # pylint: disable=protected-access
+  if name == 'har_features':
+    from fedmask_tff.data import har_features  # pylint: disable=g-import-not-at-top
+
+    return har_features.holds_data(d)
   if name == 'cifar10':
     from fedmask_tff.data import cifar10  # pylint: disable=g-import-not-at-top
 
@@ -158,7 +167,8 @@ def describe(name: str, **options) -> dict[str, Any]:
   """What a model for `name` needs: kind, input_shape, num_classes.
 
   `kind` is 'image' (x float32 [H, W, C]), 'chars' (x int32 [seq_len] of
-  character ids; also `vocab_size`) or 'sequence' (x float32 [T, channels]).
+  character ids; also `vocab_size`), 'sequence' (x float32 [T, channels]) or
+  'features' (x float32 [features]).
   Options that change the shape (`seq_len`, `only_digits`) are honoured.
   """
   _check_name(name)
@@ -171,6 +181,8 @@ def describe(name: str, **options) -> dict[str, Any]:
     return dict(kind='image', input_shape=(32, 32, 3), num_classes=10)
   if name == 'har':
     return dict(kind='sequence', input_shape=(128, 9), num_classes=6)
+  if name == 'har_features':
+    return dict(kind='features', input_shape=(561,), num_classes=6)
   from fedmask_tff.data import shakespeare  # pylint: disable=g-import-not-at-top
 
   seq_len = int(options.get('seq_len', shakespeare.DEFAULT_SEQ_LEN))
@@ -238,6 +250,13 @@ def load_federated(
     from fedmask_tff.data import har  # pylint: disable=g-import-not-at-top
 
     return _call(name, har.load_har,
+        directory, test_fraction=test_fraction, seed=seed,
+        max_clients=num_clients, **options
+    )
+  if name == 'har_features':
+    from fedmask_tff.data import har_features  # pylint: disable=g-import-not-at-top
+
+    return _call(name, har_features.load_har_features,
         directory, test_fraction=test_fraction, seed=seed,
         max_clients=num_clients, **options
     )

@@ -2,7 +2,8 @@
 each data set's default model, and how many last masked layers one-shot pruning thins.
 
 Builders live in :mod:`fedmask_tff.models.basic` (``cnn``, ``mlp``), :mod:`fedmask_tff.models.paper`
-(the paper's ``vgg16``, ``har_mlp``, ``shakespeare_lstm``) and :mod:`fedmask_tff.models.binarized`;
+(the paper's ``vgg16``, ``har_mlp``, ``shakespeare_lstm``), :mod:`fedmask_tff.models.vgg16_paper`
+(``vgg16_paper``, torchvision's ImageNet-shaped VGG-16) and :mod:`fedmask_tff.models.binarized`;
 this module imports them, never the reverse.
 """
 
@@ -10,11 +11,14 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from fedmask_tff.models import binarized, basic, paper
+from fedmask_tff.models import binarized, basic, paper, vgg16_paper
 
-MASKED_BUILDERS = {**basic.MODEL_BUILDERS, **paper.PAPER_MODEL_BUILDERS}
-DENSE_BUILDERS = {**basic.DENSE_MODEL_BUILDERS, **paper.PAPER_DENSE_BUILDERS}
-BINARY_BUILDERS = {**binarized.BINARY_MODEL_BUILDERS, **paper.PAPER_BINARY_BUILDERS}
+MASKED_BUILDERS = {**basic.MODEL_BUILDERS, **paper.PAPER_MODEL_BUILDERS,
+                   **vgg16_paper.MASKED_BUILDERS}
+DENSE_BUILDERS = {**basic.DENSE_MODEL_BUILDERS, **paper.PAPER_DENSE_BUILDERS,
+                  **vgg16_paper.DENSE_BUILDERS}
+BINARY_BUILDERS = {**binarized.BINARY_MODEL_BUILDERS, **paper.PAPER_BINARY_BUILDERS,
+                   **vgg16_paper.BINARY_BUILDERS}
 # Models without a paper pruning setting prune their last two masked layers.
 DEFAULT_PRUNE_LAST_LAYERS = 2
 

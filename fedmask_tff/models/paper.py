@@ -102,7 +102,7 @@ from fedmask_tff.masks.lstm import MaskedLSTM
 from fedmask_tff.models.basic import scaled
 
 # The number of last masked layers one-shot pruning thins, per model (the paper's setup).
-PRUNE_LAST_LAYERS = {"vgg16": 8, "har_mlp": 2, "shakespeare_lstm": 2}
+PRUNE_LAST_LAYERS = {"vgg16": 8, "vgg16_paper": 8, "har_mlp": 2, "shakespeare_lstm": 2}
 
 # VGG-16 (configuration D) feature stack: conv channels, "M" = 2x2 max-pool.
 VGG16_FEATURES = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
@@ -142,7 +142,7 @@ class StatelessNormalInitializer(tf.keras.initializers.Initializer):
     return {"seed": self.seed, "stddev": self.stddev}
 
 
-def _vgg_plan(input_shape, width: float):
+def vgg_plan(input_shape, width: float):
   """``[("conv", channels) | ("pool", None)]``: the feature stack for this input size.
 
   Pools use "same" padding (ceil(n / 2)); a pool is dropped when the map is already 1x1.
@@ -176,7 +176,7 @@ def build_vgg16(input_shape=(32, 32, 3), num_classes: int = 10, width: float = 1
   common = dict(mask_mode=mask_mode, score_init=score_init, kernel_init=kernel_init)
   layers = [tf.keras.Input(shape=input_shape, dtype=tf.float32)]
   i = 0
-  for kind, channels in _vgg_plan(input_shape, width):
+  for kind, channels in vgg_plan(input_shape, width):
     if kind == "pool":
       layers.append(_pool())
       continue
@@ -195,7 +195,7 @@ def _vgg16_trainable(conv_cls, dense_cls, init_fn, name, input_shape, num_classe
                      batch_norm, **conv_kwargs):
   layers = [tf.keras.Input(shape=input_shape, dtype=tf.float32)]
   i = 0
-  for kind, channels in _vgg_plan(input_shape, width):
+  for kind, channels in vgg_plan(input_shape, width):
     if kind == "pool":
       layers.append(_pool())
       continue
@@ -370,6 +370,7 @@ PAPER_BINARY_BUILDERS = {
 DEFAULT_MODEL_FOR_DATASET = {
     "cifar10": "vgg16",
     "har": "har_mlp",
+    "har_features": "har_mlp",
     "shakespeare": "shakespeare_lstm",
     "shakespeare_leaf": "shakespeare_lstm",
     "shakespeare_h5": "shakespeare_lstm",

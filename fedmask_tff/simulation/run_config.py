@@ -21,12 +21,13 @@ class ConfigError(ValueError):
 
 
 PARTITIONS = ("pathological", "dirichlet")
-MODELS = ("cnn", "mlp", "vgg16", "har_mlp", "shakespeare_lstm")
+MODELS = ("cnn", "mlp", "vgg16", "vgg16_paper", "har_mlp", "shakespeare_lstm")
 # Datasets whose partition file indexes a pooled source (and can be reused with --partition_file).
 POOLED_DATASETS = ("fashion_mnist",)
 # Data sets federated by nature: one client per writer, role or subject (no partitioning).
 NATURAL_CLIENTS = {"emnist": "writer", "femnist_leaf": "writer", "shakespeare": "role",
-                   "shakespeare_leaf": "role", "shakespeare_h5": "role", "har": "subject"}
+                   "shakespeare_leaf": "role", "shakespeare_h5": "role", "har": "subject",
+                   "har_features": "subject"}
 
 
 def _need(ok: bool, message: str) -> None:
