@@ -17,7 +17,8 @@ from absl import app, flags
 from fedmask_tff.masks.vote_rules import RESTART_RULES
 from fedmask_tff.runtime.worker import WorkerError
 from fedmask_tff.algorithms import ALGORITHMS
-from fedmask_tff.simulation.run_config import DATASETS, MODELS, PARTITIONS, ConfigError, RunConfig
+from fedmask_tff.simulation.run_config import (DATASETS, MODELS, PARTITIONS, STANDALONE_BUDGETS,
+                                               ConfigError, RunConfig)
 from fedmask_tff.simulation.runner import run
 
 _D = RunConfig()
@@ -52,6 +53,10 @@ flags.DEFINE_float("per_fedavg_beta", _D.per_fedavg_beta, "per_fedavg: outer ste
                    "(default: the module's).")
 flags.DEFINE_integer("lg_global_layers", _D.lg_global_layers, "lg_fedavg: how many top weight layers "
                      "are global (averaged); the rest stay local.")
+flags.DEFINE_enum("standalone_budget", _D.standalone_budget, list(STANDALONE_BUDGETS),
+                  "standalone: equal_epochs (a client trains when sampled, as many epochs as "
+                  "under FedMask) or every_round (every client trains local_epochs in every "
+                  "round: the paper's \"same total training time as FedMask\").")
 flags.DEFINE_float("dropout_rate", _D.dropout_rate, "Share of each round's sampled clients that "
                    "fail (drop out) before training, in [0, 1).")
 flags.DEFINE_bool("secure_aggregation", _D.secure_aggregation, "fedmask: aggregate the two "

@@ -50,7 +50,8 @@ def _build(name: str, context, config):
     return build_fedmask(context, fedmask_config, uplink_coding=config.uplink_coding)
   if name == "standalone":
     from fedmask_tff.algorithms.standalone import build_standalone
-    return build_standalone(context, learning_rate=context.learning_rate)
+    return build_standalone(context, learning_rate=context.learning_rate,
+                            budget=config.standalone_budget)
   if name == "fedavg":
     from fedmask_tff.algorithms.fedavg import build_fedavg
     return build_fedavg(context, learning_rate=context.learning_rate,

@@ -21,6 +21,8 @@ class ConfigError(ValueError):
 
 
 PARTITIONS = ("pathological", "dirichlet")
+# Standalone's training budget (fedmask_tff.algorithms.standalone.BUDGETS).
+STANDALONE_BUDGETS = ("equal_epochs", "every_round")
 MODELS = ("cnn", "mlp", "vgg16", "vgg16_paper", "har_mlp", "shakespeare_lstm")
 # Datasets whose partition file indexes a pooled source (and can be reused with --partition_file).
 POOLED_DATASETS = ("fashion_mnist",)
@@ -88,6 +90,7 @@ class RunConfig:
   per_fedavg_alpha: Optional[float] = None
   per_fedavg_beta: Optional[float] = None
   lg_global_layers: int = 2
+  standalone_budget: str = "equal_epochs"  # standalone: STANDALONE_BUDGETS
   dropout_rate: float = 0.0
   group_lasso: float = 0.0
   examples_per_client: int = 0
@@ -176,6 +179,8 @@ def _check_baselines(c: RunConfig) -> None:
     value = getattr(c, name)
     _need(value is None or _positive(value), f"--{name} must be a finite number > 0, got {value}")
   _need(c.lg_global_layers >= 1, f"--lg_global_layers must be >= 1, got {c.lg_global_layers}")
+  _need(c.standalone_budget in STANDALONE_BUDGETS,
+        f"--standalone_budget must be one of {STANDALONE_BUDGETS}, got {c.standalone_budget!r}")
 
 
 def _check_fedmask(c: RunConfig) -> None:
@@ -279,6 +284,13 @@ FEDMASK_COMMUNICATION = ("uplink_coding", "downlink_bits", "downlink_stochastic"
 
 
 def unused_settings(config: RunConfig) -> set[str]:
+  """Settings that cannot change ``config``'s results: ``standalone_budget`` but for
+  ``standalone``, and :func:`unused_fedmask_settings`."""
+  unused = unused_fedmask_settings(config)
+  return unused if config.algorithm == "standalone" else unused | {"standalone_budget"}
+
+
+def unused_fedmask_settings(config: RunConfig) -> set[str]:
   """FedMask settings that cannot change ``config``'s results (other algorithms; the vote rule
   under ``score_sign``; the server-score settings under the mask uploads; all but the initial
   scores for ``local_masks``)."""
