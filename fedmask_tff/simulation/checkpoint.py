@@ -5,7 +5,11 @@ temporary file, ``fsync``, ``os.replace``) holding
 
 * ``meta``: JSON with the round number, the client-sampling RNG's state
   (``numpy.random.Generator.bit_generator.state``), the clients that have taken
-  part so far and the ids of this round's clients;
+  part so far, the ids of this round's clients, the run's identity (``run_id``, chosen when
+  the run started, and ``fingerprint``, a digest of the settings that change results and of
+  the data's partition: :mod:`fedmask_tff.simulation.run_identity`), the round after which
+  each client's state file was last written (``last_written``) and the round's row of
+  ``results.json`` as it stood when the checkpoint was written (``row``);
 * ``server_i``: the leaves of the server state (``tf.nest`` order; TFF's
   ``LearningAlgorithmState`` is an attrs class, which ``tf.nest`` flattens);
 * ``client_j/...``: this round's new client states, encoded by the run's
@@ -16,7 +20,7 @@ The checkpoint is written *before* the round's client states go to the store.
 A crash before it is replaced leaves the previous checkpoint and store intact
 (nothing of the round was stored); a crash after it, while client files are
 being written, is repaired on resume by writing the checkpoint's client states
-again. Every other client file was finished in an earlier round. Clients'
+again; a crash before the round's row reached ``results.json`` is repaired from ``row``. Every other client file was finished in an earlier round. Clients'
 shuffling seeds derive from (seed, round, client), so a resumed run computes
 exactly what an uninterrupted one would.
 """
@@ -32,7 +36,7 @@ import numpy as np
 
 from fedmask_tff.wire.client_state import digest
 
-FORMAT = "fedmask_tff.simulation.checkpoint/v1"
+FORMAT = "fedmask_tff.simulation.checkpoint/v2"
 
 
 class CheckpointError(RuntimeError):
@@ -40,8 +44,11 @@ class CheckpointError(RuntimeError):
 
 
 def save(path: str, round_num: int, server_state, rng_state: dict, participated,
-         round_clients: list, encoded_client_states: Optional[list]) -> int:
-  """Writes a checkpoint atomically; returns its size in bytes."""
+         round_clients: list, encoded_client_states: Optional[list], *, run: dict,
+         last_written: dict, row: dict) -> int:
+  """Writes a checkpoint atomically; returns its size in bytes. ``run``: ``dict(run_id,
+  fingerprint)``; ``last_written``: client id -> round after which its file was last written;
+  ``row``: the round's row of ``results.json``."""
   import tensorflow as tf
   arrays: dict[str, Any] = {}
   for i, leaf in enumerate(tf.nest.flatten(server_state)):
@@ -52,7 +59,9 @@ def save(path: str, round_num: int, server_state, rng_state: dict, participated,
         arrays[f"client_{j}/{k}"] = np.asarray(v)
   meta = {"format": FORMAT, "round": int(round_num), "rng_state": rng_state,
           "participated": sorted(participated), "round_clients": list(round_clients),
-          "has_client_states": encoded_client_states is not None}
+          "has_client_states": encoded_client_states is not None, "run_id": run["run_id"],
+          "fingerprint": run["fingerprint"], "last_written": dict(sorted(last_written.items())),
+          "row": row}
   arrays["meta"] = np.array(json.dumps(meta))
   arrays["sha256"] = np.array(digest(arrays))
   buf = io.BytesIO()
@@ -85,7 +94,8 @@ def load(path: str, server_template) -> dict:
   except (KeyError, ValueError) as e:
     raise CheckpointError(f"checkpoint {path} has no readable meta data") from e
   if meta.get("format") != FORMAT:
-    raise CheckpointError(f"checkpoint {path} is not a {FORMAT} file")
+    raise CheckpointError(f"checkpoint {path} is not a {FORMAT} file (written by another version "
+                          "of fedmask_tff?); rerun with --overwrite to start again")
   template = tf.nest.flatten(server_template)
   leaves = []
   for i, ref in enumerate(template):
@@ -109,4 +119,30 @@ def load(path: str, server_template) -> dict:
   return {"round": meta["round"], "rng_state": meta["rng_state"],
           "participated": set(meta["participated"]), "round_clients": meta["round_clients"],
           "server_state": tf.nest.pack_sequence_as(server_template, leaves),
-          "encoded_client_states": encoded}
+          "encoded_client_states": encoded, "run_id": meta["run_id"],
+          "fingerprint": meta["fingerprint"], "last_written": meta["last_written"],
+          "row": meta["row"]}
+
+
+def check_belongs(ckpt: dict, path: str, run: dict, results_path: str, rounds: list) -> None:
+  """Refuses a checkpoint that is not this run's latest: of another run (``run``: the run id
+  ``results.json`` records and the fingerprint of the current settings and data), or of a round
+  other than the last one of ``results.json`` (``rounds``: its rows) or the one after it (a
+  crash between the checkpoint and ``results.json``; its row is in the checkpoint).
+
+  Raises:
+    CheckpointError: naming both files and what does not match.
+  """
+  again = "rerun with --overwrite to start again"
+  if ckpt["run_id"] != run["run_id"]:
+    raise CheckpointError(f"checkpoint {path} belongs to another run (run id {ckpt['run_id']}; "
+                          f"{results_path} is of run {run['run_id']}): {again}")
+  if ckpt["fingerprint"] != run["fingerprint"]:
+    raise CheckpointError(f"checkpoint {path} was written with other settings or another data "
+                          f"partition than this command's (fingerprint {ckpt['fingerprint'][:12]}, "
+                          f"now {run['fingerprint'][:12]}): {again}")
+  last = max((r["round"] for r in rounds), default=0)
+  if ckpt["round"] not in (last, last + 1):
+    raise CheckpointError(f"checkpoint {path} is of round {ckpt['round']}, but {results_path} "
+                          f"ends with round {last}: the two files are not of the same moment of "
+                          f"this run; {again}")

@@ -3,6 +3,8 @@
 ``results.json`` is rewritten atomically after every round (with
 ``"complete": false`` until the run ends), so a crash or a kill loses no
 finished round. ``metrics.csv`` gets one row per round, flushed as it is written.
+``results.json["wall_s_invocations"]`` holds the wall time (seconds) of every invocation of
+the run, the current one up to its last save: a resumed run's ``totals.wall_s`` is their sum.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import csv
 import json
 import math
 import os
+import time
 from typing import Any, Optional
 
 ROUND_FIELDS = ("round", "train_loss", "uplink_bits", "downlink_bits", "uplink_bits_per_client",
@@ -45,9 +48,14 @@ class RunOutputs:
   """Writes one run's results; ``results`` is the dict that becomes results.json."""
 
   def __init__(self, output_dir: str, algorithm: str, dataset: str, config: dict,
-               rounds: Optional[list] = None):
-    """``rounds``: rows of finished rounds to start from (a resumed run)."""
+               rounds: Optional[list] = None, started: Optional[float] = None,
+               previous_wall_s: Optional[list] = None):
+    """``rounds``: rows of finished rounds to start from (a resumed run); ``started``: when
+    this invocation started (``time.perf_counter()``; default now); ``previous_wall_s``: the
+    wall times (s) of the run's earlier invocations."""
     self.output_dir = output_dir
+    self.started = time.perf_counter() if started is None else started
+    self.previous_wall_s = [float(w) for w in previous_wall_s or []]
     os.makedirs(output_dir, exist_ok=True)
     self.results_path = os.path.join(output_dir, "results.json")
     self.csv_path = os.path.join(output_dir, "metrics.csv")
@@ -67,5 +75,11 @@ class RunOutputs:
       csv.writer(f).writerow([row.get(k, "") for k in ROUND_FIELDS])
     self.save()
 
+  def wall_s_total(self) -> float:
+    """Seconds of every invocation of the run so far, this one until now."""
+    return sum(self.previous_wall_s) + time.perf_counter() - self.started
+
   def save(self) -> None:
+    self.results["wall_s_invocations"] = self.previous_wall_s + [
+        time.perf_counter() - self.started]
     write_json_atomic(self.results_path, self.results)

@@ -204,10 +204,19 @@ def run(config: RunConfig) -> dict[str, Any]:
 
 def _run(config: RunConfig) -> dict[str, Any]:
   config.validate()
-  session = _Run(config)
-  session.prepare()
-  session.train()
-  return session.finish()
+  from fedmask_tff.simulation.run_lock import RunLock, RunLockError
+  try:
+    lock = RunLock(config.output_dir, _log)
+  except RunLockError as e:
+    raise ConfigError(str(e)) from None
+  except OSError as e:
+    raise ConfigError(f"--output_dir {config.output_dir} cannot be written: "
+                      f"{e.strerror or e}") from None
+  with lock:
+    session = _Run(config)
+    session.prepare()
+    session.train()
+    return session.finish()
 
 
 class _Run:
@@ -227,6 +236,7 @@ class _Run:
     tf.keras.utils.set_random_seed(self.config.seed)
     _log(f"[fedmask_tff] {_loading_words(self.config)} ...")
     self._load_data()
+    self._identify()
     self._clear_outputs()
     os.makedirs(self.config.output_dir, exist_ok=True)
     if not self.resuming:
@@ -260,6 +270,24 @@ class _Run:
     self.summary = split.summary()
     _log(f"[fedmask_tff] data: {self.summary}")
     self.client_index = {cid: i for i, cid in enumerate(split.client_ids)}
+
+  def _identify(self) -> None:
+    """The run's identity: its fingerprint, and its id (kept in ``results.json`` when it
+    resumes; see :mod:`fedmask_tff.simulation.run_identity`)."""
+    from fedmask_tff.simulation import run_identity
+    self.fingerprint = run_identity.fingerprint(self.config, self.partition_split)
+    self.run_id = run_identity.new_run_id()
+    if self.resuming:
+      results_path = os.path.join(self.config.output_dir, "results.json")
+      with open(results_path) as f:
+        stored = json.load(f)
+      self.run_id = stored.get("config", {}).get("run_id")
+      self.previous_wall_s = list(stored.get("wall_s_invocations") or [])
+      if not self.run_id:
+        raise ConfigError(f"{results_path} records no run identity (written by an older "
+                          "version of fedmask_tff): rerun with --overwrite to start again")
+    else:
+      self.previous_wall_s = []
 
   def _clear_outputs(self) -> None:
     if self.config.overwrite and os.path.isdir(self.config.output_dir):
@@ -296,6 +324,8 @@ class _Run:
       raise ConfigError(str(e)) from e
     self.num_params = self.algorithm.model_parameters
     self.store = self.algorithm.make_store(os.path.join(config.output_dir, "client_states"))
+    if self.store is not None:
+      self.store.owner = self.run_id
     self.chunk = self._clients_per_call()
 
   def _clients_per_call(self) -> int:
@@ -329,7 +359,8 @@ class _Run:
                algorithm_description=self.algorithm.description,
                model_parameters=self.num_params, partition_file_written=self.partition_path,
                client_state_bytes=self.client_state_bytes,
-               client_state_message_bytes=self.client_state_message_bytes, data=self.summary)
+               client_state_message_bytes=self.client_state_message_bytes, data=self.summary,
+               run_id=self.run_id, fingerprint=self.fingerprint)
     cfg.update(self.algorithm.results_settings())
     return cfg
 
@@ -341,14 +372,20 @@ class _Run:
     self.rng = np.random.default_rng(config.seed)
     self.server_state = self.algorithm.initialize()
     self.participated: set[str] = set()
+    self.last_written: dict[str, int] = {}  # client -> round after which its file was written
     self.first_round, previous_rows, initialization = 1, [], None
     if self.resuming:
       previous_rows, initialization = self._resume()
+    elif self.store is not None:
+      self._verify_client_files(None, 0, set())
     self.outputs = RunOutputs(config.output_dir, config.algorithm, config.dataset,
-                              self._settings_record(), rounds=previous_rows)
+                              self._settings_record(), rounds=previous_rows,
+                              started=self.t_start, previous_wall_s=self.previous_wall_s)
     if self.algorithm.prepares_clients and not self.resuming:
+      self.store.round_num = 0
       initialization = _prepare_clients(self.algorithm, self.store, self.training_ids,
                                         lambda c: self.train_input(c, 0), self.chunk)
+      self.last_written.update({c: 0 for c in self.training_ids})
     if initialization is not None:
       self.outputs.results["initialization"] = initialization
       self.outputs.save()
@@ -358,23 +395,51 @@ class _Run:
       self.totals["uplink_bits"] += initialization["uplink_bits"]
       self.totals["train_flops"] += initialization["train_flops"]
 
+  def _verify_client_files(self, checkpoint_path, checkpoint_round: int, pending: set) -> None:
+    from fedmask_tff.simulation import run_identity
+    try:
+      run_identity.verify_client_files(self.store, self.last_written, pending, checkpoint_path,
+                                       checkpoint_round)
+    except run_identity.StateMismatch as e:
+      raise ConfigError(str(e)) from None
+
   def _resume(self):
+    """Loads and checks the checkpoint (this run's, of the last round of ``results.json`` or
+    the one after it) and every client file against it, then finishes the checkpointed round's
+    writes; returns the finished rounds' rows and the initialization record."""
     from fedmask_tff.simulation import checkpoint
+    from fedmask_tff.wire.client_state import ClientStateError
+    results_path = os.path.join(self.config.output_dir, "results.json")
+    with open(results_path) as f:
+      previous = json.load(f)
+    rows = list(previous.get("rounds") or [])
     try:
       ckpt = checkpoint.load(self.checkpoint_path, self.server_state)
+      checkpoint.check_belongs(ckpt, self.checkpoint_path,
+                               {"run_id": self.run_id, "fingerprint": self.fingerprint},
+                               results_path, rows)
     except checkpoint.CheckpointError as e:
       raise ConfigError(str(e)) from e
     self.server_state, self.participated = ckpt["server_state"], ckpt["participated"]
     self.rng.bit_generator.state = ckpt["rng_state"]
-    if ckpt["encoded_client_states"] is not None:  # Finish the checkpointed round's writes.
-      for c, enc in zip(ckpt["round_clients"], ckpt["encoded_client_states"]):
-        self.store.put(c, self.store.decode(enc, f"{self.checkpoint_path}[{c}]"))
+    self.last_written = {c: int(r) for c, r in ckpt["last_written"].items()}
+    encoded = ckpt["encoded_client_states"]
+    if self.store is not None:
+      pending = set(ckpt["round_clients"]) if encoded is not None else set()
+      self._verify_client_files(self.checkpoint_path, ckpt["round"], pending)
+      try:  # Finish the checkpointed round's writes.
+        for c, enc in zip(ckpt["round_clients"], encoded or []):
+          self.store.identity(enc, c, f"{self.checkpoint_path}[{c}]")
+          self.store.put_encoded(c, enc)
+      except ClientStateError as e:
+        raise ConfigError(str(e)) from None
     self.first_round = ckpt["round"] + 1
-    with open(os.path.join(self.config.output_dir, "results.json")) as f:
-      previous = json.load(f)
     _log(f"[fedmask_tff] resuming {self.config.output_dir} after round {ckpt['round']}")
-    return ([r for r in previous["rounds"] if r["round"] <= ckpt["round"]],
-            previous.get("initialization"))
+    if not rows or rows[-1]["round"] < ckpt["round"]:
+      _log(f"[fedmask_tff] round {ckpt['round']}'s row restored from the checkpoint (the run "
+           "stopped before it reached results.json)")
+      rows.append(self._finish_row(dict(ckpt["row"]), ckpt["round"]))
+    return rows, previous.get("initialization")
 
   # --- client inputs and evaluation ----------------------------------------------
   def train_dataset(self, cid: str, round_num: int):
@@ -454,16 +519,26 @@ class _Run:
     row = reporting.round_row(round_num, sampled, dropped, train, self.num_params)
     _check_training(round_num, train)
     self.participated.update(sampled)
+    row.update(self.algorithm.round_extras(train))
+    row["worker_restarted"], row["wall_s"] = False, time.perf_counter() - t0
     from fedmask_tff.simulation import checkpoint
-    encoded = [store.encode(st, c) for c, st in zip(sampled, new_states)] if store is not None else None
-    checkpoint.save(self.checkpoint_path, round_num, self.server_state, self.rng.bit_generator.state,
-                    self.participated, sampled, encoded)
+    encoded = None
     if store is not None:
-      for c, st in zip(sampled, new_states):
-        store.put(c, st)
+      store.round_num = round_num
+      encoded = [store.encode(st, c) for c, st in zip(sampled, new_states)]
+      self.last_written.update({c: round_num for c in sampled})
+    checkpoint.save(self.checkpoint_path, round_num, self.server_state, self.rng.bit_generator.state,
+                    self.participated, sampled, encoded, last_written=self.last_written, row=row,
+                    run={"run_id": self.run_id, "fingerprint": self.fingerprint})
+    for c, enc in zip(sampled, encoded or []):
+      store.put_encoded(c, enc)
     row["worker_restarted"] = self._restart_worker_if_big(round_num)
     row["wall_s"] = time.perf_counter() - t0
-    row.update(self.algorithm.round_extras(train))
+    return self._finish_row(row, round_num)
+
+  def _finish_row(self, row: dict, round_num: int) -> dict:
+    """Adds the evaluation of an ``--eval_every`` round (of the stored states) to ``row``."""
+    config = self.config
     if config.eval_every and round_num % config.eval_every == 0 and round_num != config.rounds:
       accuracy = reporting.summarize(self.evaluate(sorted(self.participated))["personal"])
       row.update({k: v for k, v in accuracy.items()
@@ -493,7 +568,7 @@ class _Run:
       final.update(self._late_joiners())
     self.outputs.results["final"] = final
     self.outputs.results["totals"] = reporting.run_totals(
-        self.totals, rounds, time.perf_counter() - self.t_start, self.num_params)
+        self.totals, rounds, self.outputs.wall_s_total(), self.num_params)
     reporting.tensorboard_scalars(self.tensorboard, len(rounds), {"final_accuracy": final["accuracy"]})
     self.tensorboard.close()
     self.outputs.results["complete"] = True

@@ -14,7 +14,10 @@ On disk, one ``.npz`` file per client holds
 * ``personal_i``: the binary mask of the client's personalized model (after
   its last local training), bit-packed, at the kept positions only;
 * ``rounds``: how many rounds the client has taken part in;
-* ``sha256``: a checksum of the above, checked on load.
+* ``client_id``, ``run_id`` and ``written_after_round``: whose state it is (the client, the run
+  that wrote it, and the round after which it was written; 0: before round 1), so that a file of
+  another client, another run or another round is refused (:meth:`ClientStateStore.identity`);
+* ``sha256``: a checksum of all of the above, checked on load.
 
 :class:`PackedStateStore` reads and writes the same files in the process's wire form (masks
 bit-packed over all elements), so that FedMask's driver never holds a round's states at full
@@ -39,6 +42,7 @@ import numpy as np
 from fedmask_tff.wire import bitpack
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.\-]+$")
+IDENTITY_KEYS = ("client_id", "run_id", "written_after_round")
 
 
 class ClientStateError(RuntimeError):
@@ -66,6 +70,11 @@ class ClientStateStore:
     initial_state_fn: returns the state of a client never seen.
   """
 
+  # Whose files this store writes and reads: the run's id (``None``: a reader of a finished run,
+  # such as the TFLite export, that does not check it) and the round the files written now follow.
+  owner = None
+  round_num = 0
+
   def __init__(self, directory: str, shapes: Sequence[tuple], initial_state_fn: Callable):
     self.directory = directory
     self.shapes = [tuple(s) for s in shapes]
@@ -89,7 +98,38 @@ class ClientStateStore:
     path = self.path(client_id)
     if not os.path.exists(path):
       return self._initial_state_fn()
-    return self.decode(_read_npz(path), path)
+    arrays = _read_npz(path)
+    self.identity(arrays, client_id, path)
+    return self.decode(arrays, path)
+
+  def read_identity(self, client_id: str) -> dict:
+    """The identity of ``client_id``'s stored file (checksum and owner checked; see
+    :meth:`identity`)."""
+    path = self.path(client_id)
+    return self.identity(_read_npz(path), client_id, path)
+
+  def identity(self, arrays: dict, client_id: str, where: str) -> dict:
+    """``dict(client_id, run_id, written_after_round)`` of a stored state, after checking its
+    checksum, that it is ``client_id``'s, and (when :attr:`owner` is set) that this run wrote it.
+
+    Raises:
+      ClientStateError: naming ``where`` and what does not match.
+    """
+    arrays = _checked(arrays, where, strip_identity=False)
+    if any(k not in arrays for k in IDENTITY_KEYS):
+      if self.owner is None:
+        return {"client_id": client_id, "run_id": None, "written_after_round": None}
+      raise ClientStateError(f"client state file {where} records no client, run or round (written "
+                             "by an older version of fedmask_tff?); pass --overwrite to start again")
+    found = {"client_id": str(arrays["client_id"]), "run_id": str(arrays["run_id"]),
+             "written_after_round": int(arrays["written_after_round"])}
+    if found["client_id"] != client_id:
+      raise ClientStateError(f"client state file {where} is the state of {found['client_id']}, "
+                             f"not of {client_id} (files swapped or copied?)")
+    if self.owner is not None and found["run_id"] != self.owner:
+      raise ClientStateError(f"client state file {where} was written by another run (run id "
+                             f"{found['run_id']}; this run is {self.owner})")
+    return found
 
   def decode(self, arrays: dict, where: str = "client state"):
     """The state that :meth:`encode` made ``arrays`` from (checksum checked)."""
@@ -101,7 +141,11 @@ class ClientStateStore:
 
   def put(self, client_id: str, state) -> int:
     """Stores ``state`` atomically; returns the file's size in bytes."""
-    arrays = self.encode(state, client_id)
+    return self.put_encoded(client_id, self.encode(state, client_id))
+
+  def put_encoded(self, client_id: str, arrays: dict) -> int:
+    """Stores the arrays :meth:`encode` made (identity and checksum as they are); returns the
+    file's size in bytes."""
     return _write_npz_atomic(self.directory, client_id, self.path(client_id), arrays)
 
   def encode(self, state, client_id: str = "?") -> dict:
@@ -163,8 +207,7 @@ class ClientStateStore:
       arrays[f"keep_{i}"] = bitpack.pack_bits_np(keep)
       arrays[f"scores_{i}"] = s.reshape(-1)[keep]
       arrays[f"personal_{i}"] = bitpack.pack_bits_np(bitpack.unpack_bits_np(p.astype(np.uint8), (n,), bool)[keep])
-    arrays["sha256"] = np.array(digest(arrays))
-    return arrays
+    return _sealed(arrays, client_id, self.owner, self.round_num)
 
 
 
@@ -184,12 +227,26 @@ class PackedStateStore(ClientStateStore):
     return self.encode_packed(state, client_id)
 
 
-def _checked(arrays: dict, path: str) -> dict:
-  """``arrays`` without its ``sha256`` entry, after checking it."""
+def _sealed(arrays: dict, client_id: str, owner, round_num: int) -> dict:
+  """``arrays`` with the state's identity and the checksum of everything."""
+  arrays["client_id"] = np.array(str(client_id))
+  arrays["run_id"] = np.array(owner or "")
+  arrays["written_after_round"] = np.asarray(round_num, np.int64)
+  arrays["sha256"] = np.array(digest(arrays))
+  return arrays
+
+
+def _checked(arrays: dict, path: str, strip_identity: bool = True) -> dict:
+  """``arrays`` without its ``sha256`` entry (and, with ``strip_identity``, without the
+  identity entries), after checking the checksum."""
   arrays = dict(arrays)
   stored = str(arrays.pop("sha256", np.array("")))
   if stored != digest(arrays):
-    raise ClientStateError(f"client state file {path} fails its checksum (corrupt or edited)")
+    raise ClientStateError(f"client state file {path} fails its checksum (corrupt, truncated or "
+                           "edited)")
+  if strip_identity:
+    for key in IDENTITY_KEYS:
+      arrays.pop(key, None)
   return arrays
 
 
@@ -248,13 +305,8 @@ class ArrayStateStore(ClientStateStore):
                              f"the model needs {len(self._leaves)}")
     return self._nest.pack_sequence_as(self._template, leaves)
 
-  def put(self, client_id: str, state) -> int:
-    """Stores ``state`` atomically; returns the file's size in bytes."""
-    arrays = self.encode(state, client_id)
-    return _write_npz_atomic(self.directory, client_id, self.path(client_id), arrays)
-
   def encode(self, state, client_id: str = "?") -> dict:
-    """The arrays (with their checksum) that represent ``state`` on disk."""
+    """The arrays (with their identity and checksum) that represent ``state`` on disk."""
     leaves = [np.asarray(x) for x in self._nest.flatten(state)]
     if len(leaves) != len(self._leaves):
       raise ValueError(f"state has {len(leaves)} arrays, the store expects {len(self._leaves)}")
@@ -266,5 +318,4 @@ class ArrayStateStore(ClientStateStore):
       if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
         raise ValueError(f"client {client_id}: leaf {i} has non-finite values")
       arrays[f"leaf_{i}"] = a
-    arrays["sha256"] = np.array(digest(arrays))
-    return arrays
+    return _sealed(arrays, client_id, self.owner, self.round_num)
