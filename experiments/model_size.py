@@ -13,7 +13,10 @@ from experiments.study_reports import MB, pyplot, write_raw
 # (label, model name, input shape, classes, input dtype note)
 SIZE_MODELS = (
     ("vgg16 (CIFAR-10)", "vgg16", (32, 32, 3), 10),
+    ("vgg16_paper (CIFAR-10)", "vgg16_paper", (32, 32, 3), 10),
+    ("vgg16_paper (64 classes)", "vgg16_paper", (32, 32, 3), 64),
     ("har_mlp (HAR)", "har_mlp", (128, 9), 6),
+    ("har_mlp (HAR features)", "har_mlp", (561,), 6),
     ("shakespeare_lstm (Shakespeare)", "shakespeare_lstm", (80,), 90),
     ("cnn (Fashion-MNIST)", "cnn", (28, 28, 1), 10),
     ("cnn (FEMNIST)", "cnn", (28, 28, 1), 62),
@@ -135,6 +138,27 @@ def paper_table5_rows() -> list[dict]:
   return rows
 
 
+# Table 5's tasks and the rows of SIZE_MODELS that build the paper's network for them.
+OURS_FOR_TASK = {"IC-CIFAR10": "vgg16_paper (CIFAR-10)", "IC-EMNIST": "vgg16_paper (64 classes)",
+                 "HAR": "har_mlp (HAR features)", "NCP": "shakespeare_lstm (Shakespeare)"}
+
+
+def beside_ours_markdown(rows: list[dict]) -> str:
+  """The paper's Table 5 next to the models built here (their float32, 1-bit and pruned sizes)."""
+  ours = {r["model"]: r for r in rows}
+  lines = ["**Table 5 beside ours** (MB; ours measured from the built models at this width):", "",
+           "| task | our model | paper Baseline | our float32 | paper BNN-FedAvg | our 1-bit mask "
+           "| paper FedMask | our pruned float32 | our parameters |", "|---|---|---|---|---|---|---|---|---|"]
+  for task, fedmask, baseline, bnn in PAPER_TABLE5:
+    r = ours.get(OURS_FOR_TASK[task])
+    if r is None:
+      continue
+    lines.append(f"| {task} | {r['model']}, {'×'.join(map(str, r['input_shape']))} | {baseline:.2f} "
+                 f"| {r['float32_mb']:.2f} | {bnn:.2f} | {r['mask_mb']:.2f} | {fedmask:.2f} "
+                 f"| {r['pruned_float32_mb']:.2f} | {r['parameters']:,} |")
+  return "\n".join(lines)
+
+
 def paper_table5_markdown() -> str:
   lines = ["**The paper's Table 5** (MB, quoted) and the float32 parameters that give its Baseline "
            "column (computed here):", "",
@@ -179,7 +203,7 @@ def model_size_study(preset: str, out: str, width: float, prune_rate: float, log
                  f"| {r['pruned_float32_mb']:.4g} | {r['pruned_mask_mb']:.4g} "
                  f"| {r['pruning_mask_mb_once']:.4g} | {r['downlink_mb_per_round_as_implemented']:.4g} |")
   text = ("\n".join(lines) + "\n\n" + SIZE_NOTES.replace("{p}", f"{prune_rate:g}") + "\n"
-          + paper_table5_markdown() + "\n")
+          + paper_table5_markdown() + "\n\n" + beside_ours_markdown(rows) + "\n")
   with open(os.path.join(out, "table.md"), "w") as f:
     f.write(text)
   write_raw(out, {"study": "model_size", "preset": preset, "width": width, "prune_rate": prune_rate,

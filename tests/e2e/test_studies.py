@@ -78,6 +78,12 @@ def test_model_size_counts_equal_the_models(model_size):
     text = f.read()
   assert "| vgg16 (CIFAR-10) |" in text and "15,239,872" in text
   assert "| IC-CIFAR10 | 365.30 | 537.21 | 16.78 |" in text  # quoted from the paper
+  # The paper's VGG-16 and HAR MLP, built: Table 5's Baseline sizes to the printed digit.
+  assert rows["vgg16_paper (CIFAR-10)"]["parameters"] == 134_301_514
+  assert rows["vgg16_paper (64 classes)"]["parameters"] == 134_522_752
+  assert "| IC-CIFAR10 | vgg16_paper (CIFAR-10), 32×32×3 | 537.21 | 537.21 |" in text
+  assert "| IC-EMNIST | vgg16_paper (64 classes), 32×32×3 | 538.09 | 538.09 |" in text
+  assert "| HAR | har_mlp (HAR features), 561 | 4.41 | 4.41 |" in text
 
 
 @pytest.fixture(scope="module")
