@@ -173,15 +173,16 @@ def _command(folder: str, runs: list) -> str:
     algorithms = [r.algorithm for r in runs]
     rates = [f"{r.algorithm}={r.settings['learning_rate']:g}" for r in runs
              if r.settings.get("learning_rate") is not None]
-    words = ["python -m experiments.compare", f"--algorithms={','.join(algorithms)}",
+    words = [".venv/bin/python -m experiments.compare", f"--algorithms={','.join(algorithms)}",
              f"--output_dir={folder}", *changed_flags(runs[0].settings)]
     if rates:
       words.append(f"--learning_rates={','.join(rates)}")
     return " ".join(words)
   (run,) = runs
   rate = run.settings.get("learning_rate")
-  return " ".join(["python -m experiments.run", f"--algorithm={run.algorithm}", f"--output_dir={folder}",
-                   *changed_flags(run.settings), *([flag_text("learning_rate", rate)] if rate else [])])
+  return " ".join([".venv/bin/python -m experiments.run", f"--algorithm={run.algorithm}",
+                   f"--output_dir={folder}", *changed_flags(run.settings),
+                   *([flag_text("learning_rate", rate)] if rate else [])])
 
 
 def rows_from_runs(paths: list[str]) -> list[Row]:

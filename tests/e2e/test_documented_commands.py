@@ -114,7 +114,8 @@ def test_the_documents_have_the_commands_this_file_runs():
 
 DRY_RUN = ("experiments.run", "experiments.compare", "experiments.studies")
 HELP_ONLY = ("experiments.compare_coding", "benchmarks.run", "benchmarks.workers",
-             "benchmarks.long_run_memory", "benchmarks.worker_memory")
+             "benchmarks.long_run_memory", "benchmarks.worker_memory",
+             "experiments.results_table")  # its own test: tests/unit/test_results_table.py
 
 # One process per module checks all of its documented commands (a TensorFlow import each, not
 # one per command): absl modules re-parse their flags per command and, with --dry_run, run main.

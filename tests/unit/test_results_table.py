@@ -52,7 +52,7 @@ def test_compare_folder_rows_statistics_and_command(tmp_path, capsys):
   assert (fedmask.up, fedmask.down) == (1.1, 9.5)
   assert fedmask.command == rows[1].command
   assert fedmask.command.startswith(
-      f"python -m experiments.compare --algorithms=fedmask,standalone --output_dir={tmp_path}/cmp ")
+      f".venv/bin/python -m experiments.compare --algorithms=fedmask,standalone --output_dir={tmp_path}/cmp ")
   for flag in ("--num_clients=6", "--clients_per_round=3", "--rounds=3", "--local_epochs=1",
                "--model=mlp", "--model_width=0.25", "--learning_rates=standalone=0.01"):
     assert flag in fedmask.command.split(), flag
@@ -63,7 +63,7 @@ def test_compare_folder_rows_statistics_and_command(tmp_path, capsys):
 def test_a_single_run_folder_has_its_run_command(tmp_path):
   _write(str(tmp_path / "one"), _results("fedmask", {"a": 1.0}, 1.0, 8.0, upload="mask"))
   (row,) = rt.rows_from_runs([str(tmp_path / "one")])
-  assert row.command.startswith(f"python -m experiments.run --algorithm=fedmask --output_dir={tmp_path}/one")
+  assert row.command.startswith(f".venv/bin/python -m experiments.run --algorithm=fedmask --output_dir={tmp_path}/one")
   assert "--upload=mask" in row.command.split()
   assert rt.algorithm_label(row) == "fedmask (--upload=mask)"
 
