@@ -166,7 +166,7 @@ def _side_by_side_rows() -> list:
 def add_marginal(rows: list) -> list:
   """Adds ``marginal_mb_per_client``: per model, the worker peak's growth per added client from
   the fewest to the most clients measured (fixed costs cancel), and that over the client's
-  state plus data (``marginal_over_state_and_data``, the issue's "at most 3x" measure)."""
+  state plus data (``marginal_over_state_and_data``, the "at most 3x" target)."""
   for model in dict.fromkeys(r["model"] for r in rows):
     mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["clients_per_round"])
     if len(mine) < 2 or mine[-1]["clients_per_round"] == mine[0]["clients_per_round"]:

@@ -1,6 +1,6 @@
 """FedMask's communication options side by side: ``python -m experiments.compare_coding``.
 
-Runs FedMask on one partition with each option of the beyond-the-paper issue
+Runs FedMask on one partition with each of its beyond-the-paper options
 and writes ``coding.md`` / ``coding.csv`` / ``coding.json``: bits per mask
 parameter per client per round up and down (from the payloads; the uplink of
 ``entropy`` from the coded stream), and personalized accuracy with its

@@ -7,7 +7,7 @@ times (keys ending in ``wall_s``), paths (``output_dir``, ``data_dir``, ``partit
 ``partition_file_written``) and whether a worker was restarted. Prints each difference with its
 path in the JSON; exit code 0 when the runs agree, 1 when they differ, 2 on bad input.
 
-Used to show that a change of code keeps behaviour (e.g. the redesign of issue 16): run the same
+Used to show that a change of code keeps behaviour (e.g. the redesign of the round loop into short steps): run the same
 commands with a fixed seed before and after, then diff the two folders.
 """
 

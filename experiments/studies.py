@@ -102,7 +102,7 @@ PAPER_STUDY = {"communication": dict(eval_every=5), "computation": {}, "devices"
                "epochs": {}, "fedmask_ablation": {}, "mask_capacity": {}}
 
 # The fedmask_ablation study: FedMask's parts one at a time on one partition, beside the simple
-# things (issue 14). Each variant is (run name, RunConfig changes); FedMask's own settings not
+# things (how the defaults were chosen). Each variant is (run name, RunConfig changes); FedMask's own settings not
 # named take the run's values (the defaults: upload=score_sign, global_weight=0.5,
 # personal_head).
 ABLATION_VARIANTS = (

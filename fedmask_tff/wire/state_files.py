@@ -3,7 +3,7 @@
 TFF keeps no client state, so by default each sampled client's state crosses the TFF
 boundary twice a round inside the executor's messages; TFF's worker then holds several copies
 of every state of the round (request, tensors, results, gRPC buffers: measured ~75 MB per
-HAR client whose state is 7.25 MB, issue 17). With states as files, a round's TFF values
+HAR client whose state is 7.25 MB). With states as files, a round's TFF values
 carry only a path per client: the client's computation reads its state from the file and
 writes its new state to a new file, so the worker holds at most the states of the
 computations running at that moment.

@@ -1,5 +1,5 @@
 """A round whose clients' states cannot travel to TFF's worker in one message is refused before
-any training, with a message that says what to change (issue 17: vgg16 at width 1 with 20
+any training, with a message that says what to change (vgg16 at width 1 with 20
 clients a round needed 3.7 GB in one request when masks travelled as float32; protobuf stops
 at 2 GiB. Packed, a state is 64 MB and 20 clients fit; 29 do not). That applies when states
 travel in TFF's messages (``--client_states=messages``, the default with ``--workers``); by

@@ -1,4 +1,4 @@
-"""What keeps TFF's worker small (issue 17): values disposed at once, and its allocator."""
+"""What keeps TFF's worker small: values disposed at once, and its allocator."""
 
 import os
 

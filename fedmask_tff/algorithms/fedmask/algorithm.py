@@ -31,7 +31,7 @@ class FedMask(FederatedAlgorithm):
         model_fn, context.element_spec, config, eval_element_spec=context.eval_element_spec,
         client_states="files" if files else "messages")
     self.exchange = None
-    if files:  # States as files the worker reads and writes (issue 17: its memory per client).
+    if files:  # States as files the worker reads and writes (its memory per client).
       from fedmask_tff.wire.state_files import StateExchange
       self.exchange = StateExchange(context.client_states_dir, self.initial_client_state())
     self.specs = self.process.specs
