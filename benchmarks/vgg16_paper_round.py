@@ -7,8 +7,8 @@ available memory; reports the peaks, the round's wall time, one client's state o
 run's measured bits. Writes ``benchmarks/results/vgg16_paper_round.{json,md}``.
 
 Refuses to start with less than ``--min_free_gb`` of available memory, and stops the run (its
-own worker) when the machine's available memory falls under ``--stop_below_gb``, reporting how
-far it got: the machine is shared.
+worker and this process, exit code 3) when the machine's available memory falls under
+``--stop_below_gb``, after writing the peaks so far: the machine is shared.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ flags.DEFINE_integer("local_epochs", 1, "Local epochs (the paper: 5; one keeps i
 flags.DEFINE_integer("max_concurrent_clients", 2, "The worker's cap on concurrent clients.")
 flags.DEFINE_float("model_width", 1.0, "Width of vgg16_paper.")
 flags.DEFINE_float("min_free_gb", 16.0, "Do not start with less available memory (GB).")
-flags.DEFINE_float("stop_below_gb", 2.5, "Stop the run when available memory falls below (GB).")
+flags.DEFINE_float("stop_below_gb", 4.0, "Stop the run when available memory falls below (GB).")
 flags.DEFINE_string("output_dir", "runs/vgg16_paper_round", "Run directory.")
 flags.DEFINE_string("results", os.path.join(os.path.dirname(__file__), "results",
                                             "vgg16_paper_round"), "Table path (.json, .md added).")
@@ -62,7 +62,8 @@ class Sampler:
   """Peaks of the worker's and this process's RSS and the trough of available memory; stops
   the worker it started when the machine runs short."""
 
-  def __init__(self):
+  def __init__(self, on_shortage):
+    self.on_shortage = on_shortage
     self.worker_peak = self.driver_peak = 0.0
     self.available_low = available_bytes()
     self.stopped = False
@@ -77,11 +78,14 @@ class Sampler:
         self.worker_peak = max(self.worker_peak, rss_bytes(pids[0]))
       self.driver_peak = max(self.driver_peak, rss_bytes(os.getpid()))
       self.available_low = min(self.available_low, available_bytes())
-      if self.available_low < FLAGS.stop_below_gb * GB and pids and not self.stopped:
+      if self.available_low < FLAGS.stop_below_gb * GB and not self.stopped:
         self.stopped = True
         print(f"[vgg16_paper_round] available memory {self.available_low / GB:.1f} GB: "
-              "stopping the worker", file=sys.stderr, flush=True)
-        os.kill(pids[0], 9)
+              "stopping", file=sys.stderr, flush=True)
+        for pid in pids:
+          os.kill(pid, 9)
+        self.on_shortage(self)
+        os._exit(3)
       self._done.wait(0.5)
 
   def __enter__(self):
@@ -118,13 +122,20 @@ def main(argv):
           file=sys.stderr)
     sys.exit(2)
   from fedmask_tff.simulation import runner
-  config = _config()
-  t0, results, error = time.perf_counter(), None, None
-  with Sampler() as sampler:
+  config, t0 = _config(), time.perf_counter()
+  report = lambda sampler, results=None, error=None: _write(  # noqa: E731
+      _row(sampler, config, free, t0, results, error))
+  results, error = None, None
+  with Sampler(report) as sampler:
     try:
       results = runner.run(config)
-    except Exception as e:  # the worker stopped for memory, or another failure: report it
+    except Exception as e:  # a failure is reported with the peaks it reached
       error = f"{type(e).__name__}: {str(e)[:300]}"
+  report(sampler, results, error)
+
+
+def _row(sampler, config, free: float, t0: float, results, error) -> dict:
+  """The measured row: peaks (GB = 1e9 bytes), times (s), sizes (MB = 1e6 bytes)."""
   row = {"model": "vgg16_paper", "model_width": FLAGS.model_width,
          "clients_per_round": FLAGS.clients_per_round, "local_epochs": FLAGS.local_epochs,
          "max_concurrent_clients": FLAGS.max_concurrent_clients,
@@ -142,14 +153,17 @@ def main(argv):
                client_state_mb=round(results["config"]["client_state_bytes"] / 1e6, 1),
                uplink_mb_per_client=round(rounds[0]["uplink_bits_per_client"] / 8e6, 2),
                downlink_mb_per_client=round(rounds[0]["downlink_bits_per_client"] / 8e6, 2))
+  return row
+
+
+def _write(row: dict) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.results)), exist_ok=True)
   with open(FLAGS.results + ".json", "w") as f:
     json.dump(row, f, indent=1)
   with open(FLAGS.results + ".md", "w") as f:
     f.write("| " + " | ".join(row) + " |\n|" + "---|" * len(row) + "\n| "
             + " | ".join(str(v) for v in row.values()) + " |\n")
-  print(json.dumps(row, indent=1))
-
+  print(json.dumps(row, indent=1), flush=True)
 
 if __name__ == "__main__":
   app.run(main)
