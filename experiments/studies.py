@@ -15,7 +15,9 @@ Studies (see ``docs/studies.md`` for what each preset runs and which values foll
 * ``mask_capacity`` (Table 2): a mask over frozen random weights against training the weights,
   centrally on the pooled clients (``experiments.mask_capacity``; ``--epochs=N`` sets the epochs);
 * ``model_size`` (Table 5): parameters, float32 size, 1-bit mask size, and both after one-shot
-  pruning, for the paper's models at width 1 (no training: the models are only built).
+  pruning, for the paper's models at width 1 (no training: the models are only built);
+* ``paper_table`` (Fig. 10, §4.4): every task runnable here with all eight algorithms, beside the
+  paper's accuracies and communication ratios (``experiments.paper_table``).
 
 ``--preset=small`` (default) runs in minutes on the embedded Fashion-MNIST; ``--preset=paper``
 uses the paper's set-up where the data is available (``--dataset=cifar10`` default; ``har``,
@@ -46,13 +48,13 @@ import time
 
 from absl import app, flags
 
-from experiments import compare, model_size, study_reports  # compare defines every flag of experiments.run, --algorithms, --learning_rates
+from experiments import compare, model_size, paper_table, study_reports  # compare defines every flag of experiments.run, --algorithms, --learning_rates
 from experiments import run as run_cli  # noqa: F401  (the run flags; also defined via compare)
 from fedmask_tff.algorithms import ALGORITHMS
 
 FLAGS = flags.FLAGS
 STUDIES = ("communication", "computation", "devices", "epochs", "fedmask_ablation", "mask_capacity",
-           "model_size")
+           "model_size", "paper_table")
 PRESETS = ("small", "paper")
 flags.DEFINE_string("study", None, f"Which study: one of {', '.join(STUDIES)}.")
 flags.DEFINE_string("preset", "small", "small (minutes, Fashion-MNIST) or paper (the paper's set-up).")
@@ -372,6 +374,8 @@ def main(argv):
     elif FLAGS.study == "model_size":
       width = FLAGS.model_width if FLAGS["model_width"].present else 1.0
       text = model_size.model_size_study(FLAGS.preset, out, width, FLAGS.prune_rate, _log)
+    elif FLAGS.study == "paper_table":
+      text = paper_table.from_flags(out, plan_runs, execute, ensure_partition, _log)
     else:
       text = training_study(FLAGS.study, FLAGS.preset, out)
     print(text)
