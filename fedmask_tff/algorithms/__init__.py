@@ -7,12 +7,24 @@ algorithm lives in its own short module with a ``build_<name>`` function.
 
 from __future__ import annotations
 
-ALGORITHMS = ("fedmask", "local_masks", "standalone", "fedavg", "topk", "bnn_fedavg", "per_fedavg", "lg_fedavg")
+ALGORITHMS = ("fedmask", "local_masks", "fedpm", "standalone", "fedavg", "topk", "bnn_fedavg",
+              "per_fedavg", "lg_fedavg")
+# FedMask's uploads: "sampled" (the default) runs the sampled-mask recipe
+# (:mod:`fedmask_tff.algorithms.sampled_masks`); the others the score-threshold process.
+SAMPLED_UPLOAD = "sampled"
+SAMPLED_LEARNING_RATE = 0.1  # Adam on the scores (FedPM's)
 
 
-def default_learning_rate(name: str) -> float:
+def uses_sampled_masks(name: str, upload: str) -> bool:
+  """Whether ``--algorithm=name --upload=upload`` runs the sampled-mask recipe."""
+  return name == "fedpm" or (name in ("fedmask", "local_masks") and upload == SAMPLED_UPLOAD)
+
+
+def default_learning_rate(name: str, upload: str = SAMPLED_UPLOAD) -> float:
   """The documented default local learning rate of ``name`` (see each module)."""
   import importlib
+  if uses_sampled_masks(name, upload):
+    return SAMPLED_LEARNING_RATE
   if name in ("fedmask", "local_masks"):
     return 30.0
   module = importlib.import_module(f"fedmask_tff.algorithms.{name}")
@@ -29,7 +41,27 @@ def build_algorithm(name: str, context, config):
   return algorithm
 
 
+def _build_sampled(name: str, context, config):
+  from fedmask_tff import models
+  from fedmask_tff.algorithms.sampled_masks import algorithm as sampled
+  from fedmask_tff.algorithms.sampled_masks.config import SampledMaskConfig
+  default_bits = 32 if name == "fedpm" else 2
+  settings = SampledMaskConfig(
+      local_epochs=config.local_epochs, learning_rate=context.learning_rate,
+      optimizer=config.optimizer, score_init_mean=config.score_init_mean,
+      score_init_std=config.score_init_std, prune_rate=config.prune_rate,
+      prune_last_layers=models.prune_last_layers(context.model, config.prune_last_layers),
+      personal_head=config.personal_head, head_start=config.head_start,
+      downlink_bits=config.downlink_bits or default_bits, evidence_decay=config.evidence_decay,
+      reset_every=config.evidence_reset_every, seed=config.seed)
+  cls = {"fedpm": sampled.FedPM, "fedmask": sampled.SampledFedMask,
+         "local_masks": sampled.SampledLocalMasks}[name]
+  return cls(context, settings)
+
+
 def _build(name: str, context, config):
+  if uses_sampled_masks(name, config.upload):
+    return _build_sampled(name, context, config)
   if name in ("fedmask", "local_masks"):
     from fedmask_tff.algorithms.fedmask import process as fedmask_process
     from fedmask_tff.masks import vote_rules

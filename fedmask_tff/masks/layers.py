@@ -27,7 +27,8 @@ import tensorflow as tf
 from fedmask_tff.wire import bitpack
 from fedmask_tff.masks import masking
 
-KERNEL_INITS = ("signed_constant", "he_normal", "he_uniform")
+KERNEL_INITS = ("signed_constant", "signed_constant_e", "he_normal", "he_uniform")
+INFERENCE_MASKS = ("threshold", "sampled", "expected")
 
 
 @tf.keras.utils.register_keras_serializable(package="fedmask_tff")
@@ -35,7 +36,8 @@ class FrozenInitializer(tf.keras.initializers.Initializer):
   """Deterministic initializer for frozen weights, from an integer seed.
 
   ``signed_constant``: ``+-sqrt(2 / fan_in)`` with random signs (the choice that
-  trains best under masks, Ramanujan et al. 2020); ``he_normal``: truncated
+  trains best under masks, Ramanujan et al. 2020); ``signed_constant_e``: ``+-e / sqrt(fan_in)``
+  (FedPM's scale, about 1.92 times larger); ``he_normal``: truncated
   normal with std ``sqrt(2 / fan_in)``; ``he_uniform``: uniform in
   ``+-sqrt(6 / fan_in)``. ``fan_in`` is the product of all dimensions but the
   last (Keras' convention for Dense and Conv kernels) unless given.
@@ -52,9 +54,10 @@ class FrozenInitializer(tf.keras.initializers.Initializer):
     shape = tuple(int(d) for d in shape)
     fan_in = self.fan_in or max(1, int(np.prod(shape[:-1])) if len(shape) > 1 else shape[0])
     seed = tf.constant([self.seed, 0x5EED], dtype=tf.int64)
-    if self.kind == "signed_constant":
+    if self.kind in ("signed_constant", "signed_constant_e"):
       u = tf.random.stateless_uniform(shape, seed=seed)
-      return tf.where(u < 0.5, -1.0, 1.0) * math.sqrt(2.0 / fan_in)
+      scale = math.sqrt(2.0 / fan_in) if self.kind == "signed_constant" else math.e / math.sqrt(fan_in)
+      return tf.where(u < 0.5, -1.0, 1.0) * scale
     if self.kind == "he_normal":
       return tf.random.stateless_truncated_normal(shape, seed=seed) * math.sqrt(2.0 / fan_in)
     limit = math.sqrt(6.0 / fan_in)
@@ -67,13 +70,21 @@ class FrozenInitializer(tf.keras.initializers.Initializer):
 class MaskedWeightsMixin:
   """Creates and applies (kernel, scores, keep) triples; shared by all masked layers."""
 
-  def _init_mask_settings(self, seed, mask_mode, threshold, score_init, kernel_init):
+  def _init_mask_settings(self, seed, mask_mode, threshold, score_init, kernel_init,
+                          score_init_std=0.0, inference_mask="threshold"):
     self.seed = int(seed)
     self.mask_mode = masking.check_mask_mode(mask_mode)
     self.threshold = masking.check_threshold(threshold)
     self.score_init = float(score_init)
     if not math.isfinite(self.score_init):
       raise ValueError(f"score_init must be finite, got {score_init}")
+    self.score_init_std = float(score_init_std)
+    if not (math.isfinite(self.score_init_std) and self.score_init_std >= 0):
+      raise ValueError(f"score_init_std must be a finite number >= 0, got {score_init_std}")
+    if inference_mask not in INFERENCE_MASKS:
+      raise ValueError(f"inference_mask must be one of {INFERENCE_MASKS}, got {inference_mask!r}")
+    self.inference_mask = inference_mask
+    self.sample_seed = None  # int64 [2], created with the first masked weight in "sampled" mode
     if kernel_init not in KERNEL_INITS:
       raise ValueError(f"kernel_init must be one of {KERNEL_INITS}, got {kernel_init!r}")
     self.kernel_init = kernel_init
@@ -83,9 +94,17 @@ class MaskedWeightsMixin:
     kernel = self.add_weight(
         name=name, shape=shape, dtype=tf.float32, trainable=False,
         initializer=FrozenInitializer(self.kernel_init, self.seed + seed_offset, fan_in))
+    score_initializer = tf.keras.initializers.Constant(self.score_init)
+    if self.score_init_std > 0:  # N(score_init, std^2), seeded like W (logit(p0) plus noise)
+      score_initializer = tf.keras.initializers.RandomNormal(
+          self.score_init, self.score_init_std, seed=self.seed + seed_offset + 7919)
     scores = self.add_weight(
         name=f"{name}_scores", shape=shape, dtype=tf.float32, trainable=True,
-        initializer=tf.keras.initializers.Constant(self.score_init))
+        initializer=score_initializer)
+    if self.sample_seed is None and (self.mask_mode == "sampled" or self.inference_mask == "sampled"):
+      self.sample_seed = self.add_weight(
+          name="sample_seed", shape=(2,), dtype=tf.int64, trainable=False,
+          initializer=tf.keras.initializers.Constant([self.seed, 0]))
     keep = self.add_weight(
         name=f"{name}_keep", shape=shape, dtype=tf.float32, trainable=False,
         initializer="ones")
@@ -97,10 +116,30 @@ class MaskedWeightsMixin:
     """List of ``(name, kernel, scores, keep)`` variable tuples, in creation order."""
     return list(self._masked)
 
+  def _next_seed(self, scores):
+    """The sampled mode's seed for this forward pass of ``scores``: the layer's ``sample_seed``
+    folded with the weight's index; the seed's counter then moves on, so every pass draws anew
+    (reproducibly: set ``sample_seed`` to restart a stream)."""
+    index = next(i for i, w in enumerate(self._masked) if w[2] is scores)
+    seed = tf.random.experimental.stateless_fold_in(tf.convert_to_tensor(self.sample_seed), index)
+    seed = tf.cast(seed, tf.int64)
+    if index == len(self._masked) - 1:
+      with tf.control_dependencies([seed]):
+        self.sample_seed.assign_add(tf.constant([0, 1], tf.int64))
+    return seed
+
   def mask_for(self, scores, keep, training) -> tf.Tensor:
-    """The mask applied in a forward pass (binary unless soft-mode training)."""
+    """The mask applied in a forward pass: in training, the ``mask_mode``'s; at inference the
+    ``inference_mask``: ``threshold`` (binary, the phone's model), a ``sampled`` mask or the
+    ``expected`` one, sigmoid(m_r)."""
+    sampled = self.mask_mode == "sampled" if training else self.inference_mask == "sampled"
+    seed = self._next_seed(scores) if sampled else None
     if training:
-      m = masking.training_mask(scores, self.mask_mode, self.threshold)
+      m = masking.training_mask(scores, self.mask_mode, self.threshold, seed)
+    elif self.inference_mask == "sampled":
+      m = tf.stop_gradient(masking.sampled_mask(scores, seed))
+    elif self.inference_mask == "expected":
+      m = masking.expected_mask(scores)
     else:
       m = masking.binary_mask(scores, self.threshold)
     return m * keep
@@ -135,7 +174,8 @@ class MaskedWeightsMixin:
 
   def _mask_config(self) -> dict[str, Any]:
     return {"seed": self.seed, "mask_mode": self.mask_mode, "threshold": self.threshold,
-            "score_init": self.score_init, "kernel_init": self.kernel_init}
+            "score_init": self.score_init, "kernel_init": self.kernel_init,
+            "score_init_std": self.score_init_std, "inference_mask": self.inference_mask}
 
 
 def _training_flag(training) -> bool:
@@ -164,22 +204,29 @@ class MaskedDense(MaskedWeightsMixin, tf.keras.layers.Layer):
     activation: a Keras activation.
     use_bias: add a frozen, unmasked bias (``bias_initializer``, default zeros).
     seed: integer seed of W; the same seed gives the same W everywhere.
-    mask_mode: ``"ste"`` or ``"soft"`` training forward (see :mod:`masking`).
+    mask_mode: ``"ste"``, ``"soft"`` or ``"sampled"`` training forward (see :mod:`masking`).
     threshold: tau of ``1[sigmoid(m_r) >= tau]``.
-    score_init: initial value of every score ``m_r``.
-    kernel_init: ``"signed_constant"`` (default), ``"he_normal"`` or ``"he_uniform"``.
+    score_init: initial value of every score ``m_r`` (0.05: FedMask's all-ones start; 0 with
+      ``score_init_std=1``: FedPM's N(0, 1); ``logit(p0)`` with some noise: a start near p0).
+    kernel_init: ``"signed_constant"`` (default), ``"signed_constant_e"`` (FedPM's scale),
+      ``"he_normal"`` or ``"he_uniform"``.
+    score_init_std: > 0 draws the scores from N(score_init, score_init_std^2) (seeded).
+    inference_mask: the mask at inference: ``"threshold"`` (binary, default), ``"sampled"`` (a
+      Bernoulli sample) or ``"expected"`` (sigmoid(m_r)).
   """
 
   def __init__(self, units: int, activation=None, use_bias: bool = False, seed: int = 0,
                mask_mode: str = "ste", threshold: float = masking.DEFAULT_THRESHOLD,
                score_init: float = 0.05, kernel_init: str = "signed_constant",
-               bias_initializer="zeros", **kwargs):
+               bias_initializer="zeros", score_init_std: float = 0.0,
+               inference_mask: str = "threshold", **kwargs):
     super().__init__(**kwargs)
     if int(units) < 1:
       raise ValueError(f"units must be >= 1, got {units}")
     self.units = int(units)
     self._init_output(activation, use_bias, bias_initializer)
-    self._init_mask_settings(seed, mask_mode, threshold, score_init, kernel_init)
+    self._init_mask_settings(seed, mask_mode, threshold, score_init, kernel_init,
+                             score_init_std, inference_mask)
 
   def build(self, input_shape):
     in_features = int(input_shape[-1])
@@ -214,7 +261,8 @@ class MaskedConv2D(MaskedWeightsMixin, tf.keras.layers.Layer):
                activation=None, use_bias: bool = False, seed: int = 0,
                mask_mode: str = "ste", threshold: float = masking.DEFAULT_THRESHOLD,
                score_init: float = 0.05, kernel_init: str = "signed_constant",
-               bias_initializer="zeros", **kwargs):
+               bias_initializer="zeros", score_init_std: float = 0.0,
+               inference_mask: str = "threshold", **kwargs):
     super().__init__(**kwargs)
     if int(filters) < 1:
       raise ValueError(f"filters must be >= 1, got {filters}")
@@ -226,7 +274,8 @@ class MaskedConv2D(MaskedWeightsMixin, tf.keras.layers.Layer):
       raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
     self.padding = padding
     self._init_output(activation, use_bias, bias_initializer)
-    self._init_mask_settings(seed, mask_mode, threshold, score_init, kernel_init)
+    self._init_mask_settings(seed, mask_mode, threshold, score_init, kernel_init,
+                             score_init_std, inference_mask)
 
   def build(self, input_shape):
     in_channels = int(input_shape[-1])

@@ -3,13 +3,17 @@
 A mask element has a real-valued score ``m_r``. Its binary value is
 ``m = 1[sigmoid(m_r) >= tau]`` (tau = 0.5 by default, i.e. ``m_r >= 0``).
 
-Two training modes (the mode a run used is recorded in its config):
+Three training modes (the mode a run used is recorded in its config):
 
 * ``"ste"``: the forward pass uses the binary mask; the backward pass goes
   through the sigmoid: ``dL/dm_r = dL/dm * sigmoid'(m_r)`` (the paper's
   "sigmoid threshold gradient trick").
 * ``"soft"``: the forward pass uses ``sigmoid(m_r)`` itself (the paper's
   eqs. 6-8); the gradient is the ordinary one.
+* ``"sampled"``: the forward pass uses a fresh sample ``m ~ Bernoulli(sigmoid(m_r))``
+  (Zhou et al. 2019; FedPM, Isik et al. 2023); the backward pass is straight through
+  the sample, then through the sigmoid: ``dL/dm_r = dL/dm * sigmoid'(m_r)``. So
+  ``sigmoid(m_r)`` is trained as the probability that the element is on.
 
 Inference and upload always use the binary mask.
 
@@ -23,7 +27,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-MASK_MODES = ("ste", "soft")
+MASK_MODES = ("ste", "soft", "sampled")
 DEFAULT_THRESHOLD = 0.5
 
 
@@ -68,12 +72,47 @@ def soft_mask(scores: tf.Tensor) -> tf.Tensor:
   return tf.sigmoid(scores)
 
 
-def training_mask(scores: tf.Tensor, mode: str, threshold: float = DEFAULT_THRESHOLD) -> tf.Tensor:
-  """The mask used in a training forward pass for ``mode`` ('ste' or 'soft')."""
+def sampled_mask(scores: tf.Tensor, seed=None) -> tf.Tensor:
+  """A sample ``m ~ Bernoulli(sigmoid(scores))`` forward (float32 0/1), ``sigmoid'(scores)`` backward.
+
+  ``seed``: a shape-[2] integer tensor for ``tf.random.stateless_uniform`` (reproducible), or
+  None for TF's stateful generator. The element is on where ``u < sigmoid(scores)``, ``u`` uniform
+  in [0, 1).
+  """
+  scores = tf.convert_to_tensor(scores)
+  if seed is None:
+    u = tf.random.uniform(tf.shape(scores), dtype=scores.dtype)
+  else:
+    u = tf.random.stateless_uniform(tf.shape(scores), seed=seed, dtype=scores.dtype)
+
+  @tf.custom_gradient
+  def _forward(s):
+    soft = tf.sigmoid(s)
+    sample = tf.cast(u < soft, s.dtype)
+
+    def _grad(upstream):
+      return upstream * soft * (1.0 - soft)
+
+    return sample, _grad
+
+  return _forward(scores)
+
+
+def expected_mask(scores: tf.Tensor) -> tf.Tensor:
+  """``E[m] = sigmoid(scores)`` (an inference option of the sampled mode: the expected mask)."""
+  return tf.sigmoid(scores)
+
+
+def training_mask(scores: tf.Tensor, mode: str, threshold: float = DEFAULT_THRESHOLD,
+                  seed=None) -> tf.Tensor:
+  """The mask used in a training forward pass for ``mode`` (see :data:`MASK_MODES`);
+  ``seed`` is the sampled mode's (see :func:`sampled_mask`)."""
   if mode == "ste":
     return ste_mask(scores, threshold)
   if mode == "soft":
     return soft_mask(scores)
+  if mode == "sampled":
+    return sampled_mask(scores, seed)
   raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mode!r}")
 
 

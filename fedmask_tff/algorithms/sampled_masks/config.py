@@ -1,0 +1,98 @@
+"""Settings of the sampled-mask algorithms (FedPM, FedMask's default recipe, ``local_masks``):
+:class:`SampledMaskConfig` (validated at build time) and the per-weight :class:`WeightPlan`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+from fedmask_tff.masks import probability, pruning
+
+OPTIMIZERS = ("adam", "sgd")
+HEAD_STARTS = ("own", "theta")
+
+
+class WeightPlan(NamedTuple):
+  """One masked weight: its ``name``, ``shape`` and ``size`` (elements); ``prunable``: one-shot
+  pruning keeps ``prune_rate`` of it at the client's first round; ``personal``: the client keeps
+  its own scores for it between rounds (else it starts every round from the server's theta)."""
+  name: str
+  shape: tuple
+  size: int
+  prunable: bool
+  personal: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledMaskConfig:
+  """Hyper-parameters of sampled-mask training and of the server's Beta-Bernoulli estimate.
+
+  Attributes:
+    local_epochs: epochs of local training per round (plus the pruning epoch at a client's
+      first round when the model is pruned).
+    learning_rate: the optimizer's step on the scores (Adam: 0.1, FedPM's).
+    optimizer: ``"adam"`` (TFF's ``build_adam``, its state started afresh every round) or
+      ``"sgd"`` (``build_sgdm`` without momentum).
+    score_init_mean, score_init_std: the scores' start, N(mean, std^2) (FedPM: N(0, 1)); the same
+      draw (from ``seed``) for every client and the server's first theta = sigmoid of it.
+    prune_rate, prune_last_layers: one-shot pruning (FedMask: 20 % of the last 2 layers'
+      elements kept; 0 layers: no pruning, FedPM).
+    personal_head: the pruned layers keep each client's own scores between rounds (its
+      heterogeneous mask); the other layers start every round from the server's theta.
+    head_start: ``"own"`` (the head starts from the client's own scores) or ``"theta"``
+      (Algorithm 1, line 13 read literally: from theta at its kept positions where at least
+      ``min_shared`` clients kept the element once, else its own).
+    downlink_bits: theta goes down in 1, 2, 4, 8 bits per element or as float32 (32).
+    evidence_decay: the share of earlier rounds' evidence the server keeps (0: the Beta prior
+      is reset every round, FedPM's default); ``reset_every``: > 0 resets it every that many
+      rounds anyway.
+    prior: the Beta(prior, prior) prior.
+    min_shared: clients that must send an element in a round for the server to update it.
+    eps: theta is clipped to [eps, 1 - eps] before its logit.
+    seed: the run's seed (score init, mask samples, uploads).
+  """
+  local_epochs: int = 2
+  learning_rate: float = 0.1
+  optimizer: str = "adam"
+  score_init_mean: float = 0.0
+  score_init_std: float = 1.0
+  prune_rate: float = 0.2
+  prune_last_layers: int = 2
+  personal_head: bool = True
+  head_start: str = "own"
+  downlink_bits: int = 2
+  evidence_decay: float = 0.0
+  reset_every: int = 0
+  prior: float = 1.0
+  min_shared: int = 2
+  eps: float = probability.DEFAULT_EPS
+  seed: int = 0
+
+  def validate(self, num_masked_layers: int) -> "SampledMaskConfig":
+    if int(self.local_epochs) < 1:
+      raise ValueError(f"local_epochs must be >= 1, got {self.local_epochs}")
+    if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+      raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
+    if self.optimizer not in OPTIMIZERS:
+      raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+    if not (math.isfinite(self.score_init_mean) and math.isfinite(self.score_init_std)
+            and self.score_init_std >= 0):
+      raise ValueError("score_init_mean must be finite and score_init_std a finite number >= 0")
+    pruning.check_prune_rate(self.prune_rate)
+    if not 0 <= int(self.prune_last_layers) <= num_masked_layers:
+      raise ValueError(f"prune_last_layers must be in [0, {num_masked_layers}], got "
+                       f"{self.prune_last_layers}")
+    if self.head_start not in HEAD_STARTS:
+      raise ValueError(f"head_start must be one of {HEAD_STARTS}, got {self.head_start!r}")
+    probability.check_downlink_bits(self.downlink_bits)
+    probability.check_decay(self.evidence_decay)
+    if int(self.reset_every) < 0:
+      raise ValueError(f"reset_every must be >= 0, got {self.reset_every}")
+    if not (self.prior > 0 and math.isfinite(self.prior)):
+      raise ValueError(f"prior must be a finite number > 0, got {self.prior}")
+    if int(self.min_shared) < 1:
+      raise ValueError(f"min_shared must be >= 1, got {self.min_shared}")
+    if not 0 < self.eps < 0.5:
+      raise ValueError(f"eps must be in (0, 0.5), got {self.eps}")
+    return self

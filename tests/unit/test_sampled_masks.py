@@ -1,0 +1,127 @@
+"""The sampled-mask algorithms (FedPM, FedMask's default recipe, local_masks) on a tiny model,
+against numbers computed by hand: a client starting from theta, the server's posterior and its
+reset, the bits up and down counted from the payloads, pruned elements staying zero."""
+
+import collections
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from fedmask_tff.algorithms.base import BuildContext
+from fedmask_tff.algorithms.sampled_masks import algorithm as sampled
+from fedmask_tff.algorithms.sampled_masks.config import SampledMaskConfig
+from fedmask_tff.masks import pruning
+from fedmask_tff.wire import bitpack
+
+SPEC = collections.OrderedDict(x=tf.TensorSpec([None, 6], tf.float32), y=tf.TensorSpec([None], tf.int32))
+CONTEXT = BuildContext(input_shape=(6,), num_classes=3, model="mlp", model_width=0.05, seed=0,
+                       element_spec=SPEC, eval_element_spec=SPEC, local_epochs=1,
+                       learning_rate=0.1, batch_size=8)
+
+
+def _data(seed, n=16):
+  rng = np.random.default_rng(seed)
+  return tf.data.Dataset.from_tensor_slices(collections.OrderedDict(
+      x=rng.random((n, 6)).astype(np.float32), y=rng.integers(0, 3, n).astype(np.int32))).batch(8)
+
+
+@pytest.fixture(scope="module")
+def fedmask():
+  return sampled.SampledFedMask(CONTEXT, SampledMaskConfig(local_epochs=1, learning_rate=1e-6,
+                                                           prune_last_layers=1, downlink_bits=2))
+
+
+def _bits(n, per=1):
+  return 8 * math.ceil(n * per / 8)
+
+
+def test_client_starts_from_theta_and_bits_are_counted(fedmask):
+  plan = fedmask.plan
+  assert [s.personal for s in plan] == [s.prunable for s in plan] == [False] * (len(plan) - 1) + [True]
+  server = fedmask.initialize()
+  server["theta"] = tuple(np.full(s.shape, 1.0, np.float32) if not s.personal
+                          else np.asarray(t) for s, t in zip(plan, server["theta"]))
+  states = [fedmask.initial_client_state() for _ in range(2)]
+  server2, new, metrics = fedmask.next(server, [_data(1), _data(2)], states)
+  # Shared weights start from logit(clip(1, 0.01, 0.99)) = log(99); lr 1e-6 barely moves them.
+  for i, spec in enumerate(plan[:-1]):
+    np.testing.assert_allclose(new[0]["scores"][i], math.log(99), atol=1e-3)
+  head = plan[-1]
+  kept = pruning.kept_count(head.size, 0.2)
+  for state, m in zip(new, metrics):
+    keep = bitpack.unpack_bits_np(state["keep"][-1], (head.size,))
+    assert keep.sum() == kept and int(state["pruned"]) == 1
+    shared = sum(_bits(s.size) for s in plan[:-1])
+    assert m["uplink_bits"] == shared + _bits(kept) + _bits(head.size)  # + the keep mask, once
+    assert m["downlink_bits"] == sum(_bits(s.size, 2) for s in plan[:-1])
+    assert m["pruned"] == 1 and m["mask_kept"] == sum(s.size for s in plan[:-1]) + kept
+  # Round 2: the pruning mask is not sent again, and stays the same.
+  _, newer, metrics2 = fedmask.next(server2, [_data(1), _data(2)], new)
+  assert metrics2[0]["uplink_bits"] == metrics[0]["uplink_bits"] - _bits(head.size)
+  assert metrics2[0]["pruned"] == 0
+  np.testing.assert_array_equal(newer[0]["keep"][-1], new[0]["keep"][-1])
+
+
+def test_server_posterior_resets_each_round(fedmask):
+  plan = fedmask.plan
+  server = fedmask.initialize()
+  states = [fedmask.initial_client_state() for _ in range(2)]
+  server, states, _ = fedmask.next(server, [_data(3), _data(4)], states)
+  # Two clients, prior Beta(1, 1) reset: theta of a shared element is (1 + ones) / 4.
+  theta0 = np.asarray(server["theta"][0])
+  assert set(np.unique(np.round(theta0 * 4, 4))) <= {1.0, 2.0, 3.0}
+  np.testing.assert_allclose(np.asarray(server["alpha"][0]) + np.asarray(server["beta"][0]), 4.0)
+  # The head: only elements both clients keep are updated (and marked defined).
+  both = (bitpack.unpack_bits_np(states[0]["keep"][-1], plan[-1].shape)
+          * bitpack.unpack_bits_np(states[1]["keep"][-1], plan[-1].shape)) > 0
+  np.testing.assert_array_equal(np.asarray(server["defined"][-1]), both)
+  server2, _, _ = fedmask.next(server, [_data(3), _data(4)], states)
+  np.testing.assert_allclose(np.asarray(server2["alpha"][0]) + np.asarray(server2["beta"][0]), 4.0)
+  assert int(server2["round"]) == 2
+
+
+def test_pruned_elements_stay_zero_in_the_personal_model(fedmask):
+  server = fedmask.initialize()
+  states = [fedmask.initial_client_state()]
+  server, states, _ = fedmask.next(server, [_data(5)], states)
+  head = fedmask.plan[-1]
+  keep = bitpack.unpack_bits_np(states[0]["keep"][-1], head.shape)
+  model = fedmask.model_fn()
+  from fedmask_tff.masks.layers import mask_variables
+  _, scores, keeps = mask_variables(model)
+  for v, s in zip(scores, states[0]["scores"]):
+    v.assign(s)
+  keeps[-1].assign(keep)
+  masks = model.layers[-1].binary_masks()[0].numpy()
+  assert np.all(masks[keep == 0] == 0)
+  personal = fedmask.evaluate(server, [_data(6)], states, None)[0]
+  assert personal["examples"] == 16.0
+
+
+def test_fedpm_is_one_global_mask():
+  fedpm = sampled.FedPM(CONTEXT, SampledMaskConfig(local_epochs=1, downlink_bits=32))
+  assert not any(s.personal or s.prunable for s in fedpm.plan)
+  assert fedpm.initial_client_state() is None
+  server = fedpm.initialize()
+  server, states, metrics = fedpm.next(server, [_data(7), _data(8), _data(9)], None)
+  assert states is None
+  n = sum(s.size for s in fedpm.plan)
+  assert metrics[0]["downlink_bits"] == 32 * n
+  assert metrics[0]["uplink_bits"] == sum(_bits(s.size) for s in fedpm.plan)
+  # FedPM's prior is reset each round and every element is shared: theta = (1 + ones) / 5.
+  assert set(np.unique(np.round(np.asarray(server["theta"][0]) * 5, 4))) <= {1.0, 2.0, 3.0, 4.0}
+  a, b = fedpm.evaluate(server, [_data(1), _data(2)], None, None)
+  assert a["examples"] == b["examples"] == 16.0
+
+
+def test_local_masks_sends_nothing_and_keeps_its_own_scores():
+  local = sampled.SampledLocalMasks(CONTEXT, SampledMaskConfig(local_epochs=1, prune_last_layers=1))
+  assert all(s.personal for s in local.plan)
+  server = local.initialize()
+  states = [local.initial_client_state()]
+  server2, new, metrics = local.next(server, [_data(1)], states)
+  assert metrics[0]["uplink_bits"] == 0 and metrics[0]["downlink_bits"] == 0
+  assert int(server2["round"]) == int(server["round"])  # nothing aggregated
+  assert not np.allclose(new[0]["scores"][0], states[0]["scores"][0])
