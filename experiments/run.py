@@ -4,12 +4,14 @@ Runs one configuration and writes ``DIR/results.json`` and ``DIR/metrics.csv``.
 Every flag is validated before any data is loaded or any training starts; a bad
 value ends the program with a message naming it and exit code 2. A TFF worker
 of ``--workers`` that fails mid-run ends it with exit code 3; the finished
-rounds are saved and rerunning the same command resumes.
+rounds are saved and rerunning the same command resumes. Every failure a user can cause ends
+with one line, no traceback (exit codes: docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 from absl import app, flags
@@ -160,10 +162,11 @@ def config_from_flags() -> RunConfig:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _exit(2, f"error: unexpected arguments: {argv[1:]} (pass --help for the flags)")
   import signal
   from fedmask_tff.simulation import runner
   signal.signal(signal.SIGINT, runner.request_stop)
+  signal.signal(signal.SIGTERM, runner.request_stop)
   try:
     config = config_from_flags().validate()
     if FLAGS.dry_run:
@@ -171,27 +174,62 @@ def main(argv):
       print(json.dumps(dataclasses.asdict(config), indent=1))
       return
     run(config)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except KeyboardInterrupt:
-    print(f"interrupted: every finished round is saved in {FLAGS.output_dir}; rerun the same "
-          "command to resume", file=sys.stderr)
-    sys.exit(130)
-  except WorkerError as e:
-    print(f"error: {e}; every finished round is saved in {FLAGS.output_dir}; restart the worker "
-          "and rerun the same command to resume", file=sys.stderr)
-    sys.exit(3)
-  except FloatingPointError as e:  # Diverged training; results.json keeps the finished rounds.
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  except Exception as e:  # Data errors and the like: a clear message, no traceback wall.
-    from fedmask_tff.data import DataError
-    if isinstance(e, DataError):
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-    raise
+  except BaseException as e:  # pylint: disable=broad-except  (each a sentence; bugs re-raised)
+    code, message = failure_message(e, FLAGS.output_dir, runner.stop_signal())
+    if code is None:
+      raise
+    _exit(code, message)
+
+
+def failure_message(e: BaseException, output_dir: str, stop_signal=None):
+  """``(exit code, one line)`` for a failure a user can cause; ``(None, None)`` for a bug."""
+  from fedmask_tff.data import DataError
+  saved = f"every finished round is saved in {output_dir}"
+  if isinstance(e, KeyboardInterrupt):
+    name = "SIGTERM" if stop_signal == 15 else "Ctrl-C"
+    return (143 if stop_signal == 15 else 130), (
+        f"interrupted ({name}): {saved}; rerun the same command to resume")
+  if isinstance(e, (ConfigError, DataError)):
+    return 2, f"error: {e}"
+  if isinstance(e, WorkerError):
+    return 3, f"error: {e}; {saved}; restart the worker and rerun the same command to resume"
+  if isinstance(e, FloatingPointError):  # Diverged training; results.json keeps the finished rounds.
+    return 1, f"error: {e}"
+  text = str(e)
+  for why in ("No space left on device", "Disk quota exceeded", "Read-only file system",
+              "Permission denied"):
+    if why in text or (isinstance(e, OSError) and e.strerror == why):
+      where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
+      return 1, (f"error: cannot write the run's files: {why}{where}; {saved} (files are "
+                 "replaced whole, never half-written): make room or fix the permissions and "
+                 "rerun the same command to resume")
+  if isinstance(e, MemoryError) or type(e).__name__ == "ResourceExhaustedError":
+    return 1, (f"error: out of memory ({type(e).__name__}); {saved}: use a smaller "
+               "--model_width, --batch_size or --clients_per_round")
+  return None, None
+
+
+def _exit(code: int, message: str) -> None:
+  """Prints ``message`` and ends the process with ``code`` at once, after stopping this
+  process's TFF worker: gRPC's threads, torn down by a normal interpreter exit after an
+  interrupt, print stack traces or abort."""
+  print(message, file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  if "fedmask_tff.runtime" in sys.modules:
+    from fedmask_tff import runtime
+    runtime.close_channels()
+    runtime.stop_workers()
+  os._exit(code)
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with its errors (an unknown flag, a value of the wrong type) as one
+  line and exit code 2, like every other bad setting."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _exit(2, f"error: {e} (pass --help for the flags)")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

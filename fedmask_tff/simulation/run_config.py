@@ -157,14 +157,19 @@ def _check_data(c: RunConfig) -> None:
 
 
 def _check_training(c: RunConfig) -> None:
-  _need(c.rounds >= 1, f"--rounds must be >= 1, got {c.rounds}")
+  from fedmask_tff.simulation import limits
+  _need(1 <= c.rounds <= limits.MAX_ROUNDS,
+        f"--rounds must be in [1, {limits.MAX_ROUNDS}], got {c.rounds}")
   _need(c.local_epochs >= 1, f"--local_epochs must be >= 1, got {c.local_epochs}")
-  _need(c.batch_size >= 1, f"--batch_size must be >= 1, got {c.batch_size}")
+  _need(1 <= c.batch_size <= limits.MAX_BATCH_SIZE,
+        f"--batch_size must be in [1, {limits.MAX_BATCH_SIZE}], got {c.batch_size}")
+  _need(0 <= c.seed <= limits.MAX_SEED, f"--seed must be in [0, {limits.MAX_SEED}], got {c.seed}")
   _need(c.learning_rate is None or _positive(c.learning_rate),
         f"--learning_rate must be a finite number > 0, got {c.learning_rate}")
   _need(0.0 <= c.dropout_rate < 1.0, f"--dropout_rate must be in [0, 1), got {c.dropout_rate}")
   _need(math.isfinite(c.model_width) and c.model_width > 0,
         f"--model_width must be > 0, got {c.model_width}")
+  _checked_by(limits.check_model_fits, c.model, c.model_width)
   _need(c.eval_every >= 0, f"--eval_every must be >= 0, got {c.eval_every}")
   _need(c.eval_batch_size >= 1, f"--eval_batch_size must be >= 1, got {c.eval_batch_size}")
 
@@ -236,8 +241,11 @@ def _check_fedmask_communication(c: RunConfig) -> None:
 
 
 def _check_execution(c: RunConfig) -> None:
-  _need(math.isfinite(c.worker_memory_limit_mb) and c.worker_memory_limit_mb >= 0,
-        f"--worker_memory_limit_mb must be >= 0 (0: half the machine's memory), "
+  from fedmask_tff.simulation.limits import MIN_WORKER_MEMORY_MB
+  _need(c.worker_memory_limit_mb == 0 or (math.isfinite(c.worker_memory_limit_mb)
+                                          and c.worker_memory_limit_mb >= MIN_WORKER_MEMORY_MB),
+        f"--worker_memory_limit_mb must be 0 (half the machine's memory) or >= "
+        f"{MIN_WORKER_MEMORY_MB} (a TFF worker needs more to start), "
         f"got {c.worker_memory_limit_mb}")
   _need(c.client_datasets in ("driver", "workers"),
         f"--client_datasets must be 'driver' or 'workers', got {c.client_datasets!r}")
@@ -262,8 +270,11 @@ def _check_output(c: RunConfig) -> None:
     state = resume_state(c)
     _need(state != "complete", f"{os.path.join(c.output_dir, 'results.json')} exists and the run "
           "is complete: choose another --output_dir or pass --overwrite")
+    unreadable = os.path.exists(os.path.join(c.output_dir, "checkpoint.npz"))
     _need(state != "no_checkpoint", f"{os.path.join(c.output_dir, 'results.json')} exists but "
-          "there is no checkpoint to resume from: choose another --output_dir or pass --overwrite")
+          + ("is unreadable (truncated or edited?): restore it" if unreadable else
+             "there is no checkpoint to resume from")
+          + ", choose another --output_dir, or pass --overwrite to start again")
 
 
 # Settings that may differ between a run and its resumption (they do not change results).

@@ -57,15 +57,21 @@ def _dropped_clients(sampled: list, rate: float, seed: int, round_num: int) -> s
 
 
 _STOP_REQUESTED = False
+_STOP_SIGNAL = None
 
 
-def request_stop(*_) -> None:
-  """SIGINT handler (``experiments.run``): raises KeyboardInterrupt now and remembers it, so that
-  an interrupt swallowed where Python ignores exceptions (a ``__del__`` or a garbage-collector
-  callback) still stops the run after the round in progress is saved."""
-  global _STOP_REQUESTED
-  _STOP_REQUESTED = True
+def request_stop(signum=None, *_) -> None:
+  """SIGINT and SIGTERM handler (``experiments.run``): raises KeyboardInterrupt now and
+  remembers it, so that an interrupt swallowed where Python ignores exceptions (a ``__del__`` or
+  a garbage-collector callback) still stops the run after the round in progress is saved."""
+  global _STOP_REQUESTED, _STOP_SIGNAL
+  _STOP_REQUESTED, _STOP_SIGNAL = True, signum
   raise KeyboardInterrupt
+
+
+def stop_signal():
+  """The signal number that stopped the run (``None``: none, or Python's own Ctrl-C)."""
+  return _STOP_SIGNAL
 
 
 def _check_stop() -> None:
