@@ -7,8 +7,10 @@ folders are gone: each with its command, date and commit), and writes one Markdo
 per task and algorithm the personalized test accuracy (example-weighted), its mean over
 clients, the per-client minimum and 10th percentile, the bits per parameter each client sent
 up and received down per round (from the payloads), the paper's Figure 10 number for that
-task and algorithm (read off its plots, the paper's own set-up), the date and the command that
-made the row. A run replaces a recorded row of the same task and algorithm.
+task and algorithm (read off its plots, the paper's own set-up), the date (when the run's
+``results.json`` was last written) and the command that made the row, rebuilt from the run's
+settings (those that differ from the defaults). A run replaces a recorded row of the same task
+and algorithm.
 
 ``--readme=README.md`` writes the table between the lines ``<!-- results-table:begin -->``
 and ``<!-- results-table:end -->``; ``--output=FILE.md`` writes it alone.
