@@ -2,6 +2,9 @@
 # The README's main command: install, make sure the embedded default data set is present,
 # and run FedMask on Fashion-MNIST (pathological, 2 classes per client). Extra arguments are
 # passed to `python -m experiments.run` (e.g. --rounds=5 --output_dir=runs/try).
+# The demo never deletes finished work: an unfinished runs/demo (stopped by Ctrl-C, a crash or a
+# full disk) resumes where it stopped; a finished one is kept and the run is refused, saying how
+# to replace it (add --overwrite) or where else to run (--output_dir=DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
@@ -21,4 +24,4 @@ if ! have_data && [[ " $* " != *" --data_dir"* ]]; then
     exit 1
   fi
 fi
-exec .venv/bin/python -m experiments.run --output_dir=runs/demo --overwrite --eval_every=25 "$@"
+exec .venv/bin/python -m experiments.run --output_dir=runs/demo --eval_every=25 "$@"

@@ -6,14 +6,17 @@ its ``model_info.json`` through the ``serving_default`` signature (input ``image
 ``logits``), runs it on the client's test examples saved by ``tflite.evaluate``
 (``reference.npz``: inputs, labels, the Keras model's logits) and compares:
 
-* float32 variants: the predicted class must equal Keras' on every example (the largest
-  logit difference is reported);
+* float32 variants: the predicted class must equal Keras' on every example, and no logit may
+  differ from Keras' by more than float tolerance (``FLOAT_TOLERANCE`` times the largest
+  Keras logit's magnitude, at least 1); the largest difference is reported;
 * int8: the share of examples with Keras' class is reported (quantization may change some);
 * the baselines (untrained dense and BNN models) are only loaded and run: no Keras reference.
 
 It also measures each model's latency on LiteRT (batch 1, one thread, median of ``--runs``).
-Writes ``DIR/tflite/runtime_check.json`` and ``.md``; exits 1 when a float32 variant disagrees
-with Keras, 2 on a missing or unreadable file. Imports numpy and ``ai_edge_litert`` only: this
+Every file is checked against the SHA-256 and variant ``tflite.evaluate`` recorded beside it
+(:mod:`tflite.artifacts`) before it is used. Writes ``DIR/tflite/runtime_check.json`` and
+``.md``; exits 1 when a float32 variant disagrees with Keras, 2 on a missing, unreadable,
+corrupt or swapped file (naming it). Imports numpy and ``ai_edge_litert`` only: this
 module must never import TensorFlow (the test runs it in an environment without it).
 """
 
@@ -27,9 +30,12 @@ import time
 
 import numpy as np
 
+from tflite import artifacts
+
 FLOAT_VARIANTS = ("folded_float32", "packed_runtime", "compacted_float32", "compacted_sparse_float32",
                   "structured_demo_float32")
 BASELINES = ("dense_float32", "bnn")
+FLOAT_TOLERANCE = 1e-3  # of the largest |logit|: float32 variants differ from Keras by ~1e-6
 
 
 class CheckError(RuntimeError):
@@ -46,9 +52,19 @@ def _litert():
   return interpreter, importlib.metadata.version("ai-edge-litert")
 
 
+def _verified(path: str, variant: str) -> str:
+  """``path``, after checking it against its checksum sidecar (:mod:`tflite.artifacts`)."""
+  try:
+    artifacts.verify(path, variant)
+  except artifacts.ArtifactMismatch as e:
+    raise CheckError(str(e)) from None
+  return path
+
+
 def _read_json(path: str) -> dict:
   if not os.path.isfile(path):
     raise CheckError(f"{path} is missing (run `python -m tflite.evaluate --run_dir=...` first)")
+  _verified(path, "model_info")
   try:
     with open(path) as f:
       return json.load(f)
@@ -92,17 +108,20 @@ def check_client(interpreter_module, client_dir: str, baselines_dir: str, runs: 
   ref_path = os.path.join(client_dir, "reference.npz")
   if not os.path.isfile(ref_path):
     raise CheckError(f"{ref_path} is missing (run `python -m tflite.evaluate --run_dir=...` first)")
-  with np.load(ref_path) as ref:
-    x, y, keras = ref["x"], ref["y"], ref["keras_logits"]
-    demo = ref["keras_logits_structured_demo"] if "keras_logits_structured_demo" in ref else None
+  _verified(ref_path, "reference")
+  try:
+    with np.load(ref_path, allow_pickle=False) as ref:
+      x, y, keras = ref["x"], ref["y"], ref["keras_logits"]
+      demo = ref["keras_logits_structured_demo"] if "keras_logits_structured_demo" in ref else None
+  except Exception as e:  # zipfile.BadZipFile, KeyError, ValueError, OSError ...
+    raise CheckError(f"{ref_path} is unreadable ({type(e).__name__}: {e}); run `python -m "
+                     "tflite.evaluate --run_dir=...` again") from None
   models = {k: os.path.join(client_dir, v) for k, v in info["models"].items()}
   base_info = _read_json(os.path.join(baselines_dir, "model_info.json"))
   models.update({k: os.path.join(baselines_dir, v) for k, v in base_info["models"].items()})
   rows = []
   for variant, path in models.items():
-    if not os.path.isfile(path):
-      raise CheckError(f"{path} is missing")
-    runner = load_runner(interpreter_module, path, info)
+    runner = load_runner(interpreter_module, _verified(path, variant), info)
     logits = run_model(runner, info, x)
     row = {"client_id": os.path.basename(client_dir), "variant": variant, "file": path,
            "examples": int(x.shape[0]), "accuracy": float((logits.argmax(-1) == y).mean()),
@@ -112,14 +131,18 @@ def check_client(interpreter_module, client_dir: str, baselines_dir: str, runs: 
       row["same_class_as_keras"] = float((logits.argmax(-1) == reference.argmax(-1)).mean())
       row["max_abs_diff_vs_keras"] = float(np.abs(logits - reference).max())
       row["must_match"] = variant in FLOAT_VARIANTS
-      row["ok"] = (row["same_class_as_keras"] == 1.0) if row["must_match"] else True
+      row["tolerance"] = FLOAT_TOLERANCE * max(1.0, float(np.abs(reference).max()))
+      row["ok"] = ((row["same_class_as_keras"] == 1.0
+                    and row["max_abs_diff_vs_keras"] <= row["tolerance"])
+                   if row["must_match"] else True)
     rows.append(row)
   return rows
 
 
 def markdown(rows: list[dict], runtime: str) -> str:
   lines = [f"Runtime: {runtime} (no TensorFlow in this environment). Float32 variants must give "
-           "Keras' class on every example; int8 agreement is reported. Latency: batch 1, one "
+           "Keras' class on every example, with logits within float tolerance "
+           f"({FLOAT_TOLERANCE:g} of the largest); int8 agreement is reported. Latency: batch 1, one "
            "thread, median.", "",
            "| client | variant | examples | accuracy | same class as Keras | max abs logit diff "
            "| latency ms (LiteRT) | ok |", "|---|---|---|---|---|---|---|---|"]

@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from tflite import energy, export, measure, packed
+from tflite import artifacts, energy, export, measure, packed
 from tflite.runs import (ArtifactError, dataset_to_numpy, load_client_calibration_data,
                          load_client_masks,
                          load_client_test_data, load_run, masked_model_with_masks)
@@ -89,6 +89,7 @@ def _keras_references(info, files, out_dir, x, y):
     demo_ref = masked_model_with_masks(info.arch, demo_masks).predict(x, batch_size=256, verbose=0)
   np.savez_compressed(os.path.join(out_dir, "reference.npz"), x=x, y=y, keras_logits=ref,
                       **({"keras_logits_structured_demo": demo_ref} if demo_ref is not None else {}))
+  artifacts.seal(os.path.join(out_dir, "reference.npz"), "reference")
   return ref, demo_ref
 
 
@@ -289,6 +290,27 @@ def write_reports(out_dir, rows) -> None:
     f.write(markdown(rows))
 
 
+def check_args(args) -> str:
+  """What is wrong with the command line's values (``""`` if nothing); sets ``args.threads``
+  to the list of thread counts."""
+  try:
+    args.threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
+  except ValueError:
+    return f"--threads must be thread counts separated by commas, got {args.threads!r}"
+  problems = [
+      (not args.threads or min(args.threads) < 1, f"--threads must be counts >= 1, got {args.threads}"),
+      (args.runs < 1, f"--runs must be >= 1 (timed invocations per model), got {args.runs}"),
+      (args.warmup < 0, f"--warmup must be >= 0, got {args.warmup}"),
+      (args.max_test_examples is not None and args.max_test_examples < 1,
+       f"--max_test_examples must be >= 1, got {args.max_test_examples}"),
+      (args.calibration_examples < 1,
+       f"--calibration_examples must be >= 1, got {args.calibration_examples}"),
+      (not 0 <= args.structured_fraction < 1,
+       f"--structured_fraction must be in [0, 1) (the share of each hidden layer's filters or "
+       f"neurons the demo zeroes; 0: no demo), got {args.structured_fraction}")]
+  return next((why for bad, why in problems if bad), "")
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m tflite.evaluate", description=__doc__.split("\n")[0])
   p.add_argument("--verbose", action="store_true",
@@ -305,7 +327,10 @@ def main(argv=None) -> int:
   p.add_argument("--bnn_weights", default=None, help="Keras weights of a trained BNN model")
   p.add_argument("--skip_memory", action="store_true")
   args = p.parse_args(argv)
-  args.threads = [int(t) for t in str(args.threads).split(",") if t]
+  problem = check_args(args)
+  if problem:
+    print(f"error: {problem}", file=sys.stderr)
+    return 2
   t0 = time.time()
   try:
     info = load_run(args.run_dir)

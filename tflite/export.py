@@ -22,7 +22,8 @@
 and once per run ``DIR/tflite/baselines/``: ``dense_float32.tflite`` (the dense
 model of the same architecture) and ``bnn.tflite`` (its binarized version,
 signs folded into float32 weights; ``bnn.signs`` is its 1-bit packed storage
-form). Every ``.tflite`` uses builtin ops only. Errors (missing run, client or
+form). Every ``.tflite`` uses builtin ops only. Beside every file, ``NAME.sha256.json`` records
+its SHA-256, variant, dtypes and shapes (:mod:`tflite.artifacts`). Errors (missing run, client or
 file; corrupt state) print ``error: ...`` naming the file and exit with code 2.
 """
 
@@ -41,7 +42,7 @@ import numpy as np
 import tensorflow as tf
 
 from fedmask_tff.wire import bitpack
-from tflite import convert, graph, packed
+from tflite import artifacts, convert, graph, packed
 from tflite.runs import (ArtifactError, RunInfo, client_ids, load_client_masks, load_run,
                          masked_model_with_masks)
 
@@ -120,9 +121,18 @@ def export_client(info: RunInfo, client_id: str, out_dir: str, *,
     np.savez(os.path.join(out_dir, "structured_demo_masks.npz"),
              **{f"mask_{i}": bitpack.pack_bits_np(m) for i, m in enumerate(demo_masks)})
   write_model_info(info, out_dir, files)
+  seal_all(info, out_dir, files)
   with open(os.path.join(out_dir, "manifest.json"), "w") as f:
     json.dump(manifest, f, indent=1)
   return manifest
+
+
+def seal_all(info: RunInfo, out_dir: str, files: dict) -> None:
+  """Writes the checksum sidecar (:mod:`tflite.artifacts`) of every file in ``files``
+  (variant -> path) and of ``out_dir/model_info.json``."""
+  for variant, path in files.items():
+    artifacts.seal(path, variant, list(info.arch.input_shape), [info.arch.num_classes])
+  artifacts.seal(os.path.join(out_dir, "model_info.json"), "model_info")
 
 
 def write_model_info(info: RunInfo, out_dir: str, files: dict) -> str:
@@ -183,6 +193,7 @@ def export_baselines(info: RunInfo, out_dir: str, dense_weights: Optional[str] =
       f.write(bitpack.pack_bits_np(binarized.sign_bits(layer.kernel).numpy()).tobytes())
   manifest["files"]["bnn_packed_storage"] = signs_path
   write_model_info(info, out_dir, manifest["files"])
+  seal_all(info, out_dir, manifest["files"])
   with open(os.path.join(out_dir, "manifest.json"), "w") as f:
     json.dump(manifest, f, indent=1)
   return manifest
@@ -212,6 +223,10 @@ def main(argv=None) -> int:
   p.add_argument("--structured_fraction", type=float, default=0.5)
   p.add_argument("--calibration_examples", type=int, default=200)
   args = p.parse_args(argv)
+  if not 0 <= args.structured_fraction < 1 or args.calibration_examples < 1:
+    print("error: --structured_fraction must be in [0, 1) and --calibration_examples >= 1, got "
+          f"{args.structured_fraction} and {args.calibration_examples}", file=sys.stderr)
+    return 2
   try:
     info = load_run(args.run_dir)
     from tflite.runs import load_client_calibration_data, dataset_to_numpy

@@ -268,13 +268,27 @@ def _check_output(c: RunConfig) -> None:
   _need(bool(c.output_dir), "--output_dir must be set")
   if not c.overwrite:
     state = resume_state(c)
-    _need(state != "complete", f"{os.path.join(c.output_dir, 'results.json')} exists and the run "
-          "is complete: choose another --output_dir or pass --overwrite")
+    if state == "complete":
+      raise ConfigError(_complete_run_words(c))
     unreadable = os.path.exists(os.path.join(c.output_dir, "checkpoint.npz"))
     _need(state != "no_checkpoint", f"{os.path.join(c.output_dir, 'results.json')} exists but "
           + ("is unreadable (truncated or edited?): restore it" if unreadable else
              "there is no checkpoint to resume from")
           + ", choose another --output_dir, or pass --overwrite to start again")
+
+
+def _complete_run_words(c: RunConfig) -> str:
+  """Why a finished run in ``c.output_dir`` is not replaced, and how to replace it."""
+  import json
+  path = os.path.join(c.output_dir, "results.json")
+  with open(path) as f:
+    differ = differing_settings(json.load(f).get("config", {}), c)
+  if differ:
+    return (f"{c.output_dir} holds a finished run with other settings "
+            f"({', '.join('--' + d for d in differ)}): it is kept; pass --overwrite to replace it "
+            "(its results are deleted), or choose another --output_dir")
+  return (f"{c.output_dir} holds this run, finished (results in {path}): it is kept; pass "
+          "--overwrite to run it again from scratch, or choose another --output_dir")
 
 
 # Settings that may differ between a run and its resumption (they do not change results).
