@@ -114,20 +114,23 @@ def _batched_spec(split):
 
 
 def _fedmask_round_fn(split, clients, batch_size, epochs, store_dir):
-  """A callable running one FedMask round on ``clients`` as the runner does (with state I/O)."""
-  from fedmask_tff.algorithms import fedmask
-  from fedmask_tff.models import basic
-  from fedmask_tff.wire.client_state import PackedStateStore
-  process = fedmask.build_fedmask_process(
-      lambda: basic.build_cnn(seed=0), _batched_spec(split),
-      fedmask.FedMaskConfig(local_epochs=epochs))
-  store = PackedStateStore(store_dir, [s.shape for s in process.specs],
-                           lambda: process.pack_state(process.initial_client_state()))
-  state = [process.initialize()]
+  """A callable running one round of FedMask's default recipe (sampled masks) on ``clients`` as
+  the runner does: ``algorithm.next`` plus the client-state store's loads and saves."""
+  from fedmask_tff.algorithms.base import BuildContext
+  from fedmask_tff.algorithms.sampled_masks.algorithm import SampledFedMask
+  from fedmask_tff.algorithms.sampled_masks.config import SampledMaskConfig
+  spec = _batched_spec(split)
+  context = BuildContext(input_shape=tuple(spec["x"].shape.as_list()[1:]), num_classes=10,
+                         model="cnn", model_width=1.0, seed=0, element_spec=spec,
+                         eval_element_spec=spec, local_epochs=epochs, learning_rate=0.1,
+                         batch_size=batch_size)
+  algorithm = SampledFedMask(context, SampledMaskConfig(local_epochs=epochs))
+  store = algorithm.make_store(store_dir)
+  state = [algorithm.initialize()]
 
   def one_round():
     datasets = [split.train.create_tf_dataset_for_client(c).batch(batch_size) for c in clients]
-    state[0], new_states, _ = process.next(state[0], datasets, [store.get(c) for c in clients])
+    state[0], new_states, _ = algorithm.next(state[0], datasets, [store.get(c) for c in clients])
     for c, s in zip(clients, new_states):
       store.put(c, s)
   return one_round

@@ -23,6 +23,7 @@ import json
 import os
 import sys
 
+import numpy as np
 from absl import app, flags
 
 from experiments import run as run_cli  # defines every run flag
@@ -34,7 +35,8 @@ flags.DEFINE_list("learning_rates", [], "Per-algorithm learning rates, name=valu
                   "algorithm's documented default).")
 FLAGS.set_default("output_dir", "runs/compare")
 
-COLUMNS = ("algorithm", "accuracy", "accuracy_client_mean", "uplink_bits_per_client_round",
+COLUMNS = ("algorithm", "accuracy", "accuracy_client_mean", "client_min", "client_p10",
+           "before_local_training", "bits_per_parameter_round", "uplink_bits_per_client_round",
            "downlink_bits_per_client_round", "train_flops_per_client_round", "uplink_vs_fedavg",
            "downlink_vs_fedavg", "flops_vs_fedavg", "learning_rate", "rounds", "wall_s")
 
@@ -78,7 +80,14 @@ def table_rows(all_results: dict) -> list[dict]:
   rows = []
   for name, results in all_results.items():
     t, f = results["totals"], results["final"]
+    per_client = sorted(f.get("accuracy_per_client", {}).values())
+    params = results["config"].get("model_parameters") or results["config"].get("masked_parameters")
+    bits = t["uplink_bits_per_client_round"] + t["downlink_bits_per_client_round"]
     row = {"algorithm": name, "accuracy": f["accuracy"], "accuracy_client_mean": f["accuracy_client_mean"],
+           "client_min": per_client[0] if per_client else None,
+           "client_p10": float(np.percentile(per_client, 10)) if per_client else None,
+           "before_local_training": f.get("accuracy_after_aggregation"),
+           "bits_per_parameter_round": bits / params if params else None,
            "uplink_bits_per_client_round": t["uplink_bits_per_client_round"],
            "downlink_bits_per_client_round": t["downlink_bits_per_client_round"],
            "train_flops_per_client_round": t["train_flops_per_client_round"],
@@ -101,11 +110,15 @@ def write_table(output_dir: str, rows: list[dict], header: str) -> str:
     json.dump(rows, f, indent=2)
   fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
   lines = [header, "",
-           "| algorithm | accuracy | client mean | uplink bits/client/round | downlink bits/client/round "
+           "| algorithm | accuracy | client mean | client min | client 10th pct | before local "
+           "training | bits/parameter/round (up + down) | uplink bits/client/round "
+           "| downlink bits/client/round "
            "| train FLOPs/client/round | up ÷ FedAvg | down ÷ FedAvg | FLOPs ÷ FedAvg |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['algorithm']} | {r['accuracy']:.4f} | {r['accuracy_client_mean']:.4f} "
+                 f"| {fmt(r['client_min'], '.3f')} | {fmt(r['client_p10'], '.3f')} "
+                 f"| {fmt(r['before_local_training'], '.4f')} | {fmt(r['bits_per_parameter_round'], '.3f')} "
                  f"| {r['uplink_bits_per_client_round']:,.0f} | {r['downlink_bits_per_client_round']:,.0f} "
                  f"| {r['train_flops_per_client_round']:.3g} | {fmt(r['uplink_vs_fedavg'], '.4f')} "
                  f"| {fmt(r['downlink_vs_fedavg'], '.4f')} | {fmt(r['flops_vs_fedavg'], '.3f')} |")

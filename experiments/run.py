@@ -69,8 +69,9 @@ flags.DEFINE_float("unseen_clients", _D.unseen_clients, "Share of clients held o
 flags.DEFINE_enum("uplink_coding", _D.uplink_coding, ["none", "entropy"], "fedmask: 'entropy' "
                   "codes each upload at the kept positions against the client's previous upload "
                   "(adaptive range coder; bits counted from the coded stream).")
-flags.DEFINE_integer("downlink_bits", _D.downlink_bits, "fedmask: bits per kept element on the "
-                     "downlink (0 = float32; 2..16 = quantized).")
+flags.DEFINE_integer("downlink_bits", _D.downlink_bits, "fedmask, fedpm: bits per element on the "
+                     "downlink. Sampled masks: theta in 1, 2, 4, 8 or 32 bits (0 = the default: "
+                     "fedmask 2, fedpm 32). Score-threshold uploads: 0 = float32, 2..16 = quantized.")
 flags.DEFINE_bool("downlink_stochastic", _D.downlink_stochastic, "fedmask: stochastic rounding "
                   "of the quantized downlink.")
 flags.DEFINE_float("ldp_epsilon", _D.ldp_epsilon, "fedmask: epsilon of randomized response on the "
@@ -85,8 +86,9 @@ flags.DEFINE_float("group_lasso", _D.group_lasso, "FedMask: weight of the paper'
                    "(group lasso) term on the masks; 0 = off.")
 flags.DEFINE_integer("examples_per_client", _D.examples_per_client, "cifar10: cap on each client's "
                      "examples (the paper: about 25); 0 = no cap.")
-flags.DEFINE_enum("mask_mode", _D.mask_mode, ["ste", "soft"], "Training forward mask: 'ste' (binary "
-                  "forward, sigmoid' backward) or 'soft' (sigmoid(m_r) forward).")
+flags.DEFINE_enum("mask_mode", _D.mask_mode, ["ste", "soft"], "Score-threshold uploads: training "
+                  "forward mask: 'ste' (binary forward, sigmoid' backward) or 'soft' (sigmoid(m_r) "
+                  "forward). Sampled masks always sample.")
 flags.DEFINE_float("score_init", _D.score_init, "Initial value of every mask score m_r.")
 flags.DEFINE_float("score_init_noise", _D.score_init_noise, "fedmask: add uniform noise in [-a, a] "
                    "(seeded, the same for every client) to score_init: a random initial mask "
@@ -97,12 +99,30 @@ flags.DEFINE_enum("score_restart", _D.score_restart, list(RESTART_RULES), "How t
                   "(fedmask_tff.masks.masking.apply_vote).")
 flags.DEFINE_float("restart_scale", _D.restart_scale, "Scale of the rule (restart scale or shift "
                    "step; default: the rule's own, fedmask_tff.masks.vote_rules).")
-flags.DEFINE_enum("upload", _D.upload, ["mask", "bernoulli", "score_sign"], "fedmask: what the 1 "
-                  "bit per element says: 'mask' (the paper: the binary mask, averaged by the server), "
+flags.DEFINE_enum("upload", _D.upload, ["sampled", "mask", "bernoulli", "score_sign"], "fedmask: what the 1 "
+                  "bit per element says: 'sampled' (default: masks trained as probabilities; a "
+                  "Bernoulli sample of each kept element; the server's Beta-Bernoulli theta is what "
+                  "the feature layers start from every round, the pruned head stays the device's own), "
+                  "'mask' (the paper: the binary mask, averaged by the server), "
                   "'bernoulli' (a sample of Bernoulli(sigmoid(m_r)), after FedPM) or "
                   "'score_sign' (the server keeps real-valued global scores G; a client starts from G "
                   "where it keeps the element and sends the direction its score moved; the server "
                   "steps G by --server_score_step times the majority).")
+flags.DEFINE_enum("optimizer", _D.optimizer, ["adam", "sgd"], "Sampled masks (fedpm, "
+                  "--upload=sampled): TFF's Adam (default, lr 0.1) or SGD on the scores.")
+flags.DEFINE_enum("training_forward", _D.training_forward, ["sampled", "threshold"], "Sampled "
+                  "masks: the training forward pass, a fresh Bernoulli sample (default) or the "
+                  "thresholded mask with sigmoid' backward (the ablation).")
+flags.DEFINE_float("score_init_mean", _D.score_init_mean, "Sampled masks: scores start from "
+                   "N(mean, std^2) (FedPM: N(0, 1); logit(p0) with a small std starts near p0).")
+flags.DEFINE_float("score_init_std", _D.score_init_std, "Sampled masks: see --score_init_mean.")
+flags.DEFINE_enum("head_start", _D.head_start, ["own", "theta"], "fedmask, --upload=sampled: the "
+                  "pruned head starts each round from the device's own scores (default) or from the "
+                  "server's theta at its kept positions (Algorithm 1, line 13 read literally).")
+flags.DEFINE_float("evidence_decay", _D.evidence_decay, "Sampled masks: share of earlier rounds' "
+                   "evidence the server's Beta belief keeps (0: reset every round, FedPM's).")
+flags.DEFINE_integer("evidence_reset_every", _D.evidence_reset_every, "Sampled masks: reset the "
+                     "server's evidence every K rounds anyway (0: never).")
 flags.DEFINE_float("server_score_step", _D.server_score_step, "fedmask, --upload=score_sign: the "
                    "server's step on its global scores per round.")
 flags.DEFINE_float("global_weight", _D.global_weight, "fedmask, --upload=score_sign: a client starts "

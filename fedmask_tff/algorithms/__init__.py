@@ -48,7 +48,7 @@ def _build_sampled(name: str, context, config):
   default_bits = 32 if name == "fedpm" else 2
   settings = SampledMaskConfig(
       local_epochs=config.local_epochs, learning_rate=context.learning_rate,
-      optimizer=config.optimizer, score_init_mean=config.score_init_mean,
+      optimizer=config.optimizer, forward=config.training_forward, score_init_mean=config.score_init_mean,
       score_init_std=config.score_init_std, prune_rate=config.prune_rate,
       prune_last_layers=models.prune_last_layers(context.model, config.prune_last_layers),
       personal_head=config.personal_head, head_start=config.head_start,

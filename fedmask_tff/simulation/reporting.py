@@ -91,7 +91,7 @@ def print_summary(results, num_params: int):
   final, totals, cfg = results["final"], results["totals"], results["config"]
   up, down = totals["uplink_bits_per_client_round"], totals["downlink_bits_per_client_round"]
   q = np.percentile(list(final["accuracy_per_client"].values()) or [float("nan")], [0, 10, 50, 100])
-  mode = f", mask_mode={cfg['mask_mode']}" if "mask_mode_used" in cfg else ""
+  mode = f", mask_mode={cfg['mask_mode_used']}" if "mask_mode_used" in cfg else ""
   lines = [
       "",
       f"{results['algorithm']} on {results['dataset']} ({_partition_words(cfg)}, "

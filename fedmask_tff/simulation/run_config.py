@@ -69,7 +69,14 @@ class RunConfig:
   mask_mode: str = "ste"
   score_init: float = 0.05
   score_init_noise: float = 0.0  # fedmask: uniform noise in [-a, a] around score_init
-  upload: str = "score_sign"  # fedmask: what the 1 bit per element says (see FedMaskConfig)
+  upload: str = "sampled"  # fedmask: "sampled" (masks as probabilities) or a score-threshold upload
+  optimizer: str = "adam"  # sampled masks: "adam" or "sgd" on the scores
+  training_forward: str = "sampled"  # sampled masks: "sampled" or "threshold" (the ablation)
+  score_init_mean: float = 0.0  # sampled masks: scores start N(mean, std^2)
+  score_init_std: float = 1.0
+  head_start: str = "own"  # sampled fedmask: the pruned head starts from "own" scores or "theta"
+  evidence_decay: float = 0.0  # sampled masks: share of earlier rounds' evidence the server keeps
+  evidence_reset_every: int = 0  # sampled masks: > 0 resets the server's evidence every K rounds
   server_score_step: float = 0.03  # fedmask, upload=score_sign: the server's step on its scores
   personal_head: bool = True  # fedmask, upload=score_sign: pruned layers keep the client's scores
   global_weight: float = 0.5  # fedmask, upload=score_sign: start from w*G + (1-w)*own scores
@@ -198,8 +205,9 @@ def _check_fedmask(c: RunConfig) -> None:
         f"--prune_last_layers must be >= 0, got {c.prune_last_layers}")
   _need(c.mask_mode in ("ste", "soft"), f"--mask_mode must be 'ste' or 'soft', got {c.mask_mode!r}")
   _need(math.isfinite(c.score_init), f"--score_init must be finite, got {c.score_init}")
-  _need(c.upload in ("mask", "bernoulli", "score_sign"),
-        f"--upload must be 'mask', 'bernoulli' or 'score_sign', got {c.upload!r}")
+  _need(c.upload in ("sampled", "mask", "bernoulli", "score_sign"),
+        f"--upload must be 'sampled', 'mask', 'bernoulli' or 'score_sign', got {c.upload!r}")
+  _check_sampled(c)
   _need(_positive(c.server_score_step),
         f"--server_score_step must be a finite number > 0, got {c.server_score_step}")
   _need(not (c.global_mask and c.upload == "score_sign"),
@@ -215,6 +223,33 @@ def _check_fedmask(c: RunConfig) -> None:
         f"--restart_scale must be a finite number > 0, got {c.restart_scale}")
 
 
+def _check_sampled(c: RunConfig) -> None:
+  """The sampled-mask recipe's flags (fedpm, and fedmask / local_masks with --upload=sampled)."""
+  _need(c.optimizer in ("adam", "sgd"), f"--optimizer must be 'adam' or 'sgd', got {c.optimizer!r}")
+  _need(c.training_forward in ("sampled", "threshold"),
+        f"--training_forward must be 'sampled' or 'threshold', got {c.training_forward!r}")
+  _need(math.isfinite(c.score_init_mean), f"--score_init_mean must be finite, got {c.score_init_mean}")
+  _need(math.isfinite(c.score_init_std) and c.score_init_std >= 0,
+        f"--score_init_std must be a finite number >= 0, got {c.score_init_std}")
+  _need(c.head_start in ("own", "theta"), f"--head_start must be 'own' or 'theta', got {c.head_start!r}")
+  _need(0.0 <= c.evidence_decay <= 1.0, f"--evidence_decay must be in [0, 1], got {c.evidence_decay}")
+  _need(c.evidence_reset_every >= 0, f"--evidence_reset_every must be >= 0, got {c.evidence_reset_every}")
+  sampled = c.algorithm == "fedpm" or (c.algorithm in ("fedmask", "local_masks") and c.upload == "sampled")
+  if sampled:
+    _need(c.downlink_bits in (0, 1, 2, 4, 8, 32),
+          f"--downlink_bits with sampled masks is theta's bits per element: 1, 2, 4, 8 or 32 "
+          f"(0: the algorithm's default, fedmask 2, fedpm 32), got {c.downlink_bits}")
+    unsupported = [name for name, on in (("secure_aggregation", c.secure_aggregation),
+                                         ("uplink_coding", c.uplink_coding != "none"),
+                                         ("downlink_stochastic", c.downlink_stochastic),
+                                         ("ldp_epsilon", c.ldp_epsilon is not None),
+                                         ("global_mask", c.global_mask),
+                                         ("prune_at_init", c.prune_at_init),
+                                         ("group_lasso", c.group_lasso > 0)) if on]
+    _need(not unsupported, f"--{', --'.join(unsupported)} apply to the score-threshold uploads "
+          "(--upload=score_sign, mask or bernoulli), not to sampled masks (--upload=sampled, fedpm)")
+
+
 def _check_fedmask_communication(c: RunConfig) -> None:
   from fedmask_tff.wire.coding import check_uplink_coding
   _need(not c.secure_aggregation or c.algorithm == "fedmask",
@@ -223,9 +258,9 @@ def _check_fedmask_communication(c: RunConfig) -> None:
                                         ("downlink_bits", c.downlink_bits != 0),
                                         ("downlink_stochastic", c.downlink_stochastic),
                                         ("ldp_epsilon", c.ldp_epsilon is not None)) if on]
-  _need(not fedmask_only or c.algorithm == "fedmask",
+  _need(not fedmask_only or c.algorithm in ("fedmask", "fedpm"),
         f"--{', --'.join(fedmask_only)} apply to --algorithm=fedmask only")
-  _need(0 <= c.downlink_bits <= 16,
+  _need(0 <= c.downlink_bits <= 16 or c.upload == "sampled" or c.algorithm == "fedpm",
         f"--downlink_bits must be 0 (float32), 1 (the vote's decision) or in [2, 16], got {c.downlink_bits}")
   _need(not c.downlink_stochastic or c.downlink_bits >= 2,
         "--downlink_stochastic needs --downlink_bits >= 2")
@@ -300,7 +335,11 @@ RESUME_FREE = ("overwrite", "progress", "max_concurrent_clients", "output_dir", 
 # FedMask's own settings: they change nothing for the other algorithms.
 FEDMASK_SETTINGS = ("score_restart", "restart_scale", "score_init_noise", "upload",
                     "server_score_step", "personal_head", "global_weight", "global_mask",
-                    "prune_at_init")
+                    "prune_at_init", "optimizer", "training_forward", "score_init_mean", "score_init_std",
+                    "head_start", "evidence_decay", "evidence_reset_every")
+# The sampled-mask recipe's own settings (and those of the score-threshold uploads).
+SAMPLED_SETTINGS = ("optimizer", "training_forward", "score_init_mean", "score_init_std", "head_start",
+                    "evidence_decay", "evidence_reset_every")
 
 
 # FedMask's communication and privacy options (validate() refuses them for other algorithms).
@@ -319,13 +358,22 @@ def unused_fedmask_settings(config: RunConfig) -> set[str]:
   """FedMask settings that cannot change ``config``'s results (other algorithms; the vote rule
   under ``score_sign``; the server-score settings under the mask uploads; all but the initial
   scores for ``local_masks``)."""
+  everything = set(FEDMASK_SETTINGS + FEDMASK_COMMUNICATION)
+  threshold_only = everything - set(SAMPLED_SETTINGS) - {"upload", "downlink_bits", "personal_head"}
+  if config.algorithm == "fedpm":
+    return threshold_only | {"personal_head", "head_start", "upload"}
+  if config.algorithm in ("fedmask", "local_masks") and config.upload == "sampled":
+    if config.algorithm == "local_masks":
+      return threshold_only | {"head_start", "evidence_decay", "evidence_reset_every",
+                               "downlink_bits", "personal_head"}
+    return threshold_only
   if config.algorithm == "local_masks":  # no aggregation: only the initial scores and pruning
-    return set(FEDMASK_SETTINGS + FEDMASK_COMMUNICATION) - {"score_init_noise", "prune_at_init"}
+    return (everything - {"score_init_noise", "prune_at_init", "upload"}) | set(SAMPLED_SETTINGS)
   if config.algorithm != "fedmask":
-    return set(FEDMASK_SETTINGS + FEDMASK_COMMUNICATION)
+    return everything
   if config.upload == "score_sign":
-    return {"score_restart", "restart_scale", "global_mask"}
-  return {"server_score_step", "personal_head", "global_weight"}
+    return {"score_restart", "restart_scale", "global_mask"} | set(SAMPLED_SETTINGS)
+  return {"server_score_step", "personal_head", "global_weight"} | set(SAMPLED_SETTINGS)
 
 
 def differing_settings(stored: dict, config: RunConfig) -> list[str]:

@@ -320,7 +320,7 @@ class _Run:
     self.model_name = models.model_for(config.dataset, config.model)
     self.prune_last = models.prune_last_layers(self.model_name, config.prune_last_layers)
     self.learning_rate = (config.learning_rate if config.learning_rate is not None
-                          else algorithms.default_learning_rate(config.algorithm))
+                          else algorithms.default_learning_rate(config.algorithm, config.upload))
     context = _build_context(config, split, self.model_name, self.learning_rate)
     try:
       self.algorithm = algorithms.build_algorithm(

@@ -31,7 +31,7 @@ def finished_run(data_dir, tmp_path_factory):
   proc, workers_before = run_cli([
       f"--data_dir={data_dir}", f"--output_dir={out}", "--model=mlp", "--model_width=0.25",
       "--num_clients=6", "--clients_per_round=3", "--rounds=3", "--local_epochs=2",
-      "--batch_size=16", "--learning_rate=30", "--progress=false", "--eval_every=2"])
+      "--batch_size=16", "--progress=false", "--eval_every=2"])
   return proc, out, workers_before
 
 
@@ -89,20 +89,21 @@ def test_bits_match_the_payload_layout(finished_run):
   mask_bits = sum(8 * ((int(np.prod(m["shape"])) + 7) // 8) for m in masks)
   keep_bits = sum(8 * ((int(np.prod(m["shape"])) + 7) // 8) for m in masks if m["prunable"])
   seen = set()
-  # Downlink (the default --upload=score_sign): one float32 of the server's scores per element
-  # the client keeps when it starts: every element at its first round (before it prunes), then
-  # the kept ones (prunable layers keep prune_rate of theirs).
-  total = sum(int(np.prod(m["shape"])) for m in masks)
-  kept = sum(int(np.prod(m["shape"])) if not m["prunable"]
-             else max(1, round(0.2 * int(np.prod(m["shape"])))) for m in masks)
-  assert r["config"]["upload"] == "score_sign"
+  # The default (--upload=sampled): 1 bit up per element of every unpruned weight and per kept
+  # element of a pruned one (prune_rate of it), each weight packed to whole bytes, plus the packed
+  # pruning masks in the round the client prunes (its first); down, theta in 2 bits per element
+  # of every unpruned weight (the pruned head starts from the client's own scores).
+  assert r["config"]["upload"] == "sampled"
+  sizes = [(int(np.prod(m["shape"])), m["prunable"]) for m in masks]
+  up = sum(8 * (((max(1, round(0.2 * n)) if p else n) + 7) // 8) for n, p in sizes)
+  down = sum(8 * ((2 * n + 7) // 8) for n, p in sizes if not p)
   for row in r["rounds"]:
     for cid, bits in row["uplink_bits_by_client"].items():
       first = cid not in seen
-      expected = mask_bits + (keep_bits if first else 0)  # pruning masks: first round only
-      assert bits == expected, (row["round"], cid)
-      assert row["downlink_bits_by_client"][cid] == 32 * (total if first else kept), (row["round"], cid)
+      assert bits == up + (keep_bits if first else 0), (row["round"], cid)  # pruning masks once
+      assert row["downlink_bits_by_client"][cid] == down, (row["round"], cid)
       seen.add(cid)
+  del mask_bits
 
 
 def test_metrics_csv_has_a_row_per_round(finished_run):
@@ -193,8 +194,9 @@ def test_local_masks_and_validation_split_end_to_end(data_dir, tmp_path):
     r = json.load(f)
   assert r["algorithm"] == "local_masks" and r["final"]["evaluated_on"] == "validation"
   assert all(row["uplink_bits"] == 0 and row["downlink_bits"] == 0 for row in r["rounds"])
-  # Nothing is aggregated: the client work is the mask upload's (no server scores to start from).
-  assert r["config"]["algorithm_settings"]["upload"] == "mask"
+  # Nothing is aggregated: every weight is the client's own (the sampled recipe's client work).
+  assert r["config"]["algorithm_settings"]["recipe"] == "sampled"
+  assert all(m["personal"] for m in r["config"]["algorithm_settings"]["masks"])
   assert "accuracy_after_aggregation" not in r["final"]
   assert "personalized validation accuracy" in proc.stdout
   with open(os.path.join(out, "partition.json")) as f:

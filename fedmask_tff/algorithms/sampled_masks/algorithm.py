@@ -50,10 +50,11 @@ class SampledMaskAlgorithm(FederatedAlgorithm):
     from fedmask_tff.masks import layers as masked_layers_lib
     from fedmask_tff.models import costs
     builder = models.masked_builder(context.model)
+    mask_mode = "sampled" if config.forward == "sampled" else "ste"
 
     def model_fn():
       return builder(input_shape=context.input_shape, num_classes=context.num_classes,
-                     width=context.model_width, seed=context.seed, mask_mode="sampled",
+                     width=context.model_width, seed=context.seed, mask_mode=mask_mode,
                      score_init=0.0)
 
     probe = model_fn()
@@ -67,7 +68,7 @@ class SampledMaskAlgorithm(FederatedAlgorithm):
     self.process = _Process(comps)
     self.model_parameters = sum(spec.size for spec in self.plan)
     self.settings = dict(dataclasses.asdict(self.config), recipe="sampled",
-                         mask_mode_used="sampled", masked_parameters=self.model_parameters,
+                         mask_mode_used=mask_mode, masked_parameters=self.model_parameters,
                          pruned_parameters=sum(s.size for s in self.plan if s.prunable),
                          personal_parameters=sum(s.size for s in self.plan if s.personal),
                          masks=[{"name": s.name, "shape": list(s.shape), "prunable": s.prunable,

@@ -10,6 +10,7 @@ from typing import NamedTuple
 from fedmask_tff.masks import probability, pruning
 
 OPTIMIZERS = ("adam", "sgd")
+FORWARDS = ("sampled", "threshold")
 HEAD_STARTS = ("own", "theta")
 
 
@@ -32,6 +33,8 @@ class SampledMaskConfig:
     local_epochs: epochs of local training per round (plus the pruning epoch at a client's
       first round when the model is pruned).
     learning_rate: the optimizer's step on the scores (Adam: 0.1, FedPM's).
+    forward: the training forward pass: ``"sampled"`` (a fresh Bernoulli(sigmoid(m_r)) sample)
+      or ``"threshold"`` (the binary mask with sigmoid' backward, the ablation).
     optimizer: ``"adam"`` (TFF's ``build_adam``, its state started afresh every round) or
       ``"sgd"`` (``build_sgdm`` without momentum).
     score_init_mean, score_init_std: the scores' start, N(mean, std^2) (FedPM: N(0, 1)); the same
@@ -55,6 +58,7 @@ class SampledMaskConfig:
   local_epochs: int = 2
   learning_rate: float = 0.1
   optimizer: str = "adam"
+  forward: str = "sampled"
   score_init_mean: float = 0.0
   score_init_std: float = 1.0
   prune_rate: float = 0.2
@@ -74,6 +78,8 @@ class SampledMaskConfig:
       raise ValueError(f"local_epochs must be >= 1, got {self.local_epochs}")
     if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
       raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
+    if self.forward not in FORWARDS:
+      raise ValueError(f"forward must be one of {FORWARDS}, got {self.forward!r}")
     if self.optimizer not in OPTIMIZERS:
       raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
     if not (math.isfinite(self.score_init_mean) and math.isfinite(self.score_init_std)
