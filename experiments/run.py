@@ -119,6 +119,9 @@ flags.DEFINE_float("score_init_std", _D.score_init_std, "Sampled masks: see --sc
 flags.DEFINE_enum("head_start", _D.head_start, ["own", "theta"], "fedmask, --upload=sampled: the "
                   "pruned head starts each round from the device's own scores (default) or from the "
                   "server's theta at its kept positions (Algorithm 1, line 13 read literally).")
+flags.DEFINE_integer("personal_layers", _D.personal_layers, "fedmask, --upload=sampled: how many "
+                     "of the pruned (last) layers keep the device's own scores between rounds (-1: "
+                     "all); the other pruned layers start from theta at the device's kept positions.")
 flags.DEFINE_float("evidence_decay", _D.evidence_decay, "Sampled masks: share of earlier rounds' "
                    "evidence the server's Beta belief keeps (0: reset every round, FedPM's).")
 flags.DEFINE_integer("evidence_reset_every", _D.evidence_reset_every, "Sampled masks: reset the "

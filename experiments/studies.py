@@ -105,30 +105,34 @@ PAPER_STUDY = {"communication": dict(eval_every=5), "computation": {}, "devices"
 
 # The fedmask_ablation study: FedMask's parts one at a time on one partition, beside the simple
 # things (how the defaults were chosen). Each variant is (run name, RunConfig changes); FedMask's own settings not
-# named take the run's values (the defaults: upload=score_sign, global_weight=0.5,
-# personal_head).
+# named take the run's values (the defaults: upload=sampled, Adam 0.1, N(0, 1) scores, theta
+# down in 2 bits, the pruned head the device's own, evidence reset every round).
 ABLATION_VARIANTS = (
     ("standalone", dict(algorithm="standalone")),
     ("fedavg", dict(algorithm="fedavg")),
     ("local_masks", dict(algorithm="local_masks")),
+    ("fedpm", dict(algorithm="fedpm")),
+    ("sampled_threshold_forward", dict(algorithm="fedmask", training_forward="threshold")),
+    ("sampled_allones_init", dict(algorithm="fedmask", score_init_mean=0.05, score_init_std=0.0)),
+    ("sampled_sgd", dict(algorithm="fedmask", optimizer="sgd", learning_rate=30.0)),
+    ("sampled_shared_head", dict(algorithm="fedmask", personal_head=False)),
+    ("sampled_head_from_theta", dict(algorithm="fedmask", head_start="theta")),
+    ("sampled_evidence_kept", dict(algorithm="fedmask", evidence_decay=0.5)),
+    ("sampled_1bit_down", dict(algorithm="fedmask", downlink_bits=1)),
+    ("sampled_8bit_down", dict(algorithm="fedmask", downlink_bits=8)),
+    ("sampled_float_down", dict(algorithm="fedmask", downlink_bits=32)),
+    ("score_sign_previous_default", dict(algorithm="fedmask", upload="score_sign")),
+    ("local_masks_threshold_recipe", dict(algorithm="local_masks", upload="mask")),
     ("mask_scaled_logit", dict(algorithm="fedmask", upload="mask", score_restart="scaled_logit")),
     ("paper_algorithm1", dict(algorithm="fedmask", upload="mask", score_restart="scaled_logit",
                               global_mask=True, prune_at_init=True)),
-    ("mask_scaled_logit_random_start", dict(algorithm="fedmask", upload="mask",
-                                            score_restart="scaled_logit", score_init_noise=0.05)),
     ("mask_disagree_shift", dict(algorithm="fedmask", upload="mask", score_restart="disagree_shift")),
-    ("mask_vote_shift", dict(algorithm="fedmask", upload="mask", score_restart="vote_shift")),
     ("mask_disagree_shift_1bit_down", dict(algorithm="fedmask", upload="mask",
                                            score_restart="disagree_shift", downlink_bits=1)),
-    ("mask_disagree_shift_8bit_down", dict(algorithm="fedmask", upload="mask",
-                                           score_restart="disagree_shift", downlink_bits=8)),
     ("bernoulli_fedpm", dict(algorithm="fedmask", upload="bernoulli", score_restart="scaled_logit",
                              restart_scale=1.0)),
-    ("score_sign_w1", dict(algorithm="fedmask", upload="score_sign", global_weight=1.0,
-                           personal_head=False)),
     ("score_sign_shared_head", dict(algorithm="fedmask", upload="score_sign",
                                     personal_head=False)),
-    ("fedmask_default_8bit_down", dict(algorithm="fedmask", downlink_bits=8)),
     ("fedmask_default", dict(algorithm="fedmask")),
 )
 PAPER_SWEEPS = {"devices": [20, 40, 80], "epochs": [1, 2, 5]}

@@ -42,6 +42,7 @@ def run_record(name: str, swept: dict, results: dict) -> dict:
       "model_parameters": cfg.get("model_parameters"), "learning_rate": cfg.get("learning_rate_used"),
       "accuracy": final["accuracy"], "accuracy_client_mean": final["accuracy_client_mean"],
       "accuracy_after_aggregation": final.get("accuracy_after_aggregation"),
+      **client_spread(final),
       "evaluated_clients": final["evaluated_clients"], "rounds": totals["rounds"],
       "uplink_bits_per_client_round": totals["uplink_bits_per_client_round"],
       "downlink_bits_per_client_round": totals["downlink_bits_per_client_round"],
@@ -50,6 +51,15 @@ def run_record(name: str, swept: dict, results: dict) -> dict:
       "cumulative_train_flops_per_client": cum_flops, "wall_s": totals["wall_s"],
       "series": series,
   }
+
+
+def client_spread(final: dict) -> dict:
+  """The per-client minimum and 10th percentile of a run's final personalized accuracies."""
+  import numpy as np
+  values = sorted(final.get("accuracy_per_client", {}).values())
+  if not values:
+    return {"client_min": None, "client_p10": None}
+  return {"client_min": values[0], "client_p10": float(np.percentile(values, 10))}
 
 
 SERIES_COLUMNS = ("run", "algorithm", "clients_per_round", "local_epochs", "round",
@@ -86,41 +96,52 @@ def _ratio(value, base):
 def training_table(study: str, records: list[dict], header: str) -> str:
   base = {r["algorithm"]: r for r in records}.get("fedavg")
   if study == "fedmask_ablation":
-    lines = ["| variant | algorithm | accuracy | client mean | before local training "
+    lines = ["| variant | algorithm | accuracy | client mean | client min | client 10th pct "
+             "| before local training "
              "| up bits/client/round | down bits/client/round | cumulative MB/client |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
       lines.append(f"| {r['run']} | {r['algorithm']} | {r['accuracy']:.4f} "
-                   f"| {r['accuracy_client_mean']:.4f} | {_fmt(r.get('accuracy_after_aggregation'), '.4f')} "
+                   f"| {r['accuracy_client_mean']:.4f} | {_fmt(r.get('client_min'), '.3f')} "
+                   f"| {_fmt(r.get('client_p10'), '.3f')} "
+                   f"| {_fmt(r.get('accuracy_after_aggregation'), '.4f')} "
                    f"| {r['uplink_bits_per_client_round']:,.0f} | {r['downlink_bits_per_client_round']:,.0f} "
                    f"| {r['cumulative_mb_per_client']:.4g} |")
   elif study == "communication":
-    lines = ["| algorithm | accuracy | cumulative MB/client (up+down) | up bits/client/round "
-             "| down bits/client/round | cumulative ÷ FedAvg |", "|---|---|---|---|---|---|"]
+    lines = ["| algorithm | accuracy | client min | client 10th pct | cumulative MB/client (up+down) "
+             "| up bits/client/round "
+             "| down bits/client/round | cumulative ÷ FedAvg |", "|---|---|---|---|---|---|---|---|"]
     for r in records:
-      lines.append(f"| {r['algorithm']} | {r['accuracy']:.4f} | {r['cumulative_mb_per_client']:.4g} "
+      lines.append(f"| {r['algorithm']} | {r['accuracy']:.4f} | {_fmt(r.get('client_min'), '.3f')} "
+                   f"| {_fmt(r.get('client_p10'), '.3f')} | {r['cumulative_mb_per_client']:.4g} "
                    f"| {r['uplink_bits_per_client_round']:,.0f} | {r['downlink_bits_per_client_round']:,.0f} "
                    f"| {_fmt(_ratio(r['cumulative_bits_per_client'], base and base['cumulative_bits_per_client']), '.4f')} |")
   elif study == "computation":
-    lines = ["| algorithm | accuracy | train FLOPs/client/round | cumulative train FLOPs/client "
-             "| FLOPs ÷ FedAvg |", "|---|---|---|---|---|"]
+    lines = ["| algorithm | accuracy | client min | client 10th pct | train FLOPs/client/round "
+             "| cumulative train FLOPs/client "
+             "| FLOPs ÷ FedAvg |", "|---|---|---|---|---|---|---|"]
     for r in records:
-      lines.append(f"| {r['algorithm']} | {r['accuracy']:.4f} | {r['train_flops_per_client_round']:.4g} "
+      lines.append(f"| {r['algorithm']} | {r['accuracy']:.4f} | {_fmt(r.get('client_min'), '.3f')} "
+                   f"| {_fmt(r.get('client_p10'), '.3f')} | {r['train_flops_per_client_round']:.4g} "
                    f"| {r['cumulative_train_flops_per_client']:.4g} "
                    f"| {_fmt(_ratio(r['train_flops_per_client_round'], base and base['train_flops_per_client_round']), '.3f')} |")
   elif study == "devices":
-    lines = ["| algorithm | devices per round | accuracy | client mean | evaluated clients "
-             "| up bits/client/round | down bits/client/round |", "|---|---|---|---|---|---|---|"]
+    lines = ["| algorithm | devices per round | accuracy | client mean | client min | client 10th pct "
+             "| evaluated clients "
+             "| up bits/client/round | down bits/client/round |", "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
       lines.append(f"| {r['algorithm']} | {r['clients_per_round']} | {r['accuracy']:.4f} "
-                   f"| {r['accuracy_client_mean']:.4f} | {r['evaluated_clients']} "
+                   f"| {r['accuracy_client_mean']:.4f} | {_fmt(r.get('client_min'), '.3f')} "
+                   f"| {_fmt(r.get('client_p10'), '.3f')} | {r['evaluated_clients']} "
                    f"| {r['uplink_bits_per_client_round']:,.0f} | {r['downlink_bits_per_client_round']:,.0f} |")
   else:  # epochs
-    lines = ["| algorithm | local epochs | accuracy | train FLOPs/client/round "
+    lines = ["| algorithm | local epochs | accuracy | client min | client 10th pct "
+             "| train FLOPs/client/round "
              "| cumulative train FLOPs/client | up bits/client/round | wall s |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
       lines.append(f"| {r['algorithm']} | {r['local_epochs']} | {r['accuracy']:.4f} "
+                   f"| {_fmt(r.get('client_min'), '.3f')} | {_fmt(r.get('client_p10'), '.3f')} "
                    f"| {r['train_flops_per_client_round']:.4g} | {r['cumulative_train_flops_per_client']:.4g} "
                    f"| {r['uplink_bits_per_client_round']:,.0f} | {r['wall_s']:.1f} |")
   return header + "\n\n" + "\n".join(lines) + "\n"

@@ -121,7 +121,8 @@ def load_run(run_dir: str) -> RunInfo:
         model=str(model), width=float(cfg["model_width"]), seed=int(cfg["seed"]),
         input_shape=INPUT_SHAPES[dataset],
         num_classes=int((cfg.get("data") or {}).get("num_classes", 10)),
-        mask_mode=str(cfg.get("mask_mode_used", cfg.get("mask_mode", "ste"))),
+        # Sampled masks threshold at inference like the STE mode: the phone's model is binary.
+        mask_mode=str(cfg.get("mask_mode_used", cfg.get("mask_mode", "ste"))).replace("sampled", "ste"),
         score_init=float(cfg.get("score_init", 0.05)),
         kernel_init=str(cfg.get("kernel_init", "signed_constant")))
     shapes = [tuple(int(d) for d in m["shape"]) for m in masks]
@@ -140,9 +141,24 @@ def client_ids(info: RunInfo) -> list[str]:
   return ids
 
 
+def _sampled_state_store(info: RunInfo):
+  """The store of a sampled-mask run (``--upload=sampled``): each state is
+  ``OrderedDict(scores, keep (packed uint8), pruned)`` (:mod:`fedmask_tff.algorithms.sampled_masks`)."""
+  import collections
+  from fedmask_tff.wire.client_state import ArrayStateStore
+  template = collections.OrderedDict(
+      scores=tuple(np.zeros(s, np.float32) for s in info.shapes),
+      keep=tuple(np.zeros((int(np.prod(s)) + 7) // 8, np.uint8) for s in info.shapes),
+      pruned=np.int32(0))
+  return ArrayStateStore(info.states_dir, lambda: template)
+
+
 def load_client_masks(info: RunInfo, client_id: str) -> list[np.ndarray]:
-  """The client's binary masks (float32 0/1, ``mask_specs`` order) from its stored state."""
-  store = ClientStateStore(info.states_dir, info.shapes, lambda: None)
+  """The client's binary masks (float32 0/1, ``mask_specs`` order) from its stored state: the
+  stored ``personal`` masks, or for sampled masks ``1[sigmoid(m_r) >= 0.5] * keep``."""
+  sampled = (info.config.get("algorithm_settings") or {}).get("recipe") == "sampled"
+  store = (_sampled_state_store(info) if sampled
+           else ClientStateStore(info.states_dir, info.shapes, lambda: None))
   try:
     path = store.path(client_id)
   except ValueError as e:
@@ -155,6 +171,10 @@ def load_client_masks(info: RunInfo, client_id: str) -> list[np.ndarray]:
     state = store.get(client_id)
   except ClientStateError as e:
     raise ArtifactError(str(e)) from e
+  if sampled:
+    from fedmask_tff.wire import bitpack
+    return [(np.asarray(s) >= 0).astype(np.float32) * bitpack.unpack_bits_np(k, shape)
+            for s, k, shape in zip(state["scores"], state["keep"], info.shapes)]
   return [np.asarray(m, np.float32) for m in state["personal"]]
 
 

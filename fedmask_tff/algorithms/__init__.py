@@ -51,7 +51,8 @@ def _build_sampled(name: str, context, config):
       optimizer=config.optimizer, forward=config.training_forward, score_init_mean=config.score_init_mean,
       score_init_std=config.score_init_std, prune_rate=config.prune_rate,
       prune_last_layers=models.prune_last_layers(context.model, config.prune_last_layers),
-      personal_head=config.personal_head, head_start=config.head_start,
+      personal_head=config.personal_head, personal_layers=config.personal_layers,
+      head_start=config.head_start,
       downlink_bits=config.downlink_bits or default_bits, evidence_decay=config.evidence_decay,
       reset_every=config.evidence_reset_every, seed=config.seed)
   cls = {"fedpm": sampled.FedPM, "fedmask": sampled.SampledFedMask,

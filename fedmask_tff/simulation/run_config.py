@@ -75,6 +75,7 @@ class RunConfig:
   score_init_mean: float = 0.0  # sampled masks: scores start N(mean, std^2)
   score_init_std: float = 1.0
   head_start: str = "own"  # sampled fedmask: the pruned head starts from "own" scores or "theta"
+  personal_layers: int = -1  # sampled fedmask: how many pruned layers stay personal (-1: all)
   evidence_decay: float = 0.0  # sampled masks: share of earlier rounds' evidence the server keeps
   evidence_reset_every: int = 0  # sampled masks: > 0 resets the server's evidence every K rounds
   server_score_step: float = 0.03  # fedmask, upload=score_sign: the server's step on its scores
@@ -231,6 +232,7 @@ def _check_sampled(c: RunConfig) -> None:
   _need(math.isfinite(c.score_init_mean), f"--score_init_mean must be finite, got {c.score_init_mean}")
   _need(math.isfinite(c.score_init_std) and c.score_init_std >= 0,
         f"--score_init_std must be a finite number >= 0, got {c.score_init_std}")
+  _need(c.personal_layers >= -1, f"--personal_layers must be >= -1, got {c.personal_layers}")
   _need(c.head_start in ("own", "theta"), f"--head_start must be 'own' or 'theta', got {c.head_start!r}")
   _need(0.0 <= c.evidence_decay <= 1.0, f"--evidence_decay must be in [0, 1], got {c.evidence_decay}")
   _need(c.evidence_reset_every >= 0, f"--evidence_reset_every must be >= 0, got {c.evidence_reset_every}")
@@ -336,9 +338,10 @@ RESUME_FREE = ("overwrite", "progress", "max_concurrent_clients", "output_dir", 
 FEDMASK_SETTINGS = ("score_restart", "restart_scale", "score_init_noise", "upload",
                     "server_score_step", "personal_head", "global_weight", "global_mask",
                     "prune_at_init", "optimizer", "training_forward", "score_init_mean", "score_init_std",
-                    "head_start", "evidence_decay", "evidence_reset_every")
+                    "head_start", "personal_layers", "evidence_decay", "evidence_reset_every")
 # The sampled-mask recipe's own settings (and those of the score-threshold uploads).
-SAMPLED_SETTINGS = ("optimizer", "training_forward", "score_init_mean", "score_init_std", "head_start",
+SAMPLED_SETTINGS = ("optimizer", "training_forward", "score_init_mean", "score_init_std",
+                    "personal_layers", "head_start",
                     "evidence_decay", "evidence_reset_every")
 
 
@@ -361,10 +364,10 @@ def unused_fedmask_settings(config: RunConfig) -> set[str]:
   everything = set(FEDMASK_SETTINGS + FEDMASK_COMMUNICATION)
   threshold_only = everything - set(SAMPLED_SETTINGS) - {"upload", "downlink_bits", "personal_head"}
   if config.algorithm == "fedpm":
-    return threshold_only | {"personal_head", "head_start", "upload"}
+    return threshold_only | {"personal_head", "personal_layers", "head_start", "upload"}
   if config.algorithm in ("fedmask", "local_masks") and config.upload == "sampled":
     if config.algorithm == "local_masks":
-      return threshold_only | {"head_start", "evidence_decay", "evidence_reset_every",
+      return threshold_only | {"head_start", "personal_layers", "evidence_decay", "evidence_reset_every",
                                "downlink_bits", "personal_head"}
     return threshold_only
   if config.algorithm == "local_masks":  # no aggregation: only the initial scores and pruning

@@ -169,12 +169,20 @@ def test_fedmask_ablation_plans_every_variant_on_one_partition(tmp_path):
   proc = _studies(["--study=fedmask_ablation", "--dry_run", f"--output_dir={tmp_path}/abl"])
   assert proc.returncode == 0, proc.stderr[-3000:]
   text = proc.stdout
-  assert "15 runs" in text
+  assert "22 runs" in text
   for name, wanted in (("local_masks", '"algorithm": "local_masks"'),
+                       ("fedpm", '"algorithm": "fedpm"'),
+                       ("sampled_threshold_forward", '"training_forward": "threshold"'),
+                       ("sampled_allones_init", '"score_init_std": 0.0'),
+                       ("sampled_sgd", '"optimizer": "sgd"'),
+                       ("sampled_head_from_theta", '"head_start": "theta"'),
+                       ("sampled_evidence_kept", '"evidence_decay": 0.5'),
+                       ("sampled_float_down", '"downlink_bits": 32'),
+                       ("score_sign_previous_default", '"upload": "score_sign"'),
                        ("mask_scaled_logit", '"upload": "mask"'),
                        ("paper_algorithm1", '"global_mask": true, "prune_at_init": true'),
                        ("mask_disagree_shift_1bit_down", '"downlink_bits": 1'),
-                       ("fedmask_default_8bit_down", '"downlink_bits": 8'),
+                       ("sampled_8bit_down", '"downlink_bits": 8'),
                        ("bernoulli_fedpm", '"upload": "bernoulli"'),
                        ("score_sign_shared_head", '"personal_head": false'),
                        ("fedmask_default", '"algorithm": "fedmask"')):

@@ -125,3 +125,16 @@ def test_local_masks_sends_nothing_and_keeps_its_own_scores():
   assert metrics[0]["uplink_bits"] == 0 and metrics[0]["downlink_bits"] == 0
   assert int(server2["round"]) == int(server["round"])  # nothing aggregated
   assert not np.allclose(new[0]["scores"][0], states[0]["scores"][0])
+
+
+def test_weight_plan_personal_layers():
+  from fedmask_tff import models
+  from fedmask_tff.algorithms.sampled_masks import process
+  model = models.masked_builder("mlp")(input_shape=(6,), num_classes=3, width=0.05, seed=0,
+                                       mask_mode="sampled", score_init=0.0)
+  plan = process.weight_plan(model, SampledMaskConfig(prune_last_layers=2, personal_layers=1))
+  assert [(s.prunable, s.personal) for s in plan][-3:] == [(False, False), (True, False), (True, True)]
+  every = process.weight_plan(model, SampledMaskConfig(prune_last_layers=2))
+  assert [(s.prunable, s.personal) for s in every][-2:] == [(True, True), (True, True)]
+  alone = process.weight_plan(model, SampledMaskConfig(prune_last_layers=2), everything_personal=True)
+  assert all(s.personal for s in alone)

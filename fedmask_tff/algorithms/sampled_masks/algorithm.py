@@ -119,7 +119,7 @@ class SampledMaskAlgorithm(FederatedAlgorithm):
       s = probability.start_scores(theta, self.config.eps).astype(np.float32)
       keep = np.asarray(client_state["keep"][i]) if client_state is not None else \
           bitpack.pack_bits_np(np.ones(spec.size, np.uint8))
-      if spec.personal and client_state is not None:
+      if spec.prunable and client_state is not None:
         own = np.asarray(client_state["scores"][i])
         s = np.where(np.asarray(server_state["defined"][i]), s, own).astype(np.float32)
       scores.append(s)

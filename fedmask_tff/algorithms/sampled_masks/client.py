@@ -4,10 +4,10 @@
 
 1. **Start** (:func:`start_scores`): each masked weight's scores from the server's theta
    (``logit(clip(theta))``, theta as received through the ``downlink_bits`` quantizer) where the
-   weight is shared, from the client's own scores where it is personal (FedMask's pruned head,
-   every weight of ``local_masks``). With ``head_start="theta"`` a pruned client's head starts
-   from theta at its kept positions where the server has a value (Algorithm 1, line 13:
-   m^T ⊙ m_k), else from its own scores.
+   weight is shared; a pruned weight that is not personal starts from theta at the client's kept
+   positions where the server has a value (Algorithm 1, line 13: m^T ⊙ m_k), else from the
+   client's own scores; a personal weight (FedMask's last ``personal_layers``, every weight of
+   ``local_masks``) from the client's own scores (with ``head_start="theta"``: as a pruned one).
 2. **One-shot pruning** at the client's first round (when the plan prunes): one epoch of
    training, then ``keep`` = the top ``prune_rate`` of ``|W * sigmoid(m_r)|`` in each pruned
    weight (the expected weight: with N(0, 1) scores ``|m_r|`` alone would rank confidently-off
@@ -78,11 +78,11 @@ def received_theta(plan, config, theta, keep):
       out.append((None, None))
       continue
     values = tf.reshape(t, [-1])
-    if spec.personal:  # the head at the kept positions only
+    if spec.prunable:  # a pruned weight: theta at the kept positions only
       values = tf.boolean_mask(values, tf.reshape(k, [-1]) > 0)
     payload = probability.quantize_theta_tf(values, config.downlink_bits)
     got = probability.dequantize_theta_tf(payload, tf.size(values), config.downlink_bits)
-    if spec.personal:
+    if spec.prunable:
       got = tf.scatter_nd(tf.where(tf.reshape(k, [-1]) > 0), got, [spec.size])
     out.append((tf.reshape(got, spec.shape), payload))
   return out
@@ -94,7 +94,7 @@ def start_scores(plan, config, received, own, keep, defined):
   for spec, (got, _), s, k, d in zip(plan, received, own, keep, defined):
     if got is None:
       starts.append(s)
-    elif spec.personal:  # head_start="theta": m^T at kept positions where the server has one
+    elif spec.prunable:  # m^T at the kept positions where the server has a value (line 13)
       starts.append(tf.where((k > 0) & d, probability.start_scores(got, config.eps), s))
     else:
       starts.append(probability.start_scores(got, config.eps))

@@ -41,8 +41,10 @@ class SampledMaskConfig:
       draw (from ``seed``) for every client and the server's first theta = sigmoid of it.
     prune_rate, prune_last_layers: one-shot pruning (FedMask: 20 % of the last 2 layers'
       elements kept; 0 layers: no pruning, FedPM).
-    personal_head: the pruned layers keep each client's own scores between rounds (its
-      heterogeneous mask); the other layers start every round from the server's theta.
+    personal_head: the last ``personal_layers`` pruned layers keep each client's own scores
+      between rounds (its heterogeneous mask); the other layers start every round from the
+      server's theta (a pruned one at the client's kept positions, where the server has a value).
+    personal_layers: how many of the pruned layers are personal (-1: all of them).
     head_start: ``"own"`` (the head starts from the client's own scores) or ``"theta"``
       (Algorithm 1, line 13 read literally: from theta at its kept positions where at least
       ``min_shared`` clients kept the element once, else its own).
@@ -64,6 +66,7 @@ class SampledMaskConfig:
   prune_rate: float = 0.2
   prune_last_layers: int = 2
   personal_head: bool = True
+  personal_layers: int = -1
   head_start: str = "own"
   downlink_bits: int = 2
   evidence_decay: float = 0.0
@@ -89,6 +92,8 @@ class SampledMaskConfig:
     if not 0 <= int(self.prune_last_layers) <= num_masked_layers:
       raise ValueError(f"prune_last_layers must be in [0, {num_masked_layers}], got "
                        f"{self.prune_last_layers}")
+    if int(self.personal_layers) < -1:
+      raise ValueError(f"personal_layers must be >= -1 (-1: every pruned layer), got {self.personal_layers}")
     if self.head_start not in HEAD_STARTS:
       raise ValueError(f"head_start must be one of {HEAD_STARTS}, got {self.head_start!r}")
     probability.check_downlink_bits(self.downlink_bits)

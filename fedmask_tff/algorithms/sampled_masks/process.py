@@ -33,10 +33,12 @@ def weight_plan(model: tf.keras.Model, config: SampledMaskConfig, everything_per
   """``[WeightPlan]`` of ``model``'s masked weights (``layers.mask_variables`` order)."""
   from fedmask_tff.masks import pruning
   flags = pruning.prunable_flags(model, int(config.prune_last_layers))
+  last = config.prune_last_layers if config.personal_layers < 0 else config.personal_layers
+  personal = pruning.prunable_flags(model, min(int(last), int(config.prune_last_layers)))
   kernels, _, _ = masked_layers_lib.mask_variables(model)
   return [WeightPlan(k.name, tuple(k.shape.as_list()), int(np.prod(k.shape)), bool(p),
-                     everything_personal or (bool(p) and config.personal_head))
-          for k, p in zip(kernels, flags)]
+                     everything_personal or (bool(q) and config.personal_head))
+          for k, p, q in zip(kernels, flags, personal)]
 
 
 def initial_scores(plan, config: SampledMaskConfig) -> tuple:
