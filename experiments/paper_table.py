@@ -1,4 +1,4 @@
-"""The ``paper_table`` study: the paper's set-up on each task runnable here, all eight algorithms,
+"""The ``paper_table`` study: the paper's set-up on each task runnable here, every algorithm,
 and a table beside the paper's Figure 10 and the communication ratios of its §4.4.
 
 ``python -m experiments.studies --study=paper_table --preset=paper`` runs every task of
@@ -48,7 +48,8 @@ PAPER_COMMUNICATION = {
 ROWS = (("fedmask", "FedMask"), ("per_fedavg", "Per-FedAvg"), ("lg_fedavg", "LG-FedAvg"),
         ("fedavg", "FedAvg"), ("topk", "Top-k"), ("standalone", "Standalone (paper's budget)"),
         ("standalone_equal_epochs", "Standalone (FedMask's epochs)"),
-        ("bnn_fedavg", "BNN-FedAvg"), ("local_masks", "local masks (no aggregation)"))
+        ("bnn_fedavg", "BNN-FedAvg"), ("local_masks", "local masks (no aggregation)"),
+        ("fedpm", "FedPM"))
 
 # The paper's set-up (§4.1-4.3): 20 devices a round, 5 local epochs, p_r = 0.2, the paper's
 # models; rounds, batch size and learning rates are not given (ours: 32 and each algorithm's).
