@@ -26,7 +26,9 @@ def data_dir(tmp_path_factory):
 
 
 def _config(data_dir, tmp_path, **overrides):
-  settings = dict(model="mlp", model_width=0.25, num_clients=10, clients_per_round=6, rounds=1,
+  # The score-threshold process, whose states can travel as files (sampled masks' travel in
+  # messages).
+  settings = dict(upload="score_sign", model="mlp", model_width=0.25, num_clients=10, clients_per_round=6, rounds=1,
                   local_epochs=1, data_dir=data_dir, output_dir=str(tmp_path / "run"),
                   progress=False)
   settings.update(overrides)

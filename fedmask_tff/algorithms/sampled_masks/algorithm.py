@@ -72,7 +72,10 @@ class SampledMaskAlgorithm(FederatedAlgorithm):
                          pruned_parameters=sum(s.size for s in self.plan if s.prunable),
                          personal_parameters=sum(s.size for s in self.plan if s.personal),
                          masks=[{"name": s.name, "shape": list(s.shape), "prunable": s.prunable,
-                                 "personal": s.personal} for s in self.plan])
+                                 "personal": s.personal} for s in self.plan],
+                         # States travel in TFF's messages (--client_states=files applies to the
+                         # score-threshold process).
+                         client_states_used="messages" if self.stateful else "none")
 
   def results_settings(self):
     return {k: self.settings[k] for k in ("mask_mode_used", "masked_parameters",
