@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from typing import Any, Optional
 
 import numpy as np
 
-from fedmask_tff.wire.client_state import digest
+from fedmask_tff.wire.client_state import digest, write_file_atomic
 
 FORMAT = "fedmask_tff.simulation.checkpoint/v2"
 
@@ -66,25 +65,18 @@ def save(path: str, round_num: int, server_state, rng_state: dict, participated,
   arrays["sha256"] = np.array(digest(arrays))
   buf = io.BytesIO()
   np.savez(buf, **arrays)
-  tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
-    f.write(buf.getvalue())
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  write_file_atomic(f"{path}.tmp", path, buf.getvalue())
   return len(buf.getvalue())
 
 
-def load(path: str, server_template) -> dict:
-  """Reads a checkpoint; returns ``dict(round, rng_state, participated, round_clients,
-  server_state, encoded_client_states)``. The server state is rebuilt in the structure
-  of ``server_template`` (the algorithm's ``initialize()``), each leaf cast to its dtype."""
-  import tensorflow as tf
+def _read(path: str) -> tuple[dict, dict]:
+  """``(arrays, meta)`` of a checkpoint, after checking its checksum and format."""
   try:
     with np.load(path, allow_pickle=False) as f:
       arrays = {k: f[k] for k in f.files}
   except Exception as e:
-    raise CheckpointError(f"checkpoint {path} is unreadable: {e}") from e
+    raise CheckpointError(f"checkpoint {path} is unreadable ({e}): rerun with --overwrite to "
+                          "start again") from None
   stored = str(arrays.pop("sha256", np.array("")))
   if stored != digest(arrays):
     raise CheckpointError(f"checkpoint {path} fails its checksum (corrupt or edited); "
@@ -96,6 +88,22 @@ def load(path: str, server_template) -> dict:
   if meta.get("format") != FORMAT:
     raise CheckpointError(f"checkpoint {path} is not a {FORMAT} file (written by another version "
                           "of fedmask_tff?); rerun with --overwrite to start again")
+  return arrays, meta
+
+
+def read_meta(path: str) -> dict:
+  """A checkpoint's record without its arrays (checksum checked): ``round``, ``run_id``,
+  ``fingerprint``, ``last_written``, ``round_clients``, ``has_client_states``, ``row``, ... ."""
+  return _read(path)[1]
+
+
+def load(path: str, server_template) -> dict:
+  """Reads a checkpoint; returns ``dict(round, rng_state, participated, round_clients,
+  server_state, encoded_client_states, run_id, fingerprint, last_written, row)``. The server
+  state is rebuilt in the structure of ``server_template`` (the algorithm's ``initialize()``),
+  each leaf cast to its dtype."""
+  import tensorflow as tf
+  arrays, meta = _read(path)
   template = tf.nest.flatten(server_template)
   leaves = []
   for i, ref in enumerate(template):

@@ -16,6 +16,8 @@ import os
 import time
 from typing import Any, Optional
 
+from fedmask_tff.wire.client_state import write_file_atomic
+
 ROUND_FIELDS = ("round", "train_loss", "uplink_bits", "downlink_bits", "uplink_bits_per_client",
                 "downlink_bits_per_client", "train_flops", "train_flops_per_client", "clients",
                 "examples", "pruned_clients", "mask_density", "rejected_uploads", "diverged_clients",
@@ -35,13 +37,10 @@ def _json_safe(value):
 
 
 def write_json_atomic(path: str, payload: Any) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(_json_safe(payload), f, indent=2, sort_keys=False, allow_nan=False)
-    f.write("\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  """Writes ``payload`` as JSON to ``path`` whole or not at all (a failed write leaves the old
+  file and no temporary one)."""
+  text = json.dumps(_json_safe(payload), indent=2, sort_keys=False, allow_nan=False) + "\n"
+  write_file_atomic(f"{path}.tmp", path, text.encode())
 
 
 class RunOutputs:

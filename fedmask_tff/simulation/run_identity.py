@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import secrets
 from typing import Optional
 
@@ -64,10 +65,10 @@ def fingerprint(config: RunConfig, split) -> str:
   return hashlib.sha256((payload + "\n" + partition_digest(split)).encode()).hexdigest()
 
 
-def verify_client_files(store, last_written: dict, pending: set, checkpoint_path: Optional[str],
-                        checkpoint_round: int) -> None:
-  """Checks every client file of ``store`` (whose ``owner`` is the run's id) against the run's
-  record: each file is intact (checksum), its client's, this run's, and written after the round
+def verify_client_files(directory: str, run_id: str, last_written: dict, pending: set,
+                        checkpoint_path: Optional[str], checkpoint_round: int) -> None:
+  """Checks every client file in ``directory`` (the run's ``client_states``) against the run's
+  record (``run_id``, and the checkpoint's): each file is intact (checksum), its client's, this run's, and written after the round
   ``last_written`` records (client id -> round; empty for a fresh run); every client the record
   names has its file; no other client has one. ``pending``: the clients of the checkpoint's own
   round, whose files the resume writes again from the checkpoint (theirs may be of an earlier
@@ -76,12 +77,23 @@ def verify_client_files(store, last_written: dict, pending: set, checkpoint_path
   Raises:
     StateMismatch: naming the file and what does not match.
   """
-  from fedmask_tff.wire.client_state import ClientStateError
-  record = (f"the checkpoint {checkpoint_path} (round {checkpoint_round})" if checkpoint_path
-            else "this run, which has not started yet")
+  from fedmask_tff.wire.client_state import ClientStateError, ClientStateStore
+  if not os.path.isdir(directory):
+    if last_written:
+      raise StateMismatch(f"{directory} is missing, but the checkpoint {checkpoint_path} says "
+                          f"{len(last_written)} clients have a state there: rerun with "
+                          "--overwrite to start again")
+    return
+  store = ClientStateStore(directory, [], lambda: None)  # reads identities only (any store's files)
+  store.owner = run_id
   again = "rerun with --overwrite to start again, or restore the run's own file"
   stored = set(store.client_ids())
   foreign = sorted(stored - set(last_written))
+  if foreign and not checkpoint_path:
+    raise StateMismatch(f"client state file {store.path(foreign[0])} exists, but this run has "
+                        "not started (no results.json): left by another run? Remove "
+                        f"{directory}, or pass --overwrite")
+  record = f"the checkpoint {checkpoint_path} (round {checkpoint_round})"
   if foreign:
     raise StateMismatch(f"client state file {store.path(foreign[0])} is of a client that {record} "
                         f"says has no state (copied from another run?): {again}")

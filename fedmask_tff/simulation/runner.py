@@ -234,6 +234,7 @@ class _Run:
     self.t_start = time.perf_counter()
     self.resuming = not config.overwrite and resume_state(config) == "resume"
     self.partition_path = os.path.join(config.output_dir, "partition.json")
+    self.checkpoint_path = os.path.join(config.output_dir, "checkpoint.npz")
     self.client_files = None  # --client_datasets=workers: {client: (path, examples)}
 
   # --- set-up ------------------------------------------------------------------
@@ -244,6 +245,7 @@ class _Run:
     self._load_data()
     self._identify()
     self._clear_outputs()
+    self._check_saved_state()
     os.makedirs(self.config.output_dir, exist_ok=True)
     if not self.resuming:
       from fedmask_tff.data import partition_file as partition_file_lib
@@ -374,7 +376,6 @@ class _Run:
     """The server state, sampling RNG and records: fresh, or from the checkpoint."""
     from fedmask_tff.simulation.outputs import RunOutputs
     config = self.config
-    self.checkpoint_path = os.path.join(config.output_dir, "checkpoint.npz")
     self.rng = np.random.default_rng(config.seed)
     self.server_state = self.algorithm.initialize()
     self.participated: set[str] = set()
@@ -382,8 +383,6 @@ class _Run:
     self.first_round, previous_rows, initialization = 1, [], None
     if self.resuming:
       previous_rows, initialization = self._resume()
-    elif self.store is not None:
-      self._verify_client_files(None, 0, set())
     self.outputs = RunOutputs(config.output_dir, config.algorithm, config.dataset,
                               self._settings_record(), rounds=previous_rows,
                               started=self.t_start, previous_wall_s=self.previous_wall_s)
@@ -401,12 +400,27 @@ class _Run:
       self.totals["uplink_bits"] += initialization["uplink_bits"]
       self.totals["train_flops"] += initialization["train_flops"]
 
-  def _verify_client_files(self, checkpoint_path, checkpoint_round: int, pending: set) -> None:
-    from fedmask_tff.simulation import run_identity
+  def _check_saved_state(self) -> None:
+    """Before any TFF work: a resumed run's checkpoint is this run's and of the last round of
+    ``results.json`` (or the one after it), and every client file is the one the checkpoint
+    records; a fresh run finds no client file. :class:`ConfigError` names what does not match."""
+    from fedmask_tff.simulation import checkpoint, run_identity
+    results_path = os.path.join(self.config.output_dir, "results.json")
     try:
-      run_identity.verify_client_files(self.store, self.last_written, pending, checkpoint_path,
-                                       checkpoint_round)
-    except run_identity.StateMismatch as e:
+      meta = {"last_written": {}, "round": 0, "round_clients": [], "has_client_states": False}
+      if self.resuming:
+        with open(results_path) as f:
+          rows = json.load(f).get("rounds") or []
+        meta = checkpoint.read_meta(self.checkpoint_path)
+        checkpoint.check_belongs(meta, self.checkpoint_path,
+                                 {"run_id": self.run_id, "fingerprint": self.fingerprint},
+                                 results_path, rows)
+      pending = set(meta["round_clients"]) if meta["has_client_states"] else set()
+      run_identity.verify_client_files(
+          os.path.join(self.config.output_dir, "client_states"), self.run_id,
+          meta["last_written"], pending, self.checkpoint_path if self.resuming else None,
+          meta["round"])
+    except (checkpoint.CheckpointError, run_identity.StateMismatch) as e:
       raise ConfigError(str(e)) from None
 
   def _resume(self):
@@ -430,9 +444,7 @@ class _Run:
     self.rng.bit_generator.state = ckpt["rng_state"]
     self.last_written = {c: int(r) for c, r in ckpt["last_written"].items()}
     encoded = ckpt["encoded_client_states"]
-    if self.store is not None:
-      pending = set(ckpt["round_clients"]) if encoded is not None else set()
-      self._verify_client_files(self.checkpoint_path, ckpt["round"], pending)
+    if self.store is not None:  # Every file was checked by _check_saved_state.
       try:  # Finish the checkpointed round's writes.
         for c, enc in zip(ckpt["round_clients"], encoded or []):
           self.store.identity(enc, c, f"{self.checkpoint_path}[{c}]")

@@ -262,12 +262,25 @@ def _write_npz_atomic(directory: str, client_id: str, path: str, arrays: dict) -
   buf = io.BytesIO()
   np.savez(buf, **arrays)
   tmp = os.path.join(directory, f".{client_id}.npz.tmp")
-  with open(tmp, "wb") as f:
-    f.write(buf.getvalue())
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  write_file_atomic(tmp, path, buf.getvalue())
   return len(buf.getvalue())
+
+
+def write_file_atomic(tmp: str, path: str, data: bytes) -> None:
+  """Writes ``data`` to ``tmp``, ``fsync``s it and renames it to ``path``: ``path`` holds its
+  old bytes or the new ones, never a part. A failed write (a full disk) removes ``tmp``."""
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    try:
+      os.remove(tmp)
+    except OSError:
+      pass
+    raise
 
 
 class ArrayStateStore(ClientStateStore):
