@@ -58,6 +58,13 @@ def write_learnable_fashion_dir(directory, n_train=600, n_test=100, seed=0):
     write_file(os.path.join(directory, f"{prefix}-labels-idx1-ubyte.gz"), idx_bytes(labels), True)
 
 
+def learnable_fashion_dir(tmp_path_factory, name: str) -> str:
+  """A new temporary folder of :func:`write_learnable_fashion_dir`'s files; returns its path."""
+  directory = str(tmp_path_factory.mktemp(name))
+  write_learnable_fashion_dir(directory)
+  return directory
+
+
 def tff_workers():
   out = subprocess.run(["pgrep", "-f", "tensorflow_federated/data/worker_binary"],
                        capture_output=True, text=True).stdout

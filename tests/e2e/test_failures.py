@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import ROOT, run_cli, stderr_tail, write_learnable_fashion_dir
+from helpers import ROOT, run_cli, stderr_tail, learnable_fashion_dir
 
 TINY = ["--model=mlp", "--model_width=0.25", "--num_clients=6", "--clients_per_round=3",
         "--local_epochs=1", "--batch_size=16", "--progress=false"]
@@ -23,9 +23,7 @@ TINY = ["--model=mlp", "--model_width=0.25", "--num_clients=6", "--clients_per_r
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp("fmnist_failures")
-  write_learnable_fashion_dir(str(d))
-  return str(d)
+  return learnable_fashion_dir(tmp_path_factory, "fmnist_failures")
 
 
 def _one_error_line(stderr: str) -> str:

@@ -101,7 +101,7 @@ def test_changed_flags_and_corrupt_checkpoint_are_refused(data_dir, tmp_path):
   assert proc.returncode == 2 and "checksum" in proc.stderr, proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_sigint_and_sigterm_stop_cleanly(data_dir, tmp_path, sig, code):
   from helpers import tff_workers
   out = str(tmp_path / "run")
@@ -119,8 +119,10 @@ def test_sigint_and_sigterm_stop_cleanly(data_dir, tmp_path, sig, code):
   child.send_signal(sig)
   _, err = child.communicate(timeout=120)
   assert child.returncode == code, err[-2000:]
-  if sig == signal.SIGINT:
-    assert "rerun the same command to resume" in err
+  assert "Traceback" not in err and "Fatal Python error" not in err, err[-2000:]
+  stop_lines = [line for line in err.splitlines() if line.startswith("interrupted")]
+  assert len(stop_lines) == 1 and "rerun the same command to resume" in stop_lines[0]
+  assert ("SIGTERM" if sig == signal.SIGTERM else "Ctrl-C") in stop_lines[0]
   time.sleep(0.5)
   assert not set(own) & tff_workers()  # the run's worker did not outlive it
   assert os.path.exists(os.path.join(out, "checkpoint.npz")) and _rounds_done(out) >= 1

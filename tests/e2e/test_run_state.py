@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import ROOT, run_cli, stderr_tail, write_learnable_fashion_dir
+from helpers import ROOT, run_cli, stderr_tail, learnable_fashion_dir
 
 ROUNDS = 5
 
@@ -57,9 +57,7 @@ def _state_hashes(out):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp("fmnist_state")
-  write_learnable_fashion_dir(str(d))
-  return str(d)
+  return learnable_fashion_dir(tmp_path_factory, "fmnist_state")
 
 
 @pytest.fixture(scope="module")
