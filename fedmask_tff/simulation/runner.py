@@ -445,12 +445,14 @@ class _Run:
     self.last_written = {c: int(r) for c, r in ckpt["last_written"].items()}
     encoded = ckpt["encoded_client_states"]
     if self.store is not None:  # Every file was checked by _check_saved_state.
-      try:  # Finish the checkpointed round's writes.
-        for c, enc in zip(ckpt["round_clients"], encoded or []):
+      pending = list(zip(ckpt["round_clients"], encoded or []))
+      try:
+        for c, enc in pending:
           self.store.identity(enc, c, f"{self.checkpoint_path}[{c}]")
-          self.store.put_encoded(c, enc)
       except ClientStateError as e:
         raise ConfigError(str(e)) from None
+      for c, enc in pending:  # Finish the checkpointed round's writes.
+        self.store.put_encoded(c, enc)
     self.first_round = ckpt["round"] + 1
     _log(f"[fedmask_tff] resuming {self.config.output_dir} after round {ckpt['round']}")
     if not rows or rows[-1]["round"] < ckpt["round"]:
