@@ -69,9 +69,18 @@ def test_table_has_every_algorithm_and_measured_ratios(compared):
     params = json.load(f)["config"]["model_parameters"]
   assert float(rows["fedavg"]["downlink_bits_per_client_round"]) == 32 * params
   assert float(rows["fedmask"]["uplink_bits_per_client_round"]) < 2 * params
+  # Per-client spread and bits per parameter (up + down), from the runs' own records.
+  assert float(rows["fedavg"]["bits_per_parameter_round"]) == 64.0
+  for name, row in rows.items():
+    with open(os.path.join(out, name, "results.json")) as f:
+      per_client = sorted(json.load(f)["final"]["accuracy_per_client"].values())
+    assert float(row["client_min"]) == per_client[0]
+    assert per_client[0] <= float(row["client_p10"]) <= per_client[-1]
+  assert rows["fedmask"]["before_local_training"] != "" and rows["fedavg"]["before_local_training"] == ""
   with open(os.path.join(out, "comparison.md")) as f:
     text = f.read()
   assert all(f"| {name} |" in text for name in ALGORITHMS)
+  assert "| client min | client 10th pct |" in text
   assert os.path.exists(os.path.join(out, "fedavg", "global_model.weights.h5"))
 
 
