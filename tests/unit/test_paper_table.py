@@ -7,7 +7,8 @@ from fedmask_tff.simulation.run_config import RunConfig
 
 
 def _results(accuracy, up_bits, down_bits, budget="equal_epochs"):
-  return {"final": {"accuracy_client_mean": accuracy, "accuracy": accuracy - 0.01},
+  return {"final": {"accuracy_client_mean": accuracy, "accuracy": accuracy - 0.01,
+                    "evaluated_clients": 21},
           "totals": {"uplink_bits_per_client_round": up_bits,
                      "downlink_bits_per_client_round": down_bits, "rounds": 50, "wall_s": 9.0},
           "config": {"model_used": "har_mlp", "model_width": 1.0, "standalone_budget": budget}}
@@ -28,7 +29,9 @@ def test_rows_put_ours_beside_figure_10_and_section_4_4():
   assert rows["standalone_equal_epochs"]["paper_accuracy"] == 91.6  # Figure 10's Standalone
   base = RunConfig(dataset="har_features", model="har_mlp", rounds=50, clients_per_round=20)
   text = paper_table.task_markdown("har_features", base, list(rows.values()), "paper")
-  assert "### HAR: `har_features`" in text and "Scaled down from the paper: 21 of" in text
+  assert "### HAR: `har_features`, model har_mlp (width 1), 21 clients evaluated" in text
+  assert "Scaled down from the paper: the subjects in the files" in text
+  assert "; 50 rounds (the paper gives none)." in text
   assert "| LG-FedAvg | 99.1 | 97.0 | -2.1 | +0.4 | -2.0 | 10 | 20 | 25.64 |" in text
 
 
