@@ -162,8 +162,9 @@ def test_score_init_noise_gives_a_seeded_random_start_around_the_threshold(tff_c
 
 def test_score_sign_upload_steps_the_servers_scores_by_the_majority(tff_context, data):
   """upload='score_sign': a client starts from the server's scores G where it keeps the element,
-  uploads 1[m_r(after) > m_r(start)], and the server steps G by step * (2v - 1) where at least
-  two clients keep the element; each client keeps its own trained scores and mask."""
+  uploads 1[m_r(after) > m_r(start)] (a fair coin where training did not move it), and the
+  server steps G by step * (2v - 1) where at least two clients keep the element; each client
+  keeps its own trained scores and mask."""
   config = dataclasses.replace(CONFIG, upload="score_sign", server_score_step=0.1,
                                personal_head=False)
   process = fedmask.build_fedmask_process(model_fn, ELEMENT_SPEC, config)
@@ -178,10 +179,14 @@ def test_score_sign_upload_steps_the_servers_scores_by_the_majority(tff_context,
   for i in range(3):
     keeps = np.stack([np.asarray(t["keep"][i]) for t in trained])
     ups = np.stack([(np.asarray(t["scores"][i]) > g0[i]) * np.asarray(t["keep"][i]) for t in trained])
+    tied = np.stack([(np.asarray(t["scores"][i]) == g0[i]) * np.asarray(t["keep"][i])
+                     for t in trained]).sum(0) > 0
     count = keeps.sum(0)
     vote = np.divide(ups.sum(0), count, out=np.zeros_like(count), where=count > 0)
     expected = g0[i] + np.where(count >= 2, 0.1 * (2 * vote - 1), 0.0)
-    np.testing.assert_allclose(np.asarray(server1["scores"][i]), expected, atol=1e-6)
+    got = np.asarray(server1["scores"][i])
+    np.testing.assert_allclose(got[~tied], expected[~tied], atol=1e-6)  # the coins aside
+    assert np.all(np.abs(got - g0[i]) <= 0.1 + 1e-6)
     for c in range(NUM_CLIENTS):  # no restart: the client's own trained scores persist
       np.testing.assert_allclose(np.asarray(states1[c]["scores"][i]),
                                  np.asarray(trained[c]["scores"][i]), atol=1e-6)
@@ -193,6 +198,23 @@ def test_score_sign_upload_steps_the_servers_scores_by_the_majority(tff_context,
   server2, states2, metrics2 = fedmask_next(process, server1, to_datasets(data), states1)
   assert [int(m["downlink_bits"]) for m in metrics2] == [32 * sum(KEPT)] * NUM_CLIENTS
   assert int(server2["round"]) == 2
+
+
+def test_score_sign_unmoved_elements_send_coins_not_decreases(tff_context, data):
+  """An element local training did not move carries no evidence: it must not be voted down.
+  (With 1[after > start] every client voted every unmoved element down, the server stepped the
+  inactive channels down every round, and newcomers' first layers died: accuracy 0.000.)"""
+  config = dataclasses.replace(CONFIG, upload="score_sign", server_score_step=0.1,
+                               personal_head=False, learning_rate=1e-12)  # nothing moves
+  process = fedmask.build_fedmask_process(model_fn, ELEMENT_SPEC, config)
+  server0 = process.initialize()
+  states0 = [process.initial_client_state() for _ in range(NUM_CLIENTS)]
+  server1, _, _ = fedmask_next(process, server0, to_datasets(data), states0)
+  step = np.concatenate([(np.asarray(g1) - np.asarray(g0)).ravel()
+                         for g1, g0 in zip(server1["scores"], server0["scores"])])
+  # Coins from 4 clients: the steps are 0.1 * (2v - 1), v in {0, 1/4, ..., 1}, averaging ~0;
+  # the old rule gave -0.1 everywhere.
+  assert abs(float(step.mean())) < 0.03 and float(step.max()) > 0.0
 
 
 def test_score_sign_refuses_a_one_bit_downlink():

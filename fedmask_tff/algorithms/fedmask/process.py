@@ -492,8 +492,17 @@ def _make_client_update(sh):
       sent = tuple(tf.cast(tf.random.stateless_uniform(tf.shape(s), seed + j) < tf.sigmoid(s),
                            tf.float32) * k for j, (s, k) in enumerate(zip(scores, keeps)))
     if global_scores:  # The direction the client's evidence moved from the server's scores.
-      sent = tuple(tf.cast(new > old, tf.float32) * k
-                   for new, old, k in zip(scores, state["scores"], keeps))
+      # An element training did not move carries no evidence: it sends a fair coin. (Sending
+      # 0, "decreased", made every client vote the inactive channels down each round, until
+      # a newcomer's first layer could die: every logit 0, accuracy 0 on its own classes;
+      # docs/investigations/zero-accuracy-clients.md.)
+      tie_seed = client_seed(new_state["keep"], state["rounds"], 400)
+      sent = tuple(
+          tf.where(tf.equal(new, old),
+                   tf.cast(tf.random.stateless_uniform(tf.shape(new), tie_seed + j) < 0.5,
+                           tf.float32),
+                   tf.cast(new > old, tf.float32)) * k
+          for j, (new, old, k) in enumerate(zip(scores, state["scores"], keeps)))
     if config.ldp_epsilon > 0:  # Randomized response on what leaves the device, not on `personal`.
       seed = client_seed(new_state["keep"], state["rounds"], 1)
       sent = tuple(ldp.randomized_response_tf(m, config.ldp_epsilon, seed + j) * k
