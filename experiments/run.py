@@ -188,6 +188,7 @@ def main(argv):
     _exit(2, f"error: unexpected arguments: {argv[1:]} (pass --help for the flags)")
   import signal
   from fedmask_tff.simulation import runner
+  sys.unraisablehook = _quiet_channel_teardown
   signal.signal(signal.SIGINT, runner.request_stop)
   signal.signal(signal.SIGTERM, runner.request_stop)
   try:
@@ -230,6 +231,18 @@ def failure_message(e: BaseException, output_dir: str, stop_signal=None):
     return 1, (f"error: out of memory ({type(e).__name__}); {saved}: use a smaller "
                "--model_width, --batch_size or --clients_per_round")
   return None, None
+
+
+def _quiet_channel_teardown(unraisable) -> None:
+  """Drops what TFF's value finalizers raise once this process has closed its gRPC channel (they
+  try to dispose of values on the worker, which is gone), and a Ctrl-C or SIGTERM that landed
+  where Python ignores exceptions (the runner remembers it and stops after the round); everything
+  else is printed as usual."""
+  if isinstance(unraisable.exc_value, ValueError) and "closed channel" in str(unraisable.exc_value):
+    return
+  if isinstance(unraisable.exc_value, KeyboardInterrupt):  # the stop, remembered by the runner
+    return
+  sys.__unraisablehook__(unraisable)
 
 
 def _exit(code: int, message: str) -> None:

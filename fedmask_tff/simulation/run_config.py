@@ -391,7 +391,8 @@ def differing_settings(stored: dict, config: RunConfig) -> list[str]:
 
 
 def resume_state(config: RunConfig) -> str:
-  """``"fresh"``, ``"resume"``, ``"complete"`` or ``"no_checkpoint"`` for ``config.output_dir``.
+  """``"fresh"``, ``"resume"``, ``"restart"`` (a run stopped before its first round finished:
+nothing to keep, it starts again), ``"complete"`` or ``"no_checkpoint"`` for ``config.output_dir``.
 
   Raises :class:`ConfigError` when the directory holds an unfinished run of
   other settings (naming them).
@@ -408,7 +409,7 @@ def resume_state(config: RunConfig) -> str:
   if results.get("complete"):
     return "complete"
   if not os.path.exists(os.path.join(config.output_dir, "checkpoint.npz")):
-    return "no_checkpoint"
+    return "restart" if not results.get("rounds") else "no_checkpoint"
   differ = differing_settings(results.get("config", {}), config)
   if differ:
     raise ConfigError(f"{config.output_dir} holds an unfinished run with other settings "

@@ -171,6 +171,8 @@ def plan_run(config: RunConfig, replace: bool) -> RunPlan:
     if not replace:
       raise
     state = "replace"
+  if state == "restart":
+    return RunPlan("start", dataclasses.replace(config, overwrite=True))
   if state in ("complete", "no_checkpoint"):
     if not replace:
       raise ConfigError(f"{config.output_dir} holds {_stored_run_words(config)}: pass "
@@ -232,7 +234,8 @@ class _Run:
   def __init__(self, config: RunConfig):
     self.config = config
     self.t_start = time.perf_counter()
-    self.resuming = not config.overwrite and resume_state(config) == "resume"
+    state = "fresh" if config.overwrite else resume_state(config)
+    self.resuming, self.restarting = state == "resume", state == "restart"
     self.partition_path = os.path.join(config.output_dir, "partition.json")
     self.checkpoint_path = os.path.join(config.output_dir, "checkpoint.npz")
     self.client_files = None  # --client_datasets=workers: {client: (path, examples)}
@@ -298,7 +301,10 @@ class _Run:
       self.previous_wall_s = []
 
   def _clear_outputs(self) -> None:
-    if self.config.overwrite and os.path.isdir(self.config.output_dir):
+    if self.restarting:
+      _log(f"[fedmask_tff] {self.config.output_dir}: its run stopped before its first round "
+           "finished; starting it again")
+    if (self.config.overwrite or self.restarting) and os.path.isdir(self.config.output_dir):
       for name in RUN_FILES:
         target = os.path.join(self.config.output_dir, name)
         if os.path.isdir(target):

@@ -12,10 +12,11 @@ from fedmask_tff.simulation import runner
 from fedmask_tff.simulation.run_config import ConfigError, RunConfig
 
 
-def _write_run(directory, config, complete, checkpoint=False):
+def _write_run(directory, config, complete, checkpoint=False, rounds=()):
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, "results.json"), "w") as f:
-    json.dump({"config": dataclasses.asdict(config), "complete": complete, "rounds": []}, f)
+    json.dump({"config": dataclasses.asdict(config), "complete": complete,
+               "rounds": [{"round": r} for r in rounds]}, f)
   if checkpoint:
     open(os.path.join(directory, "checkpoint.npz"), "wb").close()
 
@@ -51,7 +52,10 @@ def test_other_settings_are_replaced_only_with_overwrite(tmp_path, complete):
 
 def test_unresumable_run_is_refused_without_overwrite(tmp_path):
   config = RunConfig(output_dir=str(tmp_path / "run"), rounds=3)
-  _write_run(config.output_dir, config, complete=False, checkpoint=False)
+  _write_run(config.output_dir, config, complete=False, checkpoint=False, rounds=[1])
   with pytest.raises(ConfigError, match="unreadable or unresumable run: pass --overwrite"):
     runner.plan_run(config, replace=False)
   assert runner.plan_run(config, replace=True).action == "replace"
+  _write_run(config.output_dir, config, complete=False, checkpoint=False)  # no round finished
+  plan = runner.plan_run(config, replace=False)
+  assert plan.action == "start" and plan.config.overwrite

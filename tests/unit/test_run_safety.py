@@ -154,3 +154,19 @@ def test_user_caused_failures_are_one_line_with_the_documented_exit_code():
   assert failure_message(WorkerError("gone"), "/x")[0] == 3
   assert failure_message(type("ResourceExhaustedError", (Exception,), {})("oom"), "/x")[0] == 1
   assert failure_message(ValueError("a bug"), "/x") == (None, None)  # bugs keep their traceback
+
+
+def test_a_run_stopped_before_its_first_round_starts_again(tmp_path):
+  """Its interrupted message says "rerun the same command to resume": nothing finished, so
+  the rerun starts it again instead of refusing it."""
+  from fedmask_tff.simulation.run_config import resume_state
+  out = tmp_path / "run"
+  out.mkdir()
+  config = RunConfig(output_dir=str(out))
+  (out / "results.json").write_text(json.dumps({"complete": False, "rounds": [], "config": {}}))
+  assert resume_state(config) == "restart"
+  config.validate()
+  (out / "results.json").write_text(json.dumps({"complete": False, "rounds": [{"round": 1}]}))
+  assert resume_state(config) == "no_checkpoint"  # a finished round and no checkpoint: refused
+  with pytest.raises(ConfigError, match="no checkpoint to resume from"):
+    config.validate()
