@@ -3,8 +3,9 @@
 Compares every ``results.json`` under ``DIR_A`` with the one at the same relative path under
 ``DIR_B`` (a single run directory or a comparison's folder of runs): every number, string and
 list must be equal, except what is expected to differ between two runs of the same settings:
-times (keys ending in ``wall_s``), paths (``output_dir``, ``data_dir``, ``partition_file``,
-``partition_file_written``) and whether a worker was restarted. Prints each difference with its
+times (keys ending in ``wall_s``, ``wall_s_invocations``), paths (``output_dir``, ``data_dir``,
+``partition_file``, ``partition_file_written``), whether a worker was restarted, and the run's
+identity (``run_id``, random; ``fingerprint``, which covers ``data_dir``). Prints each difference with its
 path in the JSON; exit code 0 when the runs agree, 1 when they differ, 2 on bad input.
 
 Used to show that a change of code keeps behaviour (e.g. the redesign of the round loop into short steps): run the same
@@ -19,7 +20,7 @@ import os
 import sys
 
 IGNORED_KEYS = ("output_dir", "data_dir", "partition_file", "partition_file_written",
-                "worker_restarted")
+                "worker_restarted", "wall_s_invocations", "run_id", "fingerprint")
 
 
 def _ignored(key: str) -> bool:

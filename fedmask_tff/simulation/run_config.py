@@ -392,7 +392,7 @@ def differing_settings(stored: dict, config: RunConfig) -> list[str]:
 
 def resume_state(config: RunConfig) -> str:
   """``"fresh"``, ``"resume"``, ``"restart"`` (a run stopped before its first round finished:
-nothing to keep, it starts again), ``"complete"`` or ``"no_checkpoint"`` for ``config.output_dir``.
+  nothing to keep, it starts again), ``"complete"`` or ``"no_checkpoint"`` for ``config.output_dir``.
 
   Raises :class:`ConfigError` when the directory holds an unfinished run of
   other settings (naming them).

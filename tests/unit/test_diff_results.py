@@ -12,15 +12,18 @@ def _write(root, name, results):
     json.dump(results, f)
 
 
-RESULTS = {"config": {"seed": 3, "output_dir": "a"}, "rounds": [{"round": 1, "wall_s": 2.5,
-                                                                 "uplink_bits": 96}],
-           "final": {"accuracy": 0.75}, "totals": {"wall_s": 9.0, "train_wall_s": 3.0}}
+RESULTS = {"config": {"seed": 3, "output_dir": "a", "run_id": "1f", "fingerprint": "ab"},
+           "rounds": [{"round": 1, "wall_s": 2.5, "uplink_bits": 96}],
+           "final": {"accuracy": 0.75}, "totals": {"wall_s": 9.0, "train_wall_s": 3.0},
+           "wall_s_invocations": [9.0]}
 
 
 def test_same_numbers_with_other_times_and_paths(tmp_path, capsys):
   _write(tmp_path / "a", "fedmask", RESULTS)
   other = json.loads(json.dumps(RESULTS))
   other["config"]["output_dir"], other["rounds"][0]["wall_s"], other["totals"]["wall_s"] = "b", 7.0, 1.0
+  other["config"]["run_id"], other["config"]["fingerprint"] = "2e", "cd"  # random; covers data_dir
+  other["wall_s_invocations"] = [0.5, 0.5]
   _write(tmp_path / "b", "fedmask", other)
   assert diff_results.main(["diff_results", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
   assert "fedmask/results.json: same" in capsys.readouterr().out
