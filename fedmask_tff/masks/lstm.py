@@ -110,13 +110,15 @@ class MaskedLSTMCell(MaskedWeightsMixin, tf.keras.layers.Layer):
     use_bias: add the frozen, unmasked bias ``b`` (default True).
     bias_initializer: initializer of ``b`` (default zeros).
     seed: integer seed of the frozen weights (and of the real weights' initial values).
-    mask_mode, threshold, score_init, kernel_init: as :class:`~fedmask_tff.masks.layers.MaskedDense`.
+    mask_mode, threshold, score_init, kernel_init, score_init_std, inference_mask: as
+      :class:`~fedmask_tff.masks.layers.MaskedDense`.
   """
 
   def __init__(self, units: int, masked_gates: str = GATES, unit_forget_bias: bool = False,
                use_bias: bool = True, bias_initializer="zeros", seed: int = 0,
                mask_mode: str = "ste", threshold: float = masking.DEFAULT_THRESHOLD,
-               score_init: float = 0.05, kernel_init: str = "signed_constant", **kwargs):
+               score_init: float = 0.05, kernel_init: str = "signed_constant",
+               score_init_std: float = 0.0, inference_mask: str = "threshold", **kwargs):
     super().__init__(**kwargs)
     try:
       units_int = int(units)
@@ -131,7 +133,8 @@ class MaskedLSTMCell(MaskedWeightsMixin, tf.keras.layers.Layer):
     if self.unit_forget_bias and not self.use_bias:
       raise ValueError("unit_forget_bias=True needs use_bias=True")
     self.bias_initializer = tf.keras.initializers.get(bias_initializer)
-    self._init_mask_settings(seed, mask_mode, threshold, score_init, kernel_init)
+    self._init_mask_settings(seed, mask_mode, threshold, score_init, kernel_init,
+                             score_init_std, inference_mask)
     self.state_size = [self.units, self.units]
     self.output_size = self.units
 
@@ -255,13 +258,15 @@ class MaskedLSTM(tf.keras.layers.Layer):
                return_sequences: bool = False, use_bias: bool = True, bias_initializer="zeros",
                seed: int = 0, mask_mode: str = "ste",
                threshold: float = masking.DEFAULT_THRESHOLD, score_init: float = 0.05,
-               kernel_init: str = "signed_constant", **kwargs):
+               kernel_init: str = "signed_constant", score_init_std: float = 0.0,
+               inference_mask: str = "threshold", **kwargs):
     super().__init__(**kwargs)
     self.return_sequences = bool(return_sequences)
     self.cell = MaskedLSTMCell(
         units, masked_gates=masked_gates, unit_forget_bias=unit_forget_bias, use_bias=use_bias,
         bias_initializer=bias_initializer, seed=seed, mask_mode=mask_mode, threshold=threshold,
-        score_init=score_init, kernel_init=kernel_init, name="cell")
+        score_init=score_init, kernel_init=kernel_init, score_init_std=score_init_std,
+        inference_mask=inference_mask, name="cell")
     self.supports_masking = True
     self.input_spec = tf.keras.layers.InputSpec(ndim=3)
 
