@@ -157,7 +157,10 @@ def test_parameter_counts_and_size_report():
 
 
 def test_registries_and_pruning_constants():
-  assert set(PAPER_MODEL_BUILDERS) == set(PAPER_DENSE_BUILDERS) == set(PRUNE_LAST_LAYERS)
+  # vgg16_paper's builders live in models.vgg16_paper (registered in models' tables).
+  assert set(PAPER_MODEL_BUILDERS) == set(PAPER_DENSE_BUILDERS) == set(PRUNE_LAST_LAYERS) - {"vgg16_paper"}
+  from fedmask_tff import models
+  assert models.masked_builder("vgg16_paper") and models.dense_builder("vgg16_paper")
   assert set(PAPER_BINARY_BUILDERS) <= set(PAPER_MODEL_BUILDERS)
   from fedmask_tff.data.registry import DATASETS
   assert set(DEFAULT_MODEL_FOR_DATASET) == set(DATASETS)

@@ -310,8 +310,10 @@ def test_runs_differ_only_in_settings_their_algorithm_uses():
   mask = dict(stored, upload="mask")
   assert differing_settings(mask, RunConfig(upload="mask", score_restart="linear")) == []
   assert differing_settings(mask, RunConfig(upload="mask")) == ["score_restart"]
-  # local_masks: only the initial scores.
-  local = dict(stored, algorithm="local_masks")
+  # local_masks: the recipe (sampled or the score-threshold one) and the initial scores.
+  local = dict(stored, algorithm="local_masks", upload="mask")
   assert differing_settings(local, RunConfig(algorithm="local_masks", upload="mask")) == []
-  assert differing_settings(local, RunConfig(algorithm="local_masks", score_init_noise=0.1)) == \
+  assert differing_settings(local, RunConfig(algorithm="local_masks")) == ["upload"]
+  assert differing_settings(local, RunConfig(algorithm="local_masks", upload="mask",
+                                             score_init_noise=0.1)) == \
       ["score_init_noise"]

@@ -56,8 +56,16 @@ def test_the_benchmark_passes_the_runs_settings_to_each_cases_process(monkeypatc
   import json
   import subprocess
 
+  import sys
+
   from absl import flags
 
+  if "benchmarks.worker_memory" not in sys.modules:
+    # Another test of this process may have imported experiments.run, which defines flags of
+    # the same names (each CLI is its own process in use).
+    for flag in list(flags.FLAGS.flags_by_module_dict().get("experiments.run", [])):
+      if flag.name in flags.FLAGS:
+        delattr(flags.FLAGS, flag.name)
   from benchmarks import worker_memory
   commands = []
 
