@@ -83,7 +83,9 @@ def run_study(base, preset: str, out: str, log, epochs=None) -> str:
                                     ("dense (weights trained)", models.dense_builder, "standalone")):
     tf.keras.utils.set_random_seed(base.seed)
     model = builder(model_name)(**kwargs)
-    rate = algorithms.default_learning_rate(rate_of)
+    # This study trains the masks with plain SGD and the STE forward (the score-threshold
+    # recipe), so it takes that recipe's documented rate.
+    rate = algorithms.default_learning_rate(rate_of, "score_sign")
     log(f"{network}: {model_name}, {len(train[1])} training examples, lr {rate:g}")
     results[network] = {"learning_rate": rate, "trainable": int(sum(
         int(np.prod(v.shape)) for v in model.trainable_variables)),
