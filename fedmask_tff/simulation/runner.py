@@ -280,7 +280,19 @@ class _Run:
                         + (f" ({len(self.unseen)} held out by --unseen_clients)" if self.unseen else ""))
     self.summary = split.summary()
     _log(f"[fedmask_tff] data: {self.summary}")
+    self._warn_few_local_steps()
     self.client_index = {cid: i for i, cid in enumerate(split.client_ids)}
+
+  def _warn_few_local_steps(self) -> None:
+    config = self.config
+    from fedmask_tff import algorithms
+    median = self.summary.get("median_train_examples_per_client")
+    if median is None or not algorithms.uses_sampled_masks(config.algorithm, config.upload):
+      return
+    from fedmask_tff.algorithms.sampled_masks.config import few_local_steps_warning
+    warning = few_local_steps_warning(median, config.local_epochs, config.batch_size)
+    if warning:
+      _log(f"[fedmask_tff] warning: {config.algorithm}: {warning}")
 
   def _identify(self) -> None:
     """The run's identity: its fingerprint, and its id (kept in ``results.json`` when it

@@ -138,3 +138,16 @@ def test_weight_plan_personal_layers():
   assert [(s.prunable, s.personal) for s in every][-2:] == [(True, True), (True, True)]
   alone = process.weight_plan(model, SampledMaskConfig(prune_last_layers=2), everything_personal=True)
   assert all(s.personal for s in alone)
+
+
+def test_few_local_steps_warning_counts_the_median_clients_steps():
+  from fedmask_tff.algorithms.sampled_masks import config as sm_config
+  # FEMNIST's median writer (151 examples): 2 epochs x ceil(151/32) = 10 steps -> warned;
+  # 5 epochs x ceil(151/16) = 50 steps -> not; the demo's validation split (448 examples) 28 -> not.
+  assert sm_config.local_steps(151, 2, 32) == 10
+  warning = sm_config.few_local_steps_warning(151, 2, 32)
+  assert warning is not None and "10 local steps" in warning and "--local_epochs=2" in warning
+  assert sm_config.few_local_steps_warning(151, 5, 16) is None
+  assert sm_config.local_steps(448, 2, 32) == 28
+  assert sm_config.few_local_steps_warning(448, 2, 32) is None
+  assert sm_config.few_local_steps_warning(19, 1, 1) is not None

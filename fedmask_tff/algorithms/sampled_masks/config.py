@@ -12,6 +12,11 @@ from fedmask_tff.masks import probability, pruning
 OPTIMIZERS = ("adam", "sgd")
 FORWARDS = ("sampled", "threshold")
 HEAD_STARTS = ("own", "theta")
+# Below this many local steps a round (median client), masks trained as probabilities learn
+# slowly in federation: FEMNIST LEAF (~150 examples a writer), FedPM's global mask after 30
+# rounds of 20 clients, 2 epochs x batch 32 (~10 steps) 0.205; 5 epochs x batch 16 (~45 steps)
+# at the level of the mask's central capacity (docs/sampled-masks.md, "Local steps").
+FEW_LOCAL_STEPS = 20
 
 
 class WeightPlan(NamedTuple):
@@ -107,3 +112,20 @@ class SampledMaskConfig:
     if not 0 < self.eps < 0.5:
       raise ValueError(f"eps must be in (0, 0.5), got {self.eps}")
     return self
+
+
+def local_steps(examples: float, local_epochs: int, batch_size: int) -> int:
+  """Optimizer steps a client with ``examples`` training examples takes in one round."""
+  return int(local_epochs) * int(math.ceil(float(examples) / int(batch_size)))
+
+
+def few_local_steps_warning(median_examples: float, local_epochs: int, batch_size: int):
+  """A one-line warning when the median client takes fewer than :data:`FEW_LOCAL_STEPS` steps a
+  round (masks trained as probabilities then barely move between rounds), else ``None``."""
+  steps = local_steps(median_examples, local_epochs, batch_size)
+  if steps >= FEW_LOCAL_STEPS:
+    return None
+  return (f"the median client takes {steps} local steps a round ({median_examples:g} examples, "
+          f"--local_epochs={local_epochs}, --batch_size={batch_size}); masks trained as "
+          f"probabilities learn slowly below {FEW_LOCAL_STEPS} (docs/sampled-masks.md, "
+          f"\"Local steps\"): more local epochs or a smaller batch")
