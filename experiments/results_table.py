@@ -280,6 +280,20 @@ def paper_cell(row: Row) -> str:
   return "–" if value is None else f"{value / 100:.3f} ({task})"
 
 
+def check_output_dirs_differ(commands: list[tuple[str, str]]) -> None:
+  """Two different commands of the table must not write one ``--output_dir``: a user who runs
+  both in order gets "holds a run with other settings" from the second (CI runs them)."""
+  seen = {}
+  for letter, command in commands:
+    m = re.search(r"--output_dir=(\S+)", command)
+    if not m:
+      continue
+    if m.group(1) in seen:
+      raise TableError(f"commands ({seen[m.group(1)]}) and ({letter}) both write --output_dir="
+                       f"{m.group(1)}: give one of them (in --recorded, or its run) another folder")
+    seen[m.group(1)] = letter
+
+
 def render(rows: list[Row]) -> str:
   """The Markdown table, then one line per command (a letter in the table's last column)."""
   letters, commands = {}, []
@@ -299,6 +313,7 @@ def render(rows: list[Row]) -> str:
                  f"| ({letters[key]}) |")
     last_task = task
   lines.append("")
+  check_output_dirs_differ([(letter, command) for letter, command, _, _ in commands])
   for letter, command, date, note in commands:
     lines.append(f"({letter}) `{command}`" + (f" ({note})" if note else "") + "  ")
   return "\n".join(lines).rstrip() + "\n"

@@ -100,3 +100,20 @@ def test_errors_name_the_problem(tmp_path, capsys):
   _write(str(tmp_path / "r"), _results("fedmask", {"a": 1.0}, 1.0, 8.0))
   assert rt.main([f"--runs={tmp_path / 'r'}", f"--readme={readme}"]) == 2
   assert "results-table:begin" in capsys.readouterr().err
+
+
+def test_two_commands_writing_one_output_folder_are_refused(tmp_path, capsys):
+  """A user who runs the table's commands in order must not hit "holds a run with other
+  settings" (CI's documented-commands test runs them): two different commands of the table
+  may not share an --output_dir."""
+  record = {"groups": [{"command": f"python -m experiments.compare --output_dir=runs/x{extra}",
+                        "date": "2026-11-30", "commit": "abc1234", "settings": {"rounds": rounds},
+                        "rows": [{"algorithm": "fedmask", "accuracy": "0.70", "up": "1", "down": "1"}]}
+                       for extra, rounds in (("", 3), (" --upload=mask", 4))]}
+  path = tmp_path / "recorded.json"
+  path.write_text(json.dumps(record))
+  assert rt.main([f"--recorded={path}"]) == 2
+  assert "commands (a) and (b) both write --output_dir=runs/x" in capsys.readouterr().err
+  record["groups"][1]["command"] = "python -m experiments.compare --output_dir=runs/y --upload=mask"
+  path.write_text(json.dumps(record))
+  assert rt.main([f"--recorded={path}"]) == 0
