@@ -66,9 +66,11 @@ flags.DEFINE_bool("secure_aggregation", _D.secure_aggregation, "fedmask: aggrega
 flags.DEFINE_float("unseen_clients", _D.unseen_clients, "Share of clients held out of training; "
                    "they join after the last round, personalize with one round of client work, and "
                    "are reported as final.accuracy_unseen.")
-flags.DEFINE_enum("uplink_coding", _D.uplink_coding, ["none", "entropy"], "fedmask: 'entropy' "
-                  "codes each upload at the kept positions against the client's previous upload "
-                  "(adaptive range coder; bits counted from the coded stream).")
+flags.DEFINE_enum("uplink_coding", _D.uplink_coding, ["auto", "none", "entropy"], "fedmask, fedpm: "
+                  "'entropy' codes each upload exactly (adaptive range coder; bits counted from "
+                  "the coded stream): sampled bits against the theta the client received, "
+                  "--upload=mask against the client's previous upload. 'auto' (default): entropy "
+                  "for sampled masks (lossless: the same run, fewer bits), none otherwise.")
 flags.DEFINE_integer("downlink_bits", _D.downlink_bits, "fedmask, fedpm: bits per element on the "
                      "downlink. Sampled masks: theta in 1, 2, 4, 8 or 32 bits (0 = the default: "
                      "fedmask 2, fedpm 32). Score-threshold uploads: 0 = float32, 2..16 = quantized.")

@@ -20,6 +20,14 @@ def uses_sampled_masks(name: str, upload: str) -> bool:
   return name == "fedpm" or (name in ("fedmask", "local_masks") and upload == SAMPLED_UPLOAD)
 
 
+def uplink_coding_used(name: str, upload: str, uplink_coding: str) -> str:
+  """``--uplink_coding`` as a run applies it: ``auto`` is ``entropy`` for the sampled uploads of
+  fedmask and fedpm (lossless: the same run, fewer bits counted), ``none`` elsewhere."""
+  if uplink_coding != "auto":
+    return uplink_coding
+  return "entropy" if name in ("fedmask", "fedpm") and uses_sampled_masks(name, upload) else "none"
+
+
 def default_learning_rate(name: str, upload: str = SAMPLED_UPLOAD) -> float:
   """The documented default local learning rate of ``name`` (see each module)."""
   import importlib
@@ -57,7 +65,7 @@ def _build_sampled(name: str, context, config):
       reset_every=config.evidence_reset_every, seed=config.seed)
   cls = {"fedpm": sampled.FedPM, "fedmask": sampled.SampledFedMask,
          "local_masks": sampled.SampledLocalMasks}[name]
-  return cls(context, settings)
+  return cls(context, settings, uplink_coding_used(name, config.upload, config.uplink_coding))
 
 
 def _build(name: str, context, config):
@@ -80,7 +88,8 @@ def _build(name: str, context, config):
         global_mask=config.global_mask, prune_at_init=config.prune_at_init, seed=config.seed)
     if name == "local_masks":
       return build_local_masks(context, fedmask_config)
-    return build_fedmask(context, fedmask_config, uplink_coding=config.uplink_coding)
+    return build_fedmask(context, fedmask_config,
+                         uplink_coding=uplink_coding_used(name, config.upload, config.uplink_coding))
   if name == "standalone":
     from fedmask_tff.algorithms.standalone import build_standalone
     return build_standalone(context, learning_rate=context.learning_rate,

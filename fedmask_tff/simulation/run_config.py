@@ -12,7 +12,7 @@ import math
 import os
 from typing import Optional
 
-from fedmask_tff.algorithms import ALGORITHMS
+from fedmask_tff.algorithms import ALGORITHMS, uplink_coding_used
 from fedmask_tff.data.registry import DATASETS
 
 
@@ -104,7 +104,7 @@ class RunConfig:
   examples_per_client: int = 0
   secure_aggregation: bool = False
   unseen_clients: float = 0.0
-  uplink_coding: str = "none"
+  uplink_coding: str = "auto"  # UPLINK_CODINGS; auto: entropy for sampled masks, else none
   downlink_bits: int = 0
   downlink_stochastic: bool = False
   ldp_epsilon: Optional[float] = None
@@ -242,7 +242,6 @@ def _check_sampled(c: RunConfig) -> None:
           f"--downlink_bits with sampled masks is theta's bits per element: 1, 2, 4, 8 or 32 "
           f"(0: the algorithm's default, fedmask 2, fedpm 32), got {c.downlink_bits}")
     unsupported = [name for name, on in (("secure_aggregation", c.secure_aggregation),
-                                         ("uplink_coding", c.uplink_coding != "none"),
                                          ("downlink_stochastic", c.downlink_stochastic),
                                          ("ldp_epsilon", c.ldp_epsilon is not None),
                                          ("global_mask", c.global_mask),
@@ -256,7 +255,9 @@ def _check_fedmask_communication(c: RunConfig) -> None:
   from fedmask_tff.wire.coding import check_uplink_coding
   _need(not c.secure_aggregation or c.algorithm == "fedmask",
         "--secure_aggregation is implemented for --algorithm=fedmask (its rule needs only two sums)")
-  fedmask_only = [name for name, on in (("uplink_coding", c.uplink_coding != "none"),
+  _need(c.uplink_coding in ("auto", "none", "entropy"),
+        f"--uplink_coding must be 'auto', 'none' or 'entropy', got {c.uplink_coding!r}")
+  fedmask_only = [name for name, on in (("uplink_coding", c.uplink_coding == "entropy"),
                                         ("downlink_bits", c.downlink_bits != 0),
                                         ("downlink_stochastic", c.downlink_stochastic),
                                         ("ldp_epsilon", c.ldp_epsilon is not None)) if on]
@@ -271,7 +272,9 @@ def _check_fedmask_communication(c: RunConfig) -> None:
   _need(not (c.upload == "score_sign" and c.downlink_bits == 1),
         "--downlink_bits=1 sends the vote's decision of --upload=mask; with --upload=score_sign "
         "the server's real-valued scores go down: use 0 (float32) or 2..16 bits")
-  _checked_by(check_uplink_coding, c.uplink_coding, c.upload, c.ldp_epsilon)
+  if c.algorithm in ("fedmask", "fedpm"):
+    _checked_by(check_uplink_coding, uplink_coding_used(c.algorithm, c.upload, c.uplink_coding),
+                "sampled" if c.algorithm == "fedpm" else c.upload, c.ldp_epsilon)
   _need(not (c.global_mask and c.downlink_bits >= 2),
         f"--global_mask sends m^T down as 1 bit per kept element; --downlink_bits="
         f"{c.downlink_bits} does not apply (use 0 or 1)")
@@ -364,12 +367,13 @@ def unused_fedmask_settings(config: RunConfig) -> set[str]:
   everything = set(FEDMASK_SETTINGS + FEDMASK_COMMUNICATION)
   threshold_only = everything - set(SAMPLED_SETTINGS) - {"upload", "downlink_bits", "personal_head"}
   if config.algorithm == "fedpm":
-    return threshold_only | {"personal_head", "personal_layers", "head_start", "upload"}
+    return (threshold_only - {"uplink_coding"}) | {"personal_head", "personal_layers", "head_start",
+                                                   "upload"}
   if config.algorithm in ("fedmask", "local_masks") and config.upload == "sampled":
     if config.algorithm == "local_masks":
       return threshold_only | {"head_start", "personal_layers", "evidence_decay", "evidence_reset_every",
                                "downlink_bits", "personal_head"}
-    return threshold_only
+    return threshold_only - {"uplink_coding"}
   if config.algorithm == "local_masks":  # no aggregation: only the initial scores and pruning
     return (everything - {"score_init_noise", "prune_at_init", "upload"}) | set(SAMPLED_SETTINGS)
   if config.algorithm != "fedmask":

@@ -346,12 +346,14 @@ UPLINK_CODINGS = ("none", "entropy")
 def check_uplink_coding(uplink_coding: str, upload: str, ldp_epsilon) -> str:
   """Refuses an uplink coding FedMask cannot apply (``ValueError`` naming the flags): entropy
   coding codes the thresholded mask (``upload="mask"``) against the client's previous upload,
-  which randomized response (``ldp_epsilon``) hides from the server."""
+  which randomized response (``ldp_epsilon``) hides from the server, or the sampled bits
+  (``upload="sampled"``, and FedPM) against the theta the client received."""
   if uplink_coding not in UPLINK_CODINGS:
     raise ValueError(f"--uplink_coding must be 'none' or 'entropy', got {uplink_coding!r}")
-  if uplink_coding == "entropy" and upload != "mask":
+  if uplink_coding == "entropy" and upload not in ("mask", "sampled"):
     raise ValueError("--uplink_coding=entropy codes the thresholded mask against the previous "
-                     "one; it applies to --upload=mask")
+                     "one (--upload=mask) or the sampled bits against the received theta "
+                     f"(--upload=sampled, fedpm); not --upload={upload}")
   if uplink_coding == "entropy" and ldp_epsilon:
     raise ValueError("--uplink_coding=entropy codes against the previous upload, which "
                      "--ldp_epsilon hides from the server: use one of them")

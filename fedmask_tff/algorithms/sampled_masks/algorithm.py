@@ -45,9 +45,12 @@ class SampledMaskAlgorithm(FederatedAlgorithm):
   stateful = True
   everything_personal = False
 
-  def __init__(self, context: BuildContext, config: SampledMaskConfig):
+  def __init__(self, context: BuildContext, config: SampledMaskConfig, uplink_coding: str = "none"):
     from fedmask_tff import models
     from fedmask_tff.masks import layers as masked_layers_lib
+    if uplink_coding not in ("none", "entropy"):
+      raise ValueError(f"uplink_coding must be 'none' or 'entropy', got {uplink_coding!r}")
+    self.uplink_coding = uplink_coding
     from fedmask_tff.models import costs
     builder = models.masked_builder(context.model)
     mask_mode = "sampled" if config.forward == "sampled" else "ste"
@@ -75,7 +78,8 @@ class SampledMaskAlgorithm(FederatedAlgorithm):
                                  "personal": s.personal} for s in self.plan],
                          # States travel in TFF's messages (--client_states=files applies to the
                          # score-threshold process).
-                         client_states_used="messages" if self.stateful else "none")
+                         client_states_used="messages" if self.stateful else "none",
+                         uplink_coding=uplink_coding)
 
   def results_settings(self):
     return {k: self.settings[k] for k in ("mask_mode_used", "masked_parameters",
@@ -97,6 +101,8 @@ class SampledMaskAlgorithm(FederatedAlgorithm):
     return out
 
   def next(self, server_state, train_datasets, client_states):
+    if self.uplink_coding == "entropy":
+      return self._next_coded(server_state, train_datasets, client_states)
     if self.stateful:
       server_state, new_states, metrics = self.run_round(server_state, list(train_datasets),
                                                          list(client_states))
@@ -104,10 +110,37 @@ class SampledMaskAlgorithm(FederatedAlgorithm):
     server_state, metrics = self.run_round(server_state, list(train_datasets))
     return server_state, None, self._metrics(metrics)
 
+  def _next_coded(self, server_state, train_datasets, client_states):
+    """The round in its two steps, with each upload entropy-coded in between
+    (:mod:`.upload_coding`): ``uplink_bits`` counts the coded streams (plus the pruning mask a
+    client sends once), ``uplink_bits_packed`` the packed bits TFF carried."""
+    from fedmask_tff.algorithms.sampled_masks import upload_coding
+    clients = [list(train_datasets)] + ([list(client_states)] if self.stateful else [])
+    outputs = self._with_datasets("client_work")(server_state, *clients)
+    result = self.process.aggregate(server_state, *outputs)
+    uploads, metrics = outputs[0], self._metrics(result[-1])
+    new_states = list(result[1]) if self.stateful else None
+    all_kept = tuple(bitpack.pack_bits_np(np.ones(spec.size, np.uint8)) for spec in self.plan)
+    for i, m in enumerate(metrics):
+      m["uplink_bits_packed"] = m["uplink_bits"]
+      if not m["upload_valid"]:
+        continue
+      bits = uploads[i][0]
+      keep = new_states[i]["keep"] if self.stateful else all_kept
+      refs = upload_coding.references(self.plan, self.config, server_state["theta"],
+                                      server_state["defined"], keep)
+      packed = sum(8 * np.asarray(b).size for b in bits)
+      m["uplink_bits"] = m["uplink_bits"] - packed + upload_coding.coded_bits(bits, refs)
+    return result[0], new_states, metrics
+
   def round_extras(self, client_metrics):
-    return {"pruned_clients": int(sum(m["pruned"] for m in client_metrics)),
-            "mask_density": (sum(m["mask_ones"] for m in client_metrics)
-                             / max(1.0, sum(m["mask_kept"] for m in client_metrics)))}
+    extras = {"pruned_clients": int(sum(m["pruned"] for m in client_metrics)),
+              "mask_density": (sum(m["mask_ones"] for m in client_metrics)
+                               / max(1.0, sum(m["mask_kept"] for m in client_metrics)))}
+    if client_metrics and "uplink_bits_packed" in client_metrics[0]:  # --uplink_coding=entropy
+      extras["uplink_bits_packed_per_client"] = (sum(m["uplink_bits_packed"] for m in client_metrics)
+                                                 / len(client_metrics))
+    return extras
 
   def _evaluate(self, test_datasets, scores, keeps):
     return payloads.eval_dicts(self.process.evaluate(list(test_datasets), scores, keeps))
@@ -134,9 +167,9 @@ class FedPM(SampledMaskAlgorithm):
   name = "fedpm"
   stateful = False
 
-  def __init__(self, context: BuildContext, config: SampledMaskConfig):
+  def __init__(self, context: BuildContext, config: SampledMaskConfig, uplink_coding: str = "none"):
     super().__init__(context, dataclasses.replace(config, prune_last_layers=0, personal_head=False,
-                                                  min_shared=1))
+                                                  min_shared=1), uplink_coding)
     self.description = ("W frozen; one global mask, trained as probabilities (Bernoulli-sampled "
                         "forward, Adam); 1 sampled bit per element up, theta down; evaluated "
                         "with the server's thresholded mask")
@@ -150,8 +183,8 @@ class FedPM(SampledMaskAlgorithm):
 class SampledFedMask(SampledMaskAlgorithm):
   name = "fedmask"
 
-  def __init__(self, context: BuildContext, config: SampledMaskConfig):
-    super().__init__(context, config)
+  def __init__(self, context: BuildContext, config: SampledMaskConfig, uplink_coding: str = "none"):
+    super().__init__(context, config, uplink_coding)
     self.description = ("W frozen; feature layers' masks start every round from the server's "
                         "theta (m^T), the pruned last layers stay each device's own; masks "
                         "trained as probabilities; 1 sampled bit per kept element up")
@@ -173,8 +206,8 @@ class SampledLocalMasks(SampledFedMask):
   everything_personal = True
   round_in_two_steps = False
 
-  def __init__(self, context: BuildContext, config: SampledMaskConfig):
-    super().__init__(context, config)
+  def __init__(self, context: BuildContext, config: SampledMaskConfig, uplink_coding: str = "none"):
+    super().__init__(context, config, "none")  # nothing is sent
     self.settings["aggregation"] = "none (local_masks: each client trains its own mask alone)"
     self.description = "W frozen; each client trains its own sampled mask alone; 0 bits"
 

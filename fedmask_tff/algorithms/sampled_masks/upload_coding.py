@@ -1,0 +1,79 @@
+"""Exact entropy coding of sampled uploads (``--uplink_coding=entropy``), done in the driver.
+
+A client uploads one sample ``b ~ Bernoulli(sigmoid(m_r))`` per kept element (1 bit each,
+packed). Where it started the round from the server's theta, both ends know theta *as it went
+down* (quantized to ``downlink_bits``, :func:`fedmask_tff.masks.probability.quantize_theta`):
+the sample mostly agrees with ``1[theta_q >= 0.5]`` once the masks have learned, and FedPM codes
+it against theta for that reason. Here each weight's bits are coded against that reference with
+:func:`fedmask_tff.wire.coding.encode_mask` (adaptive rANS over the flips ``b ^ reference``,
+contexts: previous flip and reference bit; exact, CRC-checked):
+
+* a weight the client started from theta (a shared weight: every element; a pruned one that is
+  not personal, or personal with ``head_start="theta"``: its kept positions where the server
+  has a value, ``defined``, else 0): ``reference = 1[theta_q >= 0.5]``;
+* a personal weight (the client's own scores; nothing went down for it): ``reference = 0``
+  (the coder still learns the sample's density).
+
+One stream per weight; the coded size is the streams' bytes x 8 (header and CRC included,
+about 100 bits a stream). The client sends the streams or, when they would be larger (a tiny
+model, masks not yet learned), the packed bits as they are, plus one byte saying which.
+Each stream is decoded here and compared with the upload (a mismatch raises). TFF still
+carries the packed bits to the server computation; the bits reported are the coded ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedmask_tff.masks import probability
+from fedmask_tff.wire import bitpack, coding
+
+
+def _receives_theta(spec, config) -> bool:
+  """Whether the client starts ``spec`` from theta (as ``client.received_theta`` decides)."""
+  return not (spec.personal and not (spec.prunable and config.head_start == "theta"))
+
+
+def references(plan, config, theta, defined, keep_packed) -> list[np.ndarray]:
+  """Per weight: the uint8 0/1 reference of its uploaded bits (``[kept elements]`` of a pruned
+  weight, ``[size]`` otherwise), from the server's ``theta`` and ``defined`` at the start of the
+  round and the client's packed ``keep`` masks after the round (an upload is at the kept
+  positions of the round's end: a client prunes in its first round)."""
+  refs = []
+  for spec, t, d, k in zip(plan, theta, defined, keep_packed):
+    flat_t = np.asarray(t, np.float32).reshape(-1)
+    if spec.prunable:
+      kept = bitpack.unpack_bits_np(np.asarray(k, np.uint8), (spec.size,), bool)
+      values, known = flat_t[kept], np.asarray(d, bool).reshape(-1)[kept]
+    else:
+      values, known = flat_t, np.ones(spec.size, bool)
+    if not _receives_theta(spec, config):
+      refs.append(np.zeros(values.size, np.uint8))
+      continue
+    got = probability.dequantize_theta(probability.quantize_theta(values, config.downlink_bits),
+                                       values.size, config.downlink_bits)
+    refs.append(((got >= 0.5) & known).astype(np.uint8))
+  return refs
+
+
+def coded_bits(packed_bits, refs) -> int:
+  """Bits of the coded upload: each weight's packed sampled bits (uint8 ``[ceil(n/8)]``) coded
+  against its reference (uint8 ``[n]``), one stream each, decoded back and checked; 8 (the byte
+  saying coded or packed) + the smaller of the streams' and the packed bits. Raises
+  ``ValueError`` when a payload's size does not match its reference (the server would refuse
+  that upload) and ``RuntimeError`` if a stream does not decode to the upload."""
+  total = packed_total = 0
+  for i, (packed, ref) in enumerate(zip(packed_bits, refs)):
+    packed = np.asarray(packed, np.uint8).reshape(-1)
+    n = ref.size
+    if packed.size != bitpack.packed_size_bytes(n):
+      raise ValueError(f"upload of weight {i}: {packed.size} bytes for {n} kept elements")
+    packed_total += 8 * packed.size
+    if n == 0:
+      continue
+    bits = bitpack.unpack_bits_np(packed, (n,), np.uint8)
+    stream = coding.encode_mask(bits, ref)
+    if not np.array_equal(coding.decode_mask(stream, ref, n), bits):
+      raise RuntimeError(f"upload of weight {i} did not decode exactly")  # never expected
+    total += 8 * len(stream)
+  return 8 + min(total, packed_total)
