@@ -130,7 +130,8 @@ class SampledMaskAlgorithm(FederatedAlgorithm):
       refs = upload_coding.references(self.plan, self.config, server_state["theta"],
                                       server_state["defined"], keep)
       packed = sum(8 * np.asarray(b).size for b in bits)
-      m["uplink_bits"] = m["uplink_bits"] - packed + upload_coding.coded_bits(bits, refs)
+      coded = upload_coding.coded_bits(bits, refs, check=i == 0)  # decoded: the round's first
+      m["uplink_bits"] = m["uplink_bits"] - packed + coded
     return result[0], new_states, metrics
 
   def round_extras(self, client_metrics):
