@@ -4,9 +4,12 @@ Per-FedAvg learns a global model ``w`` that is a good *starting point* for one
 step of local SGD (MAML's objective ``F_i(w) = f_i(w - alpha * grad f_i(w))``).
 
 **Client work** (``client_update``), for ``local_epochs`` passes over the
-client's batched training data; the batches are taken in consecutive groups of
-2 (``"fo"``) or 3 (``"hf"``): ``D, D'`` (``D''``). A trailing group with fewer
-batches is skipped (its examples are not processed and not counted). One step:
+client's batched training data, taken as one stream of batches in consecutive
+groups of 2 (``"fo"``) or 3 (``"hf"``): ``D, D'`` (``D''``); a group may span two
+epochs, so a client with one batch an epoch (CIFAR-10's paper partition: 20
+training examples, batch 32) still takes ``local_epochs // 2`` FO steps. The
+round's trailing group with fewer batches is skipped (its examples are not
+processed and not counted). One step:
 
 * ``w_tmp = w - alpha * grad f(w; D)``
 * first order (``"fo"``): ``w <- w - beta * grad f(w_tmp; D')``
@@ -224,13 +227,14 @@ class _Settings:
 
 def _meta_training(model, variables, s: _Settings):
   """A ``tf.function`` ``(dataset, start) -> (new_weights, loss_sum, examples, passes)``:
-  ``s.local_epochs`` passes of :func:`per_fedavg_step` over consecutive groups of ``s.k``
-  batches (:func:`group_batches`), from the trainable weights ``start``; the sums are float32."""
+  :func:`per_fedavg_step` over consecutive groups of ``s.k`` batches (:func:`group_batches`) of
+  ``s.local_epochs`` passes over ``dataset`` (one stream: a group may span two epochs), from
+  the trainable weights ``start``; the sums are float32."""
   k = s.k
 
   @tf.function
   def train(dataset, start):
-    groups = group_batches(dataset, k)
+    groups = group_batches(dataset.repeat(s.local_epochs), k)
 
     def step(acc, group):
       w, loss_sum, examples, passes = acc
@@ -239,9 +243,7 @@ def _meta_training(model, variables, s: _Settings):
       return tuple(new_w), loss_sum + l, examples + n, passes + p
 
     acc = (tuple(start), tf.constant(0.0), tf.constant(0.0), tf.constant(0.0))
-    for _ in tf.range(s.local_epochs):
-      acc = groups.reduce(acc, step)
-    return acc
+    return groups.reduce(acc, step)
 
   return train
 

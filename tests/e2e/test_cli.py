@@ -95,17 +95,22 @@ def test_bits_match_the_payload_layout(finished_run):
   # The default (--upload=sampled): 1 bit up per element of every unpruned weight and per kept
   # element of a pruned one (prune_rate of it), each weight packed to whole bytes, plus the packed
   # pruning masks in the round the client prunes (its first); down, theta in 2 bits per element
-  # of every unpruned weight (the pruned head starts from the client's own scores).
-  assert r["config"]["upload"] == "sampled"
+  # of every unpruned weight (the pruned head starts from the client's own scores). The uploads
+  # are entropy-coded by default (--uplink_coding=auto): each client's coded bits are at most its
+  # packed bits plus the byte saying which it sent; the round keeps the packed mean beside them.
+  assert r["config"]["upload"] == "sampled" and r["config"]["uplink_coding"] == "auto"
   sizes = [(int(np.prod(m["shape"])), m["prunable"]) for m in masks]
   up = sum(8 * (((max(1, round(0.2 * n)) if p else n) + 7) // 8) for n, p in sizes)
   down = sum(8 * ((2 * n + 7) // 8) for n, p in sizes if not p)
   for row in r["rounds"]:
+    packed = []
     for cid, bits in row["uplink_bits_by_client"].items():
       first = cid not in seen
-      assert bits == up + (keep_bits if first else 0), (row["round"], cid)  # pruning masks once
+      packed.append(up + (keep_bits if first else 0))  # pruning masks once
+      assert keep_bits * first < bits <= packed[-1] + 8, (row["round"], cid)
       assert row["downlink_bits_by_client"][cid] == down, (row["round"], cid)
       seen.add(cid)
+    assert row["uplink_bits_packed_per_client"] == pytest.approx(sum(packed) / len(packed))
   del mask_bits
 
 

@@ -232,12 +232,13 @@ def img_datasets(sizes, seed, batch=8):
 
 
 TRAIN_SIZES, TEST_SIZES = (20, 40, 60), (7, 12, 9)
-# Batches of 8: 20 -> 8,8,4; 40 -> 5 x 8; 60 -> 7 x 8 + 4. Per epoch:
-#   fo (pairs):   (8,8) [4 left] | (8,8)(8,8) [8 left] | (8,8)(8,8)(8,8)(8,4)
-#                 -> examples = passes = 16, 32, 60
-#   hf (triples): (8,8,4) | (8,8,8) [8,8 left] | (8,8,8)(8,8,8) [8,4 left]
-#                 -> examples (D, D') 16, 16, 32; passes 16+2*4=24 | 16+2*8=32 | 2*(16+16)=64
-EXPECTED = {"fo": ([16, 32, 60], [16, 32, 60]), "hf": ([16, 16, 32], [24, 32, 64])}
+# Batches of 8: 20 -> 8,8,4; 40 -> 5 x 8; 60 -> 7 x 8 + 4. Two epochs are one stream of batches
+# (a group may span the epochs' boundary), per round:
+#   fo (pairs):   (8,8)(4,8)(8,4) | 5 x (8,8) | 8 pairs, 2 x 60
+#                 -> examples = passes = 40, 80, 120
+#   hf (triples): (8,8,4)(8,8,4) | 3 x (8,8,8) [8 left] | (8,8,8)(8,8,8)(8,4,8)(8,8,8)(8,8,8) [4 left]
+#                 -> examples (D, D') 32, 48, 76; passes + 2 |D''|: 32+16=48 | 48+48=96 | 76+80=156
+EXPECTED = {"fo": ([40, 80, 120], [40, 80, 120]), "hf": ([32, 48, 76], [48, 96, 156])}
 
 
 @pytest.mark.parametrize("variant", ["fo", "hf"])
@@ -254,9 +255,9 @@ def test_wrapper_two_rounds_bits_flops_and_evaluation(tff_context, variant):
     state, client_states, metrics = alg.next(state, img_datasets(TRAIN_SIZES, r), None)
     assert client_states is None and len(metrics) == 3
     for m, n, p in zip(metrics, examples, passes):
-      assert m["examples"] == 2 * n and m["example_passes"] == 2 * p
+      assert m["examples"] == n and m["example_passes"] == p
       assert m["uplink_bits"] == m["downlink_bits"] == 32 * params
-      assert m["train_flops"] == costs.train_flops(costs.weight_costs(model), 2 * p)
+      assert m["train_flops"] == costs.train_flops(costs.weight_costs(model), p)
       assert np.isfinite(m["loss_sum"]) and m["loss_sum"] > 0
   out = alg.evaluate(state, img_datasets(TEST_SIZES, 5), None, img_datasets(TRAIN_SIZES, 6))
   assert [m["examples"] for m in out] == list(TEST_SIZES)
@@ -358,3 +359,14 @@ def test_wrapper_passes_diverged_and_upload_valid_as_ints(tff_context):
   assert all(type(m["diverged"]) is int and type(m["upload_valid"]) is int for m in metrics)
   assert metrics[2]["examples"] == 0 and metrics[2]["loss_sum"] == 0
   assert all(np.all(np.isfinite(np.asarray(w))) for w in state)
+
+
+def test_one_batch_an_epoch_still_steps_across_epochs(tff_context):
+  """CIFAR-10's paper partition: 20 training examples, batch 32, one batch an epoch. The pairs
+  (D, D') span the epochs, so 2 epochs are 1 FO step (before: none, and a round loss of 0/0)."""
+  alg = per_fedavg.build_per_fedavg(context(local_epochs=2, batch=8))
+  state = alg.initialize()
+  new_state, _, metrics = alg.next(state, img_datasets((6,), 0), None)
+  assert metrics[0]["examples"] == 12 and metrics[0]["example_passes"] == 12
+  assert np.isfinite(metrics[0]["loss_sum"]) and metrics[0]["loss_sum"] > 0
+  assert any(not np.array_equal(a, b) for a, b in zip(new_state, state))
