@@ -96,8 +96,13 @@ def test_a_coded_round_is_the_same_round_with_fewer_bits():
 def test_fedpm_codes_its_uploads_and_local_masks_sends_nothing():
   fedpm = sampled.FedPM(CONTEXT, SampledMaskConfig(local_epochs=1, downlink_bits=32),
                         uplink_coding="entropy")
+  plain = sampled.FedPM(CONTEXT, SampledMaskConfig(local_epochs=1, downlink_bits=32))
   server = fedpm.initialize()
-  _, _, metrics = fedpm.next(server, [_data(3), _data(4)], None)
+  coded_server, _, metrics = fedpm.next(server, [_data(3), _data(4)], None)
+  plain_server, _, plain_metrics = plain.next(server, [_data(3), _data(4)], None)
+  for a, b in zip(tf.nest.flatten(coded_server), tf.nest.flatten(plain_server)):  # the same round
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert [m["loss_sum"] for m in metrics] == [m["loss_sum"] for m in plain_metrics]
   n = sum(s.size for s in fedpm.plan)
   for m in metrics:
     assert m["uplink_bits_packed"] == sum(8 * ((s.size + 7) // 8) for s in fedpm.plan)
