@@ -270,17 +270,23 @@ def _not_run_yet(module, args, runs_made):
   if module not in ("experiments.run", "experiments.compare"):
     return args
   from fedmask_tff.algorithms import ALGORITHMS
+  from fedmask_tff.simulation.run_config import FEDMASK_COMMUNICATION, FEDMASK_SETTINGS
   settings = {}
   for a in args:  # the last value of a flag is the one that counts
     name, _, value = a.partition("=")
     if name not in ("--algorithm", "--algorithms", "--output_dir", "--progress"):
       settings[name] = value
-  key = tuple(sorted(settings.items()))
+  # FedMask's own flags change no other algorithm's run (the CLI leaves them unused there).
+  mask_flags = {f"--{n}" for n in FEDMASK_SETTINGS + FEDMASK_COMMUNICATION}
+  def key(algorithm):
+    own = algorithm in ("fedmask", "local_masks", "fedpm")
+    return (module, algorithm, tuple(sorted((n, v) for n, v in settings.items()
+                                            if own or n not in mask_flags)))
   named = [a.partition("=")[2] for a in args if a.startswith(("--algorithm=", "--algorithms="))]
   algorithms = named[-1].split(",") if named else (
       ["fedmask"] if module == "experiments.run" else list(ALGORITHMS))
-  left = [a for a in algorithms if (module, a, key) not in runs_made]
-  runs_made.update((module, a, key) for a in left)
+  left = [a for a in algorithms if key(a) not in runs_made]
+  runs_made.update(key(a) for a in left)
   if not left:
     return None
   if left == algorithms:
