@@ -104,7 +104,7 @@ def test_coding_options_table(tmp_path):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.compare_coding", f"--data_dir={data}", f"--output_dir={out}",
-       "--model=mlp", "--model_width=0.25", "--num_clients=6", "--clients_per_round=3", "--rounds=3",
+       "--model=mlp", "--model_width=0.25", "--num_clients=6", "--clients_per_round=3", "--rounds=2",
        "--local_epochs=1", "--batch_size=16", "--progress=false", "--ldp_epsilons=2"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
   assert proc.returncode == 0, proc.stderr[-4000:]
