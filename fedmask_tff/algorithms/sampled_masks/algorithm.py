@@ -121,6 +121,7 @@ class SampledMaskAlgorithm(FederatedAlgorithm):
     uploads, metrics = outputs[0], self._metrics(result[-1])
     new_states = list(result[1]) if self.stateful else None
     all_kept = tuple(bitpack.pack_bits_np(np.ones(spec.size, np.uint8)) for spec in self.plan)
+    decisions = upload_coding.theta_decisions(self.plan, self.config, server_state["theta"])
     for i, m in enumerate(metrics):
       m["uplink_bits_packed"] = m["uplink_bits"]
       if not m["upload_valid"]:
@@ -128,7 +129,7 @@ class SampledMaskAlgorithm(FederatedAlgorithm):
       bits = uploads[i][0]
       keep = new_states[i]["keep"] if self.stateful else all_kept
       refs = upload_coding.references(self.plan, self.config, server_state["theta"],
-                                      server_state["defined"], keep)
+                                      server_state["defined"], keep, decisions)
       packed = sum(8 * np.asarray(b).size for b in bits)
       coded = upload_coding.coded_bits(bits, refs, check=i == 0)  # decoded: the round's first
       m["uplink_bits"] = m["uplink_bits"] - packed + coded

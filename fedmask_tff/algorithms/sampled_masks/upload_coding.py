@@ -40,25 +40,42 @@ def _receives_theta(spec, config) -> bool:
   return not (spec.personal and not (spec.prunable and config.head_start == "theta"))
 
 
-def references(plan, config, theta, defined, keep_packed) -> list[np.ndarray]:
+def theta_decisions(plan, config, theta) -> list:
+  """Per weight: uint8 ``1[theta_q >= 0.5]`` over all its elements (theta as it goes down,
+  ``downlink_bits``; the quantizer is element-wise), or None where nothing goes down (a
+  personal weight). The same for every client of a round: compute it once a round."""
+  out = []
+  for spec, t in zip(plan, theta):
+    if not _receives_theta(spec, config):
+      out.append(None)
+      continue
+    flat = np.asarray(t, np.float32).reshape(-1)
+    got = probability.dequantize_theta(probability.quantize_theta(flat, config.downlink_bits),
+                                       flat.size, config.downlink_bits)
+    out.append((got >= 0.5).astype(np.uint8))
+  return out
+
+
+def references(plan, config, theta, defined, keep_packed, decisions=None) -> list[np.ndarray]:
   """Per weight: the uint8 0/1 reference of its uploaded bits (``[kept elements]`` of a pruned
   weight, ``[size]`` otherwise), from the server's ``theta`` and ``defined`` at the start of the
   round and the client's packed ``keep`` masks after the round (an upload is at the kept
-  positions of the round's end: a client prunes in its first round)."""
+  positions of the round's end: a client prunes in its first round). ``decisions``: the
+  round's :func:`theta_decisions`, when already computed."""
+  if decisions is None:
+    decisions = theta_decisions(plan, config, theta)
   refs = []
-  for spec, t, d, k in zip(plan, theta, defined, keep_packed):
-    flat_t = np.asarray(t, np.float32).reshape(-1)
+  for spec, dec, d, k in zip(plan, decisions, defined, keep_packed):
     if spec.prunable:
       kept = bitpack.unpack_bits_np(np.asarray(k, np.uint8), (spec.size,), bool)
-      values, known = flat_t[kept], np.asarray(d, bool).reshape(-1)[kept]
     else:
-      values, known = flat_t, np.ones(spec.size, bool)
-    if not _receives_theta(spec, config):
-      refs.append(np.zeros(values.size, np.uint8))
-      continue
-    got = probability.dequantize_theta(probability.quantize_theta(values, config.downlink_bits),
-                                       values.size, config.downlink_bits)
-    refs.append(((got >= 0.5) & known).astype(np.uint8))
+      kept = slice(None)
+    if dec is None:
+      refs.append(np.zeros(int(np.count_nonzero(kept)) if spec.prunable else spec.size, np.uint8))
+    elif spec.prunable:  # where the server has no value the client started from its own scores
+      refs.append(dec[kept] & np.asarray(d, bool).reshape(-1)[kept].astype(np.uint8))
+    else:
+      refs.append(dec)
   return refs
 
 
