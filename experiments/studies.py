@@ -63,6 +63,8 @@ flags.DEFINE_list("devices", None, "devices study: participating devices (client
 # --dry_run (defined with the run flags): print the planned runs and their settings, run nothing.
 flags.DEFINE_list("epochs", None, "epochs study: local epochs to compare (default: the preset's; "
                   "paper 1,2,5, small 1,2).")
+flags.DEFINE_list("variants", None, "fedmask_ablation study: which of its variants to run, in this "
+                  "order (default: all of ABLATION_VARIANTS).")
 
 _STUDY_ALGORITHMS = {"communication": list(ALGORITHMS), "computation": list(ALGORITHMS),
                      "devices": ["fedmask", "fedavg"], "epochs": ["fedmask"]}
@@ -117,6 +119,9 @@ ABLATION_VARIANTS = (
     ("sampled_sgd", dict(algorithm="fedmask", optimizer="sgd", learning_rate=30.0)),
     ("sampled_shared_head", dict(algorithm="fedmask", personal_head=False)),
     ("sampled_head_from_theta", dict(algorithm="fedmask", head_start="theta")),
+    ("sampled_all_from_theta", dict(algorithm="fedmask", personal_layers=0)),
+    ("sampled_prune05", dict(algorithm="fedmask", prune_rate=0.5)),
+    ("sampled_all_from_theta_prune05", dict(algorithm="fedmask", personal_layers=0, prune_rate=0.5)),
     ("sampled_evidence_kept", dict(algorithm="fedmask", evidence_decay=0.5)),
     ("sampled_1bit_down", dict(algorithm="fedmask", downlink_bits=1)),
     ("sampled_8bit_down", dict(algorithm="fedmask", downlink_bits=8)),
@@ -135,6 +140,20 @@ ABLATION_VARIANTS = (
                                     personal_head=False)),
     ("fedmask_default", dict(algorithm="fedmask")),
 )
+
+
+def ablation_variants(names=None) -> list:
+  """``[(name, changes)]``: ``ABLATION_VARIANTS``, or the ones ``names`` lists, in its order."""
+  if not names:
+    return list(ABLATION_VARIANTS)
+  known = dict(ABLATION_VARIANTS)
+  unknown = [n for n in names if n not in known]
+  if unknown or len(set(names)) != len(names):
+    raise _config_error(f"--variants: unknown or repeated {unknown or names}; valid: "
+                        f"{', '.join(known)}")
+  return [(n, known[n]) for n in names]
+
+
 PAPER_SWEEPS = {"devices": [20, 40, 80], "epochs": [1, 2, 5]}
 PAPER_FOLLOWS = ("cifar10: 400 clients, 2 classes per client, 25 examples per client, vgg16",
                  "20 devices per round (shakespeare_leaf: its 10 roles), 5 local epochs",
@@ -201,7 +220,10 @@ def plan_runs(study: str, preset: str, base, out: str) -> list[tuple[str, dict, 
                           "--algorithms does not apply")
     return [(name, {k: v for k, v in changes.items() if k != "algorithm"},
              dataclasses.replace(base, output_dir=os.path.join(out, name), **changes))
-            for name, changes in ABLATION_VARIANTS]
+            for name, changes in ablation_variants(FLAGS.variants)]
+  if FLAGS["variants"].present:
+    raise _config_error("--variants selects fedmask_ablation's variants; it does not apply to "
+                        f"the {study} study")
   algorithms = list(FLAGS.algorithms) if FLAGS["algorithms"].present else _STUDY_ALGORITHMS[study]
   unknown = [a for a in algorithms if a not in ALGORITHMS]
   if unknown or not algorithms:

@@ -169,7 +169,7 @@ def test_fedmask_ablation_plans_every_variant_on_one_partition(tmp_path):
   proc = _studies(["--study=fedmask_ablation", "--dry_run", f"--output_dir={tmp_path}/abl"])
   assert proc.returncode == 0, proc.stderr[-3000:]
   text = proc.stdout
-  assert "22 runs" in text
+  assert "25 runs" in text
   for name, wanted in (("local_masks", '"algorithm": "local_masks"'),
                        ("fedpm", '"algorithm": "fedpm"'),
                        ("sampled_threshold_forward", '"training_forward": "threshold"'),
@@ -177,6 +177,7 @@ def test_fedmask_ablation_plans_every_variant_on_one_partition(tmp_path):
                        ("sampled_sgd", '"optimizer": "sgd"'),
                        ("sampled_head_from_theta", '"head_start": "theta"'),
                        ("sampled_evidence_kept", '"evidence_decay": 0.5'),
+                       ("sampled_all_from_theta_prune05", '"personal_layers": 0, "prune_rate": 0.5'),
                        ("sampled_float_down", '"downlink_bits": 32'),
                        ("score_sign_previous_default", '"upload": "score_sign"'),
                        ("mask_scaled_logit", '"upload": "mask"'),
@@ -191,6 +192,21 @@ def test_fedmask_ablation_plans_every_variant_on_one_partition(tmp_path):
   refused = _studies(["--study=fedmask_ablation", "--dry_run", "--algorithms=fedmask",
                       f"--output_dir={tmp_path}/abl2"])
   assert refused.returncode != 0 and "--algorithms does not apply" in refused.stderr
+
+
+def test_fedmask_ablation_runs_the_variants_asked_for_in_their_order(tmp_path):
+  proc = _studies(["--study=fedmask_ablation", "--dry_run", "--variants=fedavg,sampled_prune05",
+                   f"--output_dir={tmp_path}/abl"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "2 runs" in proc.stdout
+  names = [l.strip().split(":")[0] for l in proc.stdout.splitlines()
+           if l.strip().startswith(("fedavg:", "sampled_prune05:"))]
+  assert names == ["fedavg", "sampled_prune05"], proc.stdout
+  unknown = _studies(["--study=fedmask_ablation", "--dry_run", "--variants=fedavg,nonsense",
+                      f"--output_dir={tmp_path}/abl2"])
+  assert unknown.returncode == 2 and "--variants" in unknown.stderr and "nonsense" in unknown.stderr
+  other = _studies(["--study=devices", "--dry_run", "--variants=fedavg", f"--output_dir={tmp_path}/d"])
+  assert other.returncode == 2 and "does not apply" in other.stderr
 
 
 def test_mask_capacity_trains_the_mask_and_the_dense_network(tmp_path):
