@@ -114,8 +114,9 @@ def _batched_spec(split):
 
 
 def _fedmask_round_fn(split, clients, batch_size, epochs, store_dir):
-  """A callable running one round of FedMask's default recipe (sampled masks) on ``clients`` as
-  the runner does: ``algorithm.next`` plus the client-state store's loads and saves."""
+  """A callable running one round of FedMask's default recipe (sampled masks, uploads
+  entropy-coded as ``--uplink_coding=auto`` does) on ``clients`` as the runner does:
+  ``algorithm.next`` plus the client-state store's loads and saves."""
   from fedmask_tff.algorithms.base import BuildContext
   from fedmask_tff.algorithms.sampled_masks.algorithm import SampledFedMask
   from fedmask_tff.algorithms.sampled_masks.config import SampledMaskConfig
@@ -124,7 +125,9 @@ def _fedmask_round_fn(split, clients, batch_size, epochs, store_dir):
                          model="cnn", model_width=1.0, seed=0, element_spec=spec,
                          eval_element_spec=spec, local_epochs=epochs, learning_rate=0.1,
                          batch_size=batch_size)
-  algorithm = SampledFedMask(context, SampledMaskConfig(local_epochs=epochs))
+  from fedmask_tff.algorithms import SAMPLED_UPLOAD, uplink_coding_used
+  coding = uplink_coding_used("fedmask", SAMPLED_UPLOAD, "auto")  # the CLI's default: entropy
+  algorithm = SampledFedMask(context, SampledMaskConfig(local_epochs=epochs), uplink_coding=coding)
   store = algorithm.make_store(store_dir)
   state = [algorithm.initialize()]
 

@@ -185,10 +185,15 @@ def _named_computation(fn: Callable, parameters: Sequence[tuple]):
 
 
 class Round(NamedTuple):
-  """A round's federated computations (see :func:`build_round`)."""
+  """A round's federated computations (see :func:`build_round`). ``aggregate_uploads``
+  (:func:`build_upload_round` with a client state): ``aggregate`` without the client states,
+  ``(server_state, upload, metrics) -> (server_state, metrics)``, for a driver that keeps the
+  states ``client_work`` returned (they only pass through ``aggregate``): they then cross
+  between driver and workers once a round, not three times."""
   client_work: tff.Computation
   aggregate: tff.Computation
   next: tff.Computation
+  aggregate_uploads: Optional[tff.Computation] = None
 
 
 def build_round(client_update, parameters: Sequence[tuple], aggregate_step: Callable,
@@ -252,8 +257,15 @@ def build_upload_round(client_update, decode_and_validate, server_update, w_type
   def aggregate_with_state(server_state, upload, new_states, metrics):
     new_state, metrics = mean_step(server_state, upload, metrics.examples, metrics)
     return new_state, new_states, metrics
-  return build_round(client_update, parameters, aggregate_with_state,
-                     ("server_state", "upload", output_name, "metrics"))
+  round_ = build_round(client_update, parameters, aggregate_with_state,
+                       ("server_state", "upload", output_name, "metrics"))
+
+  def aggregate_uploads(server_state, upload, metrics):
+    return mean_step(server_state, upload, metrics.examples, metrics)
+  upload_type, _, metrics_type = [tff.FederatedType(t, tff.CLIENTS)
+                                  for t in client_update.type_signature.result]
+  return round_._replace(aggregate_uploads=_named_computation(aggregate_uploads, [
+      ("server_state", parameters[0][1]), ("upload", upload_type), ("metrics", metrics_type)]))
 
 
 # --- Driver side ----------------------------------------------------------------------------------

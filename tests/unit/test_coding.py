@@ -34,6 +34,29 @@ def test_roundtrip_random(flip_rate, n):
   roundtrip(bits, ref)
 
 
+@pytest.mark.parametrize("lane_len", [1, 3, 16, 1000])
+def test_encode_masks_writes_the_bytes_encode_mask_writes_one_by_one(lane_len):
+  # Several masks coded in one pass, side by side: sizes below, at and above a lane, empty,
+  # all-agreeing (raw beats nothing), incompressible (raw stored), each decodable alone.
+  sizes_rates = [(0, 0.1), (1, 0.5), (17, 0.0), (999, 0.02), (1000, 0.3), (4097, 0.5),
+                 (5000, 0.01), (33, 0.2)]
+  pairs = [pair(n, rate, seed=i) for i, (n, rate) in enumerate(sizes_rates)]
+  together = coding.encode_masks(pairs, lane_len)
+  assert together == [coding.encode_mask(b, r, lane_len) for b, r in pairs]
+  for (bits, ref), data in zip(pairs, together):
+    np.testing.assert_array_equal(coding.decode_mask(data, ref, len(ref)), bits)
+  assert coding.encode_masks([], lane_len) == []
+
+
+def test_encode_masks_names_the_bad_pair():
+  with pytest.raises(ValueError, match="pair 1: bits \\(2\\) and reference \\(3\\)"):
+    coding.encode_masks([pair(5, 0.1), (np.array([0, 1]), np.array([0, 0, 1]))])
+  with pytest.raises(ValueError, match="bits\\[0\\] must contain only 0 and 1"):
+    coding.encode_masks([(np.array([0, 2]), np.array([0, 0]))])
+  with pytest.raises(ValueError, match="lane_len"):
+    coding.encode_masks([pair(5, 0.1)], lane_len=0)
+
+
 @pytest.mark.parametrize("lane_len", [1, 3, 16, 17, 1000])
 @pytest.mark.parametrize("n", [1, 17, 33, 999, 4097])
 def test_roundtrip_lane_layouts(lane_len, n):

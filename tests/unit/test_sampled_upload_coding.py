@@ -60,6 +60,22 @@ def test_coded_bits_exact_small_when_the_sample_agrees_and_refuses_a_wrong_size(
   assert upload_coding.coded_bits([np.zeros(0, np.uint8)], [np.zeros(0, np.uint8)]) == 8
   with pytest.raises(ValueError, match="weight 0: 3 bytes for 20000"):
     upload_coding.coded_bits([np.zeros(3, np.uint8)], [ref])
+  # Several clients at once: each one's total as alone, in their order.
+  uploads = [[bitpack.pack_bits_np(agree)], [bitpack.pack_bits_np(noise)],
+             [np.zeros(0, np.uint8)]]
+  refs = [[ref], [ref], [np.zeros(0, np.uint8)]]
+  assert upload_coding.coded_bits_many(uploads, refs, check=1) == [coded, 20000 + 8, 8]
+
+
+def test_the_checked_upload_is_decoded_and_a_wrong_stream_raises(monkeypatch):
+  from fedmask_tff.wire import coding
+  ref = np.zeros(64, np.uint8)
+  bits = [bitpack.pack_bits_np(np.ones(64, np.uint8))]
+  real = coding.decode_mask
+  monkeypatch.setattr(coding, "decode_mask", lambda *a: 1 - real(*a))  # a broken decoder
+  assert upload_coding.coded_bits_many([bits, bits], [[ref], [ref]], check=None)  # not decoded
+  with pytest.raises(RuntimeError, match="did not decode exactly"):
+    upload_coding.coded_bits_many([bits, bits], [[ref], [ref]], check=1)
 
 
 def _data(seed, n=16):

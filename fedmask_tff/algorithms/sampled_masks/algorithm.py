@@ -36,6 +36,7 @@ class _Process:
     self.next = comps.round.next
     self.client_work = comps.round.client_work
     self.aggregate = comps.round.aggregate
+    self.aggregate_uploads = comps.round.aggregate_uploads
     self.evaluate = comps.evaluate
 
 
@@ -117,23 +118,29 @@ class SampledMaskAlgorithm(FederatedAlgorithm):
     from fedmask_tff.algorithms.sampled_masks import upload_coding
     clients = [list(train_datasets)] + ([list(client_states)] if self.stateful else [])
     outputs = self._with_datasets("client_work")(server_state, *clients)
-    result = self.process.aggregate(server_state, *outputs)
-    uploads, metrics = outputs[0], self._metrics(result[-1])
-    new_states = list(result[1]) if self.stateful else None
+    if self.stateful:  # the new states stay here: only uploads and metrics go to the server
+      server_state_next, metrics = self.process.aggregate_uploads(server_state, outputs[0],
+                                                                  outputs[2])
+      new_states = list(outputs[1])
+    else:
+      server_state_next, metrics = self.process.aggregate(server_state, *outputs)
+      new_states = None
+    uploads, metrics = outputs[0], self._metrics(metrics)
     all_kept = tuple(bitpack.pack_bits_np(np.ones(spec.size, np.uint8)) for spec in self.plan)
     decisions = upload_coding.theta_decisions(self.plan, self.config, server_state["theta"])
-    for i, m in enumerate(metrics):
+    valid = [i for i, m in enumerate(metrics) if m["upload_valid"]]
+    refs = [upload_coding.references(self.plan, self.config, server_state["theta"],
+                                     server_state["defined"],
+                                     new_states[i]["keep"] if self.stateful else all_kept, decisions)
+            for i in valid]
+    check = 0 if valid and int(server_state["round"]) % upload_coding.CHECK_EVERY == 0 else None
+    coded = upload_coding.coded_bits_many([uploads[i][0] for i in valid], refs, check=check)
+    for m in metrics:
       m["uplink_bits_packed"] = m["uplink_bits"]
-      if not m["upload_valid"]:
-        continue
-      bits = uploads[i][0]
-      keep = new_states[i]["keep"] if self.stateful else all_kept
-      refs = upload_coding.references(self.plan, self.config, server_state["theta"],
-                                      server_state["defined"], keep, decisions)
-      packed = sum(8 * np.asarray(b).size for b in bits)
-      coded = upload_coding.coded_bits(bits, refs, check=i == 0)  # decoded: the round's first
-      m["uplink_bits"] = m["uplink_bits"] - packed + coded
-    return result[0], new_states, metrics
+    for i, bits in zip(valid, coded):
+      packed = sum(8 * np.asarray(b).size for b in uploads[i][0])
+      metrics[i]["uplink_bits"] = metrics[i]["uplink_bits"] - packed + bits
+    return server_state_next, new_states, metrics
 
   def round_extras(self, client_metrics):
     extras = {"pruned_clients": int(sum(m["pruned"] for m in client_metrics)),

@@ -13,7 +13,8 @@
    weight (the expected weight: with N(0, 1) scores ``|m_r|`` alone would rank confidently-off
    elements as high as confidently-on ones); pruned elements stay 0 for good.
 3. **Local training**: ``local_epochs`` epochs with a fresh Bernoulli sample of every mask in
-   every forward pass (the ``"sampled"`` mask mode) and TFF's Adam (or SGD) on the scores.
+   every forward pass (the ``"sampled"`` mask mode) and Adam (TFF's ``build_adam`` arithmetic in
+   TF's fused kernel, its state started afresh every round) or TFF's SGD on the scores.
 4. **Upload** (:func:`upload`): one sample ``b ~ Bernoulli(sigmoid(m_r))`` per kept element,
    1 bit each (only the kept positions of a pruned weight), plus the packed pruning mask, which
    the server stores after the round the client pruned in (the simulation carries it every
@@ -101,28 +102,68 @@ def start_scores(plan, config, received, own, keep, defined):
   return starts
 
 
-def train_epochs(model, score_vars, dataset, epochs, config):
-  """``epochs`` passes over ``dataset`` with TFF's Adam (or SGD) on ``score_vars``, its state
-  started afresh; returns ``(loss_sum, examples)`` float32."""
-  if config.optimizer == "adam":
-    opt = tff.learning.optimizers.build_adam(config.learning_rate)
+ADAM_BETA_1, ADAM_BETA_2, ADAM_EPSILON = 0.9, 0.999, 1e-7  # TFF's build_adam defaults
+
+
+class AdamSlots:
+  """Adam's moment variables for ``score_vars`` (created once per client computation, outside
+  any ``tf.cond``), zeroed at the start of each :func:`train_epochs` call: the state starts
+  afresh every round, as with TFF's ``build_adam``."""
+
+  def __init__(self, score_vars):
+    self.first = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in score_vars]
+    self.second = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in score_vars]
+
+  def reset(self) -> list:
+    return [v.assign(tf.zeros_like(v)) for v in self.first + self.second]
+
+
+def adam_step(score_vars, grads, slots: AdamSlots, step, learning_rate: float) -> list:
+  """One Adam step (step ``step`` >= 1, float32) as TF's fused ``ResourceApplyAdam`` kernel: the
+  arithmetic of TFF's ``build_adam`` (m += (g - m)(1 - b1); v += (g^2 - v)(1 - b2);
+  w -= lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)) in one pass over each weight instead
+  of about ten (about 3 ms a step less on the demo cnn; tested equal to ``build_adam``)."""
+  b1, b2 = tf.constant(ADAM_BETA_1), tf.constant(ADAM_BETA_2)
+  return [tf.raw_ops.ResourceApplyAdam(
+      var=v.handle, m=m.handle, v=p.handle, beta1_power=tf.pow(b1, step),
+      beta2_power=tf.pow(b2, step), lr=tf.constant(learning_rate, tf.float32), beta1=b1, beta2=b2,
+      epsilon=tf.constant(ADAM_EPSILON), grad=g)
+      for v, m, p, g in zip(score_vars, slots.first, slots.second, grads)]
+
+
+def train_epochs(model, score_vars, dataset, epochs, config, slots=None):
+  """``epochs`` passes over ``dataset`` with Adam (:func:`adam_step`, its state ``slots``
+  zeroed first) or TFF's SGD on ``score_vars``; returns ``(loss_sum, examples)`` float32."""
+  adam = config.optimizer == "adam"
+  if adam:
+    if slots is None:
+      raise ValueError("Adam needs its AdamSlots (created outside any tf.cond)")
+    opt_state = tf.constant(0.0)  # the step count
+    reset = slots.reset()
   else:
     opt = tff.learning.optimizers.build_sgdm(config.learning_rate)
-  specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in score_vars)
-  opt_state = tf.nest.map_structure(tf.convert_to_tensor, opt.initialize(specs))
+    specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in score_vars)
+    opt_state = tf.nest.map_structure(tf.convert_to_tensor, opt.initialize(specs))
+    reset = []
 
   def step(acc, batch):
     loss_sum, count, state = acc
     with tf.GradientTape() as tape:
       loss = loss_fn(batch["y"], model(batch["x"], training=True))
     grads = tape.gradient(loss, score_vars)
-    state, new = opt.next(state, tuple(tf.convert_to_tensor(v) for v in score_vars), tuple(grads))
-    assigns = [v.assign(w) for v, w in zip(score_vars, new)]
-    with tf.control_dependencies(assigns):
+    if adam:
+      state = state + 1.0
+      updates = adam_step(score_vars, grads, slots, state, config.learning_rate)
+    else:
+      state, new = opt.next(state, tuple(tf.convert_to_tensor(v) for v in score_vars), tuple(grads))
+      updates = [v.assign(w) for v, w in zip(score_vars, new)]
+    with tf.control_dependencies(updates):
       n = tf.cast(tf.shape(batch["y"])[0], tf.float32)
-      return loss_sum + loss * n, count + n, state
+      return loss_sum + loss * n, count + n, tf.nest.map_structure(tf.identity, state)
 
   loss_sum, count = tf.constant(0.0), tf.constant(0.0)
+  with tf.control_dependencies(reset):
+    loss_sum = tf.identity(loss_sum)
   for _ in range(int(epochs)):  # a Python int: the epochs unroll in the graph
     loss_sum, count, opt_state = dataset.reduce((loss_sum, count, opt_state), step)
   return loss_sum, count
@@ -166,14 +207,16 @@ def client_round(model, plan, config, dataset, server, state):
            + [v.assign(k) for v, k in zip(keep_vars, keep_in)] + set_sample_seeds(model, seed))
   prunes = any(spec.prunable for spec in plan)
   pruning_now = tf.logical_and(tf.equal(state["pruned"], 0), prunes)
+  slots = AdamSlots(score_vars) if config.optimizer == "adam" else None
   with tf.control_dependencies(setup):
-    loss0, count0 = tf.cond(pruning_now, lambda: train_epochs(model, score_vars, dataset, 1, config),
+    loss0, count0 = tf.cond(pruning_now,
+                            lambda: train_epochs(model, score_vars, dataset, 1, config, slots),
                             lambda: (tf.constant(0.0), tf.constant(0.0)))
   with tf.control_dependencies([loss0, count0]):
     pruned_ops = tf.cond(pruning_now, lambda: tf.group(prune(plan, config, kernels, score_vars, keep_vars)),
                          lambda: tf.no_op())
   with tf.control_dependencies([pruned_ops]):
-    loss1, count1 = train_epochs(model, score_vars, dataset, config.local_epochs, config)
+    loss1, count1 = train_epochs(model, score_vars, dataset, config.local_epochs, config, slots)
   with tf.control_dependencies([loss1, count1]):
     bits, keeps = upload(plan, score_vars, keep_vars, tf.random.experimental.stateless_fold_in(seed, 7))
     new_scores = tuple(tf.identity(v) for v in score_vars)
