@@ -2,8 +2,15 @@
 its local training (the one-shot pruning epoch, then SGD on the scores ``m_r`` with W frozen),
 the upload it sends (bit-packed masks, 1 bit per element), and its evaluation.
 
-Each ``make_*(sh)`` builds one computation from the facts the process shares (``sh``,
-:func:`fedmask_tff.algorithms.fedmask.process.build_fedmask_process`).
+Each ``make_*`` builds one computation from the facts it is given (by
+:func:`fedmask_tff.algorithms.fedmask.process.build_fedmask_process`). Those named the same mean
+the same throughout: ``config`` the :class:`.config.FedMaskConfig`; ``thresholds`` each masked
+weight's tau, ``logit_thresholds`` its logit; ``prunable_idx`` the indices of the prunable weights;
+``data_type`` / ``eval_data_type`` / ``state_type`` / ``scores_type`` the TFF types of a client's
+training and evaluation datasets, of its (full-size) state and of a tuple of float32 tensors
+of the masked weights' shapes; ``wire`` how client states cross the TFF boundary
+(:class:`.wire_forms.Wire`). Computations made with :func:`.wire_forms.computations` come as
+``(logical, federated)`` pairs.
 """
 
 from __future__ import annotations
@@ -26,8 +33,10 @@ def loss_fn(y, logits):
       y, logits, from_logits=True))
 
 
-def make_load_model(sh):
-  model_fn = sh.model_fn
+def make_load_model(model_fn):
+  """``load_model(state)``: a fresh model from ``model_fn`` (the process's model builder) with
+  the state's scores and pruning masks assigned; returns the model, its kernels, score and
+  keep variables and the assign ops."""
 
   def load_model(state):
     model = model_fn()
@@ -38,8 +47,9 @@ def make_load_model(sh):
   return load_model
 
 
-def make_encode_upload_fn(sh):
-  prunable_idx = sh.prunable_idx
+def make_encode_upload_fn(prunable_idx):
+  """``encode_upload_fn(masks, keeps, send_keep)``: the upload, every mask bit-packed, plus the
+  packed pruning masks of the prunable weights (``prunable_idx``) when ``send_keep > 0``."""
 
   def encode_upload_fn(masks, keeps, send_keep):
     packed_masks = tuple(bitpack.pack_bits_tf(m) for m in masks)
@@ -50,8 +60,8 @@ def make_encode_upload_fn(sh):
   return encode_upload_fn
 
 
-def make_client_seed(sh):
-  config = sh.config
+def make_client_seed(config):
+  """``client_seed(keeps, rounds, salt)``, seeded by ``config.seed``."""
 
   def client_seed(keeps, rounds, salt):
     """A shape-[2] int32 seed per client, round and use: from the run's seed, the round and a
@@ -63,9 +73,14 @@ def make_client_seed(sh):
   return client_seed
 
 
-def make_local_work(sh):
-  config, load_model, lr = sh.config, sh.load_model, sh.lr
-  prunable_idx, soft_forward, thresholds, weight_costs = sh.prunable_idx, sh.soft_forward, sh.thresholds, sh.weight_costs
+def make_local_work(config, load_model, lr, prunable_idx, soft_forward, thresholds, weight_costs):
+  """``local_work(dataset, state, epochs)``, a client's training.
+
+  Args: ``load_model`` from :func:`make_load_model`; ``lr`` the learning rate (float);
+  ``soft_forward`` per masked weight, whether its layer's forward pass is soft;
+  ``weight_costs`` the model's FLOP costs per masked weight
+  (:func:`fedmask_tff.models.costs.weight_costs`).
+  """
 
   def local_work(dataset, state, epochs):
     """A client's training: the pruning epoch (if it has not pruned yet), then ``epochs``
@@ -135,9 +150,14 @@ def make_local_work(sh):
   return local_work
 
 
-def make_client_update(sh):
-  client_seed, config, data_type, encode_upload_fn = sh.client_seed, sh.config, sh.data_type, sh.encode_upload_fn
-  global_scores, local_work, state_type = sh.global_scores, sh.local_work, sh.state_type
+def make_client_update(wire, config, data_type, state_type, global_scores, local_work,
+                       client_seed, encode_upload_fn):
+  """``client_update(dataset, state) -> (state, upload, metrics)`` (steps 1-2 of a round).
+
+  Args: ``global_scores`` whether the server keeps global scores (``upload="score_sign"``);
+  ``local_work``, ``client_seed``, ``encode_upload_fn`` from :func:`make_local_work`,
+  :func:`make_client_seed`, :func:`make_encode_upload_fn`.
+  """
 
   def client_update(dataset, state):
     new_state, masks, pruned_now, loss_sum, count, flops, diverged = local_work(
@@ -176,11 +196,12 @@ def make_client_update(sh):
         mask_ones=tf.add_n([tf.reduce_sum(m) for m in masks]),
         mask_kept=tf.add_n([tf.reduce_sum(k) for k in new_state["keep"]]))
     return new_state, upload, metrics
-  return wire_forms.computations(sh, client_update, (data_type, state_type), {1: "state"}, "first")
+  return wire_forms.computations(wire, client_update, (data_type, state_type), {1: "state"}, "first")
 
 
-def make_prepare_client(sh):
-  data_type, encode_upload_fn, local_work, state_type = sh.data_type, sh.encode_upload_fn, sh.local_work, sh.state_type
+def make_prepare_client(wire, data_type, state_type, local_work, encode_upload_fn):
+  """``prepare_client(dataset, state) -> (state, metrics)``; ``local_work`` and
+  ``encode_upload_fn`` from :func:`make_local_work` and :func:`make_encode_upload_fn`."""
 
   def prepare_client(dataset, state):
     """Algorithm 1 lines 4-6 (``prune_at_init``): a client that has not pruned yet trains its
@@ -197,11 +218,12 @@ def make_prepare_client(sh):
         diverged=tf.cast(diverged, tf.int32), train_flops=flops, pruned=tf.cast(done, tf.int32),
         uplink_bits=payloads.tensor_bits(sent_keep))
     return new_state, metrics
-  return wire_forms.computations(sh, prepare_client, (data_type, state_type), {1: "state"}, "first")
+  return wire_forms.computations(wire, prepare_client, (data_type, state_type), {1: "state"}, "first")
 
 
-def make_evaluate_client(sh):
-  eval_data_type, logit_thresholds, model_fn, scores_type = sh.eval_data_type, sh.logit_thresholds, sh.model_fn, sh.scores_type
+def make_evaluate_client(wire, model_fn, eval_data_type, scores_type, logit_thresholds):
+  """``evaluate_client(dataset, masks) -> metrics``: a fresh model from ``model_fn`` (the
+  process's model builder) evaluated with the given binary masks (the masks travel packed)."""
 
   def evaluate_client(dataset, masks):
     model = model_fn()
@@ -213,4 +235,4 @@ def make_evaluate_client(sh):
 
     with tf.control_dependencies(assigns):
       return tf.function(lambda d: evaluation.dataset_metrics(model, d))(dataset)
-  return wire_forms.computations(sh, evaluate_client, (eval_data_type, scores_type), {1: "masks"})
+  return wire_forms.computations(wire, evaluate_client, (eval_data_type, scores_type), {1: "masks"})

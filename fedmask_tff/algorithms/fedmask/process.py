@@ -32,8 +32,9 @@ composition of ``process.client_work`` (steps 1-2, no aggregation) and
 ``process.aggregate`` (steps 3-4, one sum), which ``--workers`` calls one after
 the other so that TFF's mergeable context can split each over several workers.
 
-Where each part lives: this module holds the facts every computation shares (``_facts``: the
-masked weights, initial scores, thresholds and TFF types) and composes the process;
+Where each part lives: this module derives the facts the computations are built from
+(``_facts``: the masked weights, initial scores, thresholds and TFF types) and composes the
+process, passing each factory the facts it uses;
 :mod:`.client_work` the client's computations (steps 1-2, evaluation), :mod:`.server_sums` the
 aggregation (steps 3-4), :mod:`.server_state` the server's G or m^T when it keeps one,
 :mod:`.federated` the federated computations, and :mod:`.wire_forms` how client states cross
@@ -45,8 +46,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-import types
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -105,18 +105,23 @@ class FedMaskProcess(tff.templates.IterativeProcess):
       (unpacked) states, for tests and the driver.
   """
 
-  def __init__(self, parts):
-    super().__init__(parts.initialize_fn, parts.next_fn)
-    self.specs, self.config, self.client_state_type = parts.specs, parts.config, parts.state_type
-    self.wire_state_type, self.client_states = parts.wire_state_type, parts.client_states
-    self.global_scores = parts.global_scores
-    self.client_work, self.aggregate = parts.client_work_fn, parts.aggregate_fn
-    self.prepare, self.evaluate = parts.prepare_fn, parts.evaluate_fn
-    self.client_update, self.prepare_client = parts.client_update, parts.prepare_client
-    self.decode_upload, self.download_and_apply = parts.decode_upload, parts.download_and_apply
-    self.evaluate_client = parts.evaluate_client
-    self.start_from_global, self.start_from_mask = parts.start_from_global, parts.start_from_mask
-    self._initial_scores, self._logit_thresholds = parts.initial_scores, parts.logit_thresholds
+  def __init__(self, *, initialize_fn, next_fn, specs, config, client_state_type, wire_state_type,
+               client_states, global_scores, client_work, aggregate, prepare, evaluate,
+               client_update, prepare_client, decode_upload, download_and_apply, evaluate_client,
+               start_from_global, start_from_mask, initial_scores, logit_thresholds):
+    """The attributes above, from :func:`build_fedmask_process` (``initial_scores``: numpy, one
+    per masked weight; ``logit_thresholds``: the logit of each masked weight's tau)."""
+    super().__init__(initialize_fn, next_fn)
+    self.specs, self.config, self.client_state_type = specs, config, client_state_type
+    self.wire_state_type, self.client_states = wire_state_type, client_states
+    self.global_scores = global_scores
+    self.client_work, self.aggregate = client_work, aggregate
+    self.prepare, self.evaluate = prepare, evaluate
+    self.client_update, self.prepare_client = client_update, prepare_client
+    self.decode_upload, self.download_and_apply = decode_upload, download_and_apply
+    self.evaluate_client = evaluate_client
+    self.start_from_global, self.start_from_mask = start_from_global, start_from_mask
+    self._initial_scores, self._logit_thresholds = initial_scores, logit_thresholds
 
   def initial_client_state(self):
     """The numpy state of a client never seen: the initial scores, nothing pruned."""
@@ -186,48 +191,122 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
   """
   if client_states not in ("messages", "files"):
     raise ValueError(f"client_states must be 'messages' or 'files', got {client_states!r}")
-  sh = _facts(model_fn, element_spec, config, eval_element_spec)
-  sh.client_states = client_states
-  sh.clients_state_type = tff.FederatedType(
-      tff.TensorType(np.str_) if client_states == "files" else sh.wire_state_type, tff.CLIENTS)
-  sh.wire = wire_forms.make_wire(sh)
-  sh.load_model = client_work.make_load_model(sh)
-  sh.encode_upload_fn = client_work.make_encode_upload_fn(sh)
-  sh.client_seed = client_work.make_client_seed(sh)
-  sh.local_work = client_work.make_local_work(sh)
-  sh.client_update, sh.client_update_wire = client_work.make_client_update(sh)
-  sh.prepare_client, sh.prepare_client_wire = client_work.make_prepare_client(sh)
-  sh.decode_upload, sh.decode_upload_wire = server_sums.make_decode_upload(sh)
-  sh.upload_valid = server_sums.make_upload_valid(sh)
-  sh.sum_uploads = server_sums.make_sum_uploads(sh)
-  sh.download_and_apply, sh.download_and_apply_wire = server_sums.make_download_and_apply(sh)
-  sh.evaluate_client, sh.evaluate_client_wire = client_work.make_evaluate_client(sh)
-  sh.sums_to_int = server_sums.make_sums_to_int(sh)
-  sh.sums_to_float = server_sums.make_sums_to_float(sh)
-  sh.increment = server_state.make_increment(sh)
-  sh.initial_global_state = server_state.make_initial_global_state(sh)
-  sh.quantized_global = server_state.make_quantized_global(sh)
-  sh.start_from_global, sh.start_from_global_wire = server_state.make_start_from_global(sh)
-  sh.server_votes = server_state.make_server_votes(sh)
-  sh.global_step = server_state.make_global_step(sh)
-  sh.initial_mask_state = server_state.make_initial_mask_state(sh)
-  sh.start_from_mask, sh.start_from_mask_wire = server_state.make_start_from_mask(sh)
-  sh.mask_step = server_state.make_mask_step(sh)
-  sh.mask_downlink_bits, sh.mask_downlink_bits_wire = server_state.make_mask_downlink_bits(sh)
-  sh.global_downlink_bits, sh.global_downlink_bits_wire = server_state.make_global_downlink_bits(sh)
-  sh.server_state_type, sh.initialize_fn = federated.make_initialize(sh)
-  sh.client_work_fn = federated.make_client_work_fn(sh)
-  sh.summed = federated.make_summed(sh)
-  sh.aggregate_fn = federated.make_aggregate_fn(sh)
-  sh.next_fn = federated.make_next_fn(sh)
-  sh.evaluate_fn = federated.make_evaluate_fn(sh)
-  sh.prepare_fn = federated.make_prepare_fn(sh)
-  return FedMaskProcess(sh)
+  f = _facts(model_fn, element_spec, config, eval_element_spec)
+  clients_state_type = tff.FederatedType(
+      tff.TensorType(np.str_) if client_states == "files" else f.wire_state_type, tff.CLIENTS)
+  wire = wire_forms.make_wire(f.specs, client_states, f.packed_masks_type, f.wire_state_type,
+                              f.wire_state_spec)
+  # Each factory gets the facts it uses; those of .wire_forms.computations return
+  # (logical, federated) pairs. Steps 1-2 (client_work), 3-4 (server_sums), then the server's
+  # G or m^T when it keeps one (server_state) and the federated computations (federated).
+  load_model = client_work.make_load_model(model_fn)
+  encode_upload_fn = client_work.make_encode_upload_fn(f.prunable_idx)
+  client_seed = client_work.make_client_seed(config)
+  local_work = client_work.make_local_work(config, load_model, f.lr, f.prunable_idx, f.soft_forward,
+                                           f.thresholds, f.weight_costs)
+  client_update, client_update_wire = client_work.make_client_update(
+      wire, config, f.data_type, f.state_type, f.global_scores, local_work, client_seed,
+      encode_upload_fn)
+  metrics_type = client_update.type_signature.result[2]
+  prepare_client, prepare_client_wire = client_work.make_prepare_client(
+      wire, f.data_type, f.state_type, local_work, encode_upload_fn)
+  decode_upload, decode_upload_wire = server_sums.make_decode_upload(
+      wire, f.specs, f.upload_type, f.scores_type)
+  upload_valid = server_sums.make_upload_valid(wire, f.specs, f.upload_type, f.scores_type)
+  sum_uploads = server_sums.make_sum_uploads(wire, f.specs, f.upload_type, f.sums_type)
+  download_and_apply, download_and_apply_wire = server_sums.make_download_and_apply(
+      wire, config, f.specs, f.thresholds, f.sums_type, f.state_type, client_seed)
+  evaluate_client, evaluate_client_wire = client_work.make_evaluate_client(
+      wire, model_fn, f.eval_data_type, f.scores_type, f.logit_thresholds)
+  sums_to_int = server_sums.make_sums_to_int(f.sums_type)
+  sums_to_float = server_sums.make_sums_to_float(f.int_sums_type)
+  increment = server_state.make_increment()
+  initial_global_state = server_state.make_initial_global_state(config, f.initial_scores)
+  quantized_global = server_state.make_quantized_global(config)
+  start_from_global, start_from_global_wire = server_state.make_start_from_global(
+      wire, config, f.specs, f.global_scores, f.scores_type, f.state_type, client_seed,
+      quantized_global)
+  server_votes = server_state.make_server_votes(config)
+  global_step = server_state.make_global_step(config, f.global_state_type, f.sums_type,
+                                              server_votes)
+  initial_mask_state = server_state.make_initial_mask_state(f.specs)
+  start_from_mask, start_from_mask_wire = server_state.make_start_from_mask(
+      wire, config, f.thresholds, f.scores_type, f.state_type)
+  mask_step = server_state.make_mask_step(f.mask_state_type, f.sums_type, f.thresholds,
+                                          server_votes)
+  _, mask_downlink_bits_wire = server_state.make_mask_downlink_bits(
+      wire, f.scores_type, f.state_type, metrics_type)
+  _, global_downlink_bits_wire = server_state.make_global_downlink_bits(
+      wire, config, f.specs, f.state_type, metrics_type)
+  server_state_type, initialize_fn = federated.make_initialize(
+      config, f.global_scores, f.global_state_type, f.mask_state_type, initial_global_state,
+      initial_mask_state)
+  client_work_fn = federated.make_client_work_fn(
+      config, f.global_scores, server_state_type, f.data_type, clients_state_type,
+      client_update_wire, start_from_global_wire, start_from_mask_wire)
+  summed = federated.make_summed(config, f.specs, sum_uploads, decode_upload_wire, sums_to_int,
+                                 sums_to_float)
+  aggregate_fn = federated.make_aggregate_fn(
+      config, f.global_scores, wire.files, server_state_type, clients_state_type, f.upload_type,
+      metrics_type, upload_valid, summed, global_step, mask_step, increment,
+      global_downlink_bits_wire, mask_downlink_bits_wire, download_and_apply_wire)
+  next_fn = federated.make_next_fn(server_state_type, f.data_type, clients_state_type,
+                                   client_work_fn, aggregate_fn)
+  evaluate_fn = federated.make_evaluate_fn(f.eval_data_type, f.packed_masks_type,
+                                           evaluate_client_wire)
+  prepare_fn = federated.make_prepare_fn(f.data_type, clients_state_type, prepare_client_wire)
+  return FedMaskProcess(
+      initialize_fn=initialize_fn, next_fn=next_fn, specs=f.specs, config=config,
+      client_state_type=f.state_type, wire_state_type=f.wire_state_type,
+      client_states=client_states, global_scores=f.global_scores, client_work=client_work_fn,
+      aggregate=aggregate_fn, prepare=prepare_fn, evaluate=evaluate_fn,
+      client_update=client_update, prepare_client=prepare_client, decode_upload=decode_upload,
+      download_and_apply=download_and_apply, evaluate_client=evaluate_client,
+      start_from_global=start_from_global, start_from_mask=start_from_mask,
+      initial_scores=f.initial_scores, logit_thresholds=f.logit_thresholds)
 
 
-def _facts(model_fn, element_spec, config, eval_element_spec) -> types.SimpleNamespace:
-  """What every computation of the process shares: the model's masked weights, the initial
-  scores, thresholds, FLOP costs and the TFF types of states, uploads and sums."""
+class _Facts(NamedTuple):
+  """What :func:`_facts` derives from the model and the config, for the builder to pass on.
+
+  Per masked weight, in order: ``specs`` (:class:`MaskSpec`), ``thresholds`` (its layer's tau),
+  ``soft_forward`` (whether its layer's forward pass is soft), ``logit_thresholds`` (logit of
+  tau), ``weight_costs`` (its FLOP costs), ``initial_scores`` (numpy); ``prunable_idx``: the
+  indices of the prunable ones. ``lr``: the clients' learning rate; ``global_scores``: whether
+  the server keeps global scores (``upload="score_sign"``). TFF types: ``scores_type`` (a
+  float32 tensor of each weight's shape), ``state_type`` / ``wire_state_type`` (a client state,
+  full-size / in its wire form; ``wire_state_spec``: the latter as ``tf.TensorSpec`` s),
+  ``data_type`` / ``eval_data_type`` (a client's training / evaluation dataset), ``upload_type``,
+  ``sums_type`` / ``int_sums_type`` (the server's sums in float32 / int32),
+  ``global_state_type`` / ``mask_state_type`` (the server state with G / m^T) and
+  ``packed_masks_type`` (bit-packed masks).
+  """
+  specs: list
+  thresholds: list
+  soft_forward: list
+  logit_thresholds: list
+  weight_costs: list
+  initial_scores: list
+  lr: float
+  global_scores: bool
+  scores_type: tuple
+  state_type: tff.Type
+  data_type: tff.Type
+  eval_data_type: tff.Type
+  upload_type: tff.Type
+  sums_type: tff.Type
+  prunable_idx: list
+  int_sums_type: tff.Type
+  global_state_type: tff.Type
+  mask_state_type: tff.Type
+  packed_masks_type: tuple
+  wire_state_type: tff.Type
+  wire_state_spec: collections.OrderedDict
+
+
+def _facts(model_fn, element_spec, config, eval_element_spec) -> _Facts:
+  """The facts the process's computations are built from: the model's masked weights, the
+  initial scores, thresholds, FLOP costs and the TFF types of states, uploads and sums."""
   probe = model_fn()
   layers = masked_layers(probe)
   config.validate(len(layers))
@@ -279,8 +358,8 @@ def _facts(model_fn, element_spec, config, eval_element_spec) -> types.SimpleNam
       keep=tuple(tf.TensorSpec([bitpack.packed_size_bytes(s.size)], tf.uint8) for s in specs),
       personal=tuple(tf.TensorSpec([bitpack.packed_size_bytes(s.size)], tf.uint8) for s in specs),
       rounds=tf.TensorSpec([], tf.int32))
-  return types.SimpleNamespace(
-      model_fn=model_fn, config=config, specs=specs, thresholds=thresholds,
+  return _Facts(
+      specs=specs, thresholds=thresholds,
       soft_forward=soft_forward, logit_thresholds=logit_thresholds, weight_costs=weight_costs,
       initial_scores=initial_scores, lr=lr, global_scores=global_scores, scores_type=scores_type,
       state_type=state_type, data_type=data_type, eval_data_type=eval_data_type,

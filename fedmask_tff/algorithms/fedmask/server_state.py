@@ -2,7 +2,17 @@
 or the binary global mask m^T (``global_mask``): its initial value, its step from the round's
 sums, how a selected client starts from it, and the downlink bits of that start.
 
-Each ``make_*(sh)`` builds one computation from the facts the process shares (``sh``).
+Each ``make_*`` builds one computation from the facts it is given (by
+:func:`fedmask_tff.algorithms.fedmask.process.build_fedmask_process`). Those named the same mean
+the same throughout: ``config`` the :class:`.config.FedMaskConfig`; ``specs`` the model's masked
+weights (``process.MaskSpec``), in order; ``thresholds`` each masked weight's tau;
+``scores_type`` / ``state_type`` / ``sums_type`` the TFF types of a tuple of float32 tensors of
+the masked weights' shapes, of a client's (full-size) state and of the float32 sums
+``OrderedDict(total, count)``; ``metrics_type`` that of ``client_update``'s metrics;
+``client_seed`` from :func:`.client_work.make_client_seed`; ``server_votes`` from
+:func:`make_server_votes`; ``wire`` how client states cross the TFF boundary
+(:class:`.wire_forms.Wire`). Computations made with :func:`.wire_forms.computations` come as
+``(logical, federated)`` pairs.
 """
 
 from __future__ import annotations
@@ -18,15 +28,17 @@ from fedmask_tff.wire import bitpack, ldp, quantization
 from fedmask_tff.algorithms.fedmask import wire_forms
 
 
-def make_increment(sh):
+def make_increment():
+  """``increment(r) = r + 1`` (int32): the server state when it keeps only a round counter."""
   @tff.tensorflow.computation(tff.TensorType(np.int32))
   def increment(r):
     return r + 1
   return increment
 
 
-def make_initial_global_state(sh):
-  config, initial_scores = sh.config, sh.initial_scores
+def make_initial_global_state(config, initial_scores):
+  """``initial_global_state()``: round 0 and G = ``initial_scores`` (the clients' initial
+  scores, numpy, one per masked weight)."""
 
   @tff.tensorflow.computation
   def initial_global_state():
@@ -36,8 +48,8 @@ def make_initial_global_state(sh):
   return initial_global_state
 
 
-def make_quantized_global(sh):
-  config = sh.config
+def make_quantized_global(config):
+  """``quantized_global(g, keep, seed)``, coded with ``config.downlink_bits`` bits."""
 
   def quantized_global(g, keep, seed):
     """score_sign with ``downlink_bits=b``: what the client receives of ``G`` at its kept
@@ -55,9 +67,11 @@ def make_quantized_global(sh):
   return quantized_global
 
 
-def make_start_from_global(sh):
-  client_seed, config, global_scores, quantized_global = sh.client_seed, sh.config, sh.global_scores, sh.quantized_global
-  scores_type, specs, state_type = sh.scores_type, sh.specs, sh.state_type
+def make_start_from_global(wire, config, specs, global_scores, scores_type, state_type,
+                           client_seed, quantized_global):
+  """``start_from_global(server_scores, state) -> state``. ``global_scores``: whether the server
+  keeps global scores (``upload="score_sign"``); ``quantized_global`` from
+  :func:`make_quantized_global`."""
 
   def start_from_global(server_scores, state):
     """A selected client starts from the server's scores (mixed with its own by
@@ -73,11 +87,11 @@ def make_start_from_global(sh):
         for g, s, k, spec in zip(server_scores, state["scores"], state["keep"], specs))
     return collections.OrderedDict(scores=scores, keep=state["keep"], personal=state["personal"],
                                    rounds=state["rounds"])
-  return wire_forms.computations(sh, start_from_global, (scores_type, state_type), {1: "state"}, "state")
+  return wire_forms.computations(wire, start_from_global, (scores_type, state_type), {1: "state"}, "state")
 
 
-def make_server_votes(sh):
-  config = sh.config
+def make_server_votes(config):
+  """``server_votes(sums)``, with ``config``'s ``ldp_epsilon`` and ``min_shared``."""
 
   def server_votes(sums):
     """Per tensor: ``(v, shared)``: the share of 1s among the clients keeping each element
@@ -91,8 +105,9 @@ def make_server_votes(sh):
   return server_votes
 
 
-def make_global_step(sh):
-  config, global_state_type, server_votes, sums_type = sh.config, sh.global_state_type, sh.server_votes, sh.sums_type
+def make_global_step(config, global_state_type, sums_type, server_votes):
+  """``global_step(server, sums) -> server`` on G (``global_state_type``: the TFF type of the
+  server state ``OrderedDict(round, scores)``)."""
 
   @tff.tensorflow.computation(global_state_type, sums_type)
   def global_step(server, sums):
@@ -103,8 +118,8 @@ def make_global_step(sh):
   return global_step
 
 
-def make_initial_mask_state(sh):
-  specs = sh.specs
+def make_initial_mask_state(specs):
+  """``initial_mask_state()``: round 0 and m^T "unchanged" everywhere."""
 
   @tff.tensorflow.computation
   def initial_mask_state():
@@ -134,9 +149,8 @@ def mask_message(m, keep):
   return tf.reshape(received, keep.shape), size
 
 
-def make_start_from_mask(sh):
-  config, scores_type, state_type = sh.config, sh.scores_type, sh.state_type
-  thresholds = sh.thresholds
+def make_start_from_mask(wire, config, thresholds, scores_type, state_type):
+  """``start_from_mask(global_mask_value, state) -> state``."""
 
   def start_from_mask(global_mask_value, state):
     """Algorithm 1 line 11: a selected client moves its scores by m^T where it keeps the element
@@ -147,11 +161,12 @@ def make_start_from_mask(sh):
         for m, s, k, t in zip(global_mask_value, state["scores"], state["keep"], thresholds))
     return collections.OrderedDict(scores=scores, keep=state["keep"], personal=state["personal"],
                                    rounds=state["rounds"])
-  return wire_forms.computations(sh, start_from_mask, (scores_type, state_type), {1: "state"}, "state")
+  return wire_forms.computations(wire, start_from_mask, (scores_type, state_type), {1: "state"}, "state")
 
 
-def make_mask_step(sh):
-  mask_state_type, server_votes, sums_type, thresholds = sh.mask_state_type, sh.server_votes, sh.sums_type, sh.thresholds
+def make_mask_step(mask_state_type, sums_type, thresholds, server_votes):
+  """``mask_step(server, sums) -> server`` on m^T (``mask_state_type``: the TFF type of the
+  server state ``OrderedDict(round, mask)``)."""
 
   @tff.tensorflow.computation(mask_state_type, sums_type)
   def mask_step(server, sums):
@@ -162,8 +177,8 @@ def make_mask_step(sh):
   return mask_step
 
 
-def make_mask_downlink_bits(sh):
-  client_update, scores_type, state_type = sh.client_update, sh.scores_type, sh.state_type
+def make_mask_downlink_bits(wire, scores_type, state_type, metrics_type):
+  """``mask_downlink_bits(global_mask_value, state, metrics) -> int64``."""
 
   def mask_downlink_bits(global_mask_value, state, metrics):
     """Bits of the m^T message the client received at the start of its round (all positions
@@ -171,13 +186,12 @@ def make_mask_downlink_bits(sh):
     sizes = [mask_message(m, tf.where(metrics["pruned"] > 0, tf.ones_like(k), k))[1]
              for m, k in zip(global_mask_value, state["keep"])]
     return tf.add_n(sizes)
-  return wire_forms.computations(sh, mask_downlink_bits,
-                       (scores_type, state_type, client_update.type_signature.result[2]),
-                       {1: "state"})
+  return wire_forms.computations(wire, mask_downlink_bits, (scores_type, state_type, metrics_type),
+                                 {1: "state"})
 
 
-def make_global_downlink_bits(sh):
-  client_update, config, specs, state_type = sh.client_update, sh.config, sh.specs, sh.state_type
+def make_global_downlink_bits(wire, config, specs, state_type, metrics_type):
+  """``global_downlink_bits(state, metrics) -> int64``."""
 
   def global_downlink_bits(state, metrics):
     """float32 G at the positions the client kept when it started (all before its pruning)."""
@@ -187,5 +201,5 @@ def make_global_downlink_bits(sh):
       return 32 * tf.add_n(counts)
     b = int(config.downlink_bits)  # b-bit codes, whole bytes per tensor, plus lo and hi
     return tf.add_n([8 * ((n * b + 7) // 8) + 64 for n in counts])
-  return wire_forms.computations(sh, global_downlink_bits,
-                       (state_type, client_update.type_signature.result[2]), {0: "state"})
+  return wire_forms.computations(wire, global_downlink_bits, (state_type, metrics_type),
+                                 {0: "state"})

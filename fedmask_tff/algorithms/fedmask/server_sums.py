@@ -2,7 +2,15 @@
 ``keep`` per element one client at a time (or through the secure sum), and the download: each
 client's float32 (or quantized) mean over the clients sharing an element, and its restart.
 
-Each ``make_*(sh)`` builds one computation from the facts the process shares (``sh``).
+Each ``make_*`` builds one computation from the facts it is given (by
+:func:`fedmask_tff.algorithms.fedmask.process.build_fedmask_process`). Those named the same mean
+the same throughout: ``specs`` the model's masked weights (``process.MaskSpec``), in order;
+``config`` the :class:`.config.FedMaskConfig`; ``thresholds`` each masked weight's tau;
+``upload_type`` / ``scores_type`` / ``state_type`` / ``sums_type`` / ``int_sums_type`` the TFF
+types of an upload, of a tuple of float32 tensors of the masked weights' shapes, of a client's
+(full-size) state and of the sums ``OrderedDict(total, count)`` in float32 / int32; ``wire`` how
+client states cross the TFF boundary (:class:`.wire_forms.Wire`). Computations made with
+:func:`.wire_forms.computations` come as ``(logical, federated)`` pairs.
 """
 
 from __future__ import annotations
@@ -17,8 +25,8 @@ from fedmask_tff.wire import bitpack, ldp, quantization
 from fedmask_tff.algorithms.fedmask import wire_forms
 
 
-def decode_upload_body(sh):
-  specs = sh.specs
+def decode_upload_body(specs):
+  """The TF function ``decode_upload(upload, cached_keep) -> (sums, valid)`` for ``specs``."""
 
   def decode_upload(upload, cached_keep):
     """Validates one client's upload and turns it into its share of the two sums.
@@ -74,27 +82,28 @@ def decode_upload_body(sh):
   return decode_upload
 
 
-def make_decode_upload(sh):
-  return wire_forms.computations(sh, decode_upload_body(sh), (sh.upload_type, sh.scores_type), {1: "keep"})
+def make_decode_upload(wire, specs, upload_type, scores_type):
+  """``decode_upload(upload, keep) -> (sums, valid)`` (:func:`decode_upload_body`)."""
+  return wire_forms.computations(wire, decode_upload_body(specs), (upload_type, scores_type),
+                                 {1: "keep"})
 
 
-def make_upload_valid(sh):
+def make_upload_valid(wire, specs, upload_type, scores_type):
   """``(upload, keep) -> int32``: whether the server accepts the upload (``decode_upload``'s
-  second result; the sums come from :func:`make_sum_uploads`)."""
-  decode_upload = decode_upload_body(sh)
-  return wire_forms.computations(sh, lambda upload, keep: decode_upload(upload, keep)[1],
-                       (sh.upload_type, sh.scores_type), {1: "keep"})[1]
+  second result; the sums come from :func:`make_sum_uploads`); the federated computation only."""
+  decode_upload = decode_upload_body(specs)
+  return wire_forms.computations(wire, lambda upload, keep: decode_upload(upload, keep)[1],
+                       (upload_type, scores_type), {1: "keep"})[1]
 
 
-def make_sum_uploads(sh):
+def make_sum_uploads(wire, specs, upload_type, sums_type):
   """``tff.federated_aggregate`` pieces that sum the decoded uploads one client at a time:
   ``(zero, accumulate, merge, report)``. ``accumulate(sums, (upload, keep))`` decodes a client's
   upload and adds it, so that decoded uploads (8 bytes a mask element) never exist for every
   client of the round at once, as a ``federated_map`` before ``federated_sum`` would keep
   them. The sums are of 0/1 values, exact in float32 in any order."""
-  decode_upload, sums_type, wire = decode_upload_body(sh), sh.sums_type, sh.wire
+  decode_upload = decode_upload_body(specs)
   keep_type, unpack_keep = wire.forms["keep"]
-  specs = sh.specs
 
   @tff.tensorflow.computation
   def zero():
@@ -105,7 +114,7 @@ def make_sum_uploads(sh):
     return collections.OrderedDict(total=tuple(x + y for x, y in zip(a["total"], b["total"])),
                                    count=tuple(x + y for x, y in zip(a["count"], b["count"])))
 
-  @tff.tensorflow.computation(sums_type, (sh.upload_type, keep_type))
+  @tff.tensorflow.computation(sums_type, (upload_type, keep_type))
   def accumulate(sums, client):
     return add(sums, decode_upload(client[0], unpack_keep(client[1]))[0])
 
@@ -114,8 +123,8 @@ def make_sum_uploads(sh):
   return zero, accumulate, merge, report
 
 
-def make_sums_to_int(sh):
-  sums_type = sh.sums_type
+def make_sums_to_int(sums_type):
+  """``sums_to_int(sums)``: float32 sums rounded to int32 (for the secure sum)."""
 
   @tff.tensorflow.computation(sums_type)
   def sums_to_int(sums):
@@ -124,8 +133,8 @@ def make_sums_to_int(sh):
   return sums_to_int
 
 
-def make_sums_to_float(sh):
-  int_sums_type = sh.int_sums_type
+def make_sums_to_float(int_sums_type):
+  """``sums_to_float(sums)``: int32 sums back to float32."""
 
   @tff.tensorflow.computation(int_sums_type)
   def sums_to_float(sums):
@@ -134,9 +143,9 @@ def make_sums_to_float(sh):
   return sums_to_float
 
 
-def make_download_and_apply(sh):
-  client_seed, config, specs, state_type = sh.client_seed, sh.config, sh.specs, sh.state_type
-  sums_type, thresholds = sh.sums_type, sh.thresholds
+def make_download_and_apply(wire, config, specs, thresholds, sums_type, state_type, client_seed):
+  """``download_and_apply(sums, state) -> (state, downlink bits)`` (step 4 of a round);
+  ``client_seed`` from :func:`.client_work.make_client_seed` (stochastic quantization)."""
 
   def download_and_apply(sums, state):
     new_scores, bits = [], []
@@ -176,4 +185,4 @@ def make_download_and_apply(sh):
     new_state = collections.OrderedDict(scores=tuple(new_scores), keep=state["keep"],
                                         personal=state["personal"], rounds=state["rounds"])
     return new_state, tf.cast(tf.add_n(bits), tf.int64)
-  return wire_forms.computations(sh, download_and_apply, (sums_type, state_type), {1: "state"}, "first")
+  return wire_forms.computations(wire, download_and_apply, (sums_type, state_type), {1: "state"}, "first")

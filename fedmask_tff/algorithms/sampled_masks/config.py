@@ -40,7 +40,8 @@ class SampledMaskConfig:
     learning_rate: the optimizer's step on the scores (Adam: 0.1, FedPM's).
     forward: the training forward pass: ``"sampled"`` (a fresh Bernoulli(sigmoid(m_r)) sample)
       or ``"threshold"`` (the binary mask with sigmoid' backward, the ablation).
-    optimizer: ``"adam"`` (TFF's ``build_adam``, its state started afresh every round) or
+    optimizer: ``"adam"`` (TFF's ``build_adam`` arithmetic in TF's fused kernel,
+      :func:`.client.adam_step`, its state started afresh every round) or
       ``"sgd"`` (``build_sgdm`` without momentum).
     score_init_mean, score_init_std: the scores' start, N(mean, std^2) (FedPM: N(0, 1)); the same
       draw (from ``seed``) for every client and the server's first theta = sigmoid of it.
