@@ -81,7 +81,9 @@ flags.DEFINE_float("ldp_epsilon", _D.ldp_epsilon, "fedmask: epsilon of randomize
 flags.DEFINE_string("partition_file", _D.partition_file, "Reuse a saved partition (a run's "
                     "partition.json): the same clients and train/test examples.")
 flags.DEFINE_float("prune_rate", _D.prune_rate, "Fraction p_r of elements one-shot pruning keeps in "
-                   "the last layers, in (0, 1].")
+                   "the last layers, in (0, 1] (default: 0.5 for masks trained as probabilities, "
+                   "FedMask's default recipe, chosen on validation data; 0.2, the paper's, for "
+                   "--upload=mask/score_sign).")
 flags.DEFINE_integer("prune_last_layers", _D.prune_last_layers, "How many last masked layers are "
                      "pruned (default: the model's; the paper prunes VGG-16's last 8, others' last 2).")
 flags.DEFINE_float("group_lasso", _D.group_lasso, "FedMask: weight of the paper's structured-sparsity "

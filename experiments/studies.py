@@ -120,6 +120,7 @@ ABLATION_VARIANTS = (
     ("sampled_shared_head", dict(algorithm="fedmask", personal_head=False)),
     ("sampled_head_from_theta", dict(algorithm="fedmask", head_start="theta")),
     ("sampled_all_from_theta", dict(algorithm="fedmask", personal_layers=0)),
+    ("sampled_prune02", dict(algorithm="fedmask", prune_rate=0.2)),  # the paper's p_r
     ("sampled_prune05", dict(algorithm="fedmask", prune_rate=0.5)),
     ("sampled_all_from_theta_prune05", dict(algorithm="fedmask", personal_layers=0, prune_rate=0.5)),
     ("sampled_evidence_kept", dict(algorithm="fedmask", evidence_decay=0.5)),
@@ -399,7 +400,8 @@ def main(argv):
       text = f"model_size: builds {', '.join(m[0] for m in model_size.SIZE_MODELS)}; no training"
     elif FLAGS.study == "model_size":
       width = FLAGS.model_width if FLAGS["model_width"].present else 1.0
-      text = model_size.model_size_study(FLAGS.preset, out, width, FLAGS.prune_rate, _log)
+      prune_rate = 0.2 if FLAGS.prune_rate is None else FLAGS.prune_rate  # the paper's p_r
+      text = model_size.model_size_study(FLAGS.preset, out, width, prune_rate, _log)
     elif FLAGS.study == "paper_table":
       text = paper_table.from_flags(out, plan_runs, execute, ensure_partition, _log)
     else:

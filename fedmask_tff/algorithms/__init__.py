@@ -49,6 +49,11 @@ def build_algorithm(name: str, context, config):
   return algorithm
 
 
+def _prune_rate(config) -> float:
+  from fedmask_tff.simulation.run_config import prune_rate_used
+  return prune_rate_used(config)
+
+
 def _build_sampled(name: str, context, config):
   from fedmask_tff import models
   from fedmask_tff.algorithms.sampled_masks import algorithm as sampled
@@ -57,7 +62,7 @@ def _build_sampled(name: str, context, config):
   settings = SampledMaskConfig(
       local_epochs=config.local_epochs, learning_rate=context.learning_rate,
       optimizer=config.optimizer, forward=config.training_forward, score_init_mean=config.score_init_mean,
-      score_init_std=config.score_init_std, prune_rate=config.prune_rate,
+      score_init_std=config.score_init_std, prune_rate=_prune_rate(config),
       prune_last_layers=models.prune_last_layers(context.model, config.prune_last_layers),
       personal_head=config.personal_head, personal_layers=config.personal_layers,
       head_start=config.head_start,
@@ -77,7 +82,7 @@ def _build(name: str, context, config):
     from fedmask_tff.algorithms.fedmask.algorithm import build_fedmask, build_local_masks
     fedmask_config = fedmask_process.FedMaskConfig(
         local_epochs=config.local_epochs, learning_rate=context.learning_rate,
-        prune_rate=config.prune_rate, prune_last_layers=config.prune_last_layers,
+        prune_rate=_prune_rate(config), prune_last_layers=config.prune_last_layers,
         score_restart=config.score_restart,
         restart_scale=vote_rules.rule_scale(config.score_restart, config.restart_scale),
         group_lasso=config.group_lasso, secure_aggregation=config.secure_aggregation,

@@ -64,7 +64,7 @@ class RunConfig:
   local_epochs: int = 2
   batch_size: int = 32
   learning_rate: Optional[float] = None  # None: the algorithm's documented default (FedMask: 30)
-  prune_rate: float = 0.2
+  prune_rate: Optional[float] = None  # None: the recipe's (sampled masks 0.5, score threshold 0.2)
   prune_last_layers: Optional[int] = None  # None: the model's (paper: VGG-16 8, others 2)
   mask_mode: str = "ste"
   score_init: float = 0.05
@@ -196,12 +196,28 @@ def _check_baselines(c: RunConfig) -> None:
         f"--standalone_budget must be one of {STANDALONE_BUDGETS}, got {c.standalone_budget!r}")
 
 
+# One-shot pruning's p_r when --prune_rate is not given: the paper's 0.2 for the score-threshold
+# uploads; 0.5 for masks trained as probabilities (FedMask's default recipe and local_masks),
+# chosen on validation data (docs/sampled-masks.md, "Choosing p_r").
+PAPER_PRUNE_RATE = 0.2
+SAMPLED_PRUNE_RATE = 0.5
+
+
+def prune_rate_used(c: RunConfig) -> float:
+  """``--prune_rate`` as the run applies it (see :data:`SAMPLED_PRUNE_RATE`)."""
+  if c.prune_rate is not None:
+    return float(c.prune_rate)
+  from fedmask_tff.algorithms import uses_sampled_masks
+  return SAMPLED_PRUNE_RATE if uses_sampled_masks(c.algorithm, c.upload) else PAPER_PRUNE_RATE
+
+
 def _check_fedmask(c: RunConfig) -> None:
   from fedmask_tff.masks.pruning import check_prune_rate
   from fedmask_tff.masks.vote_rules import RESTART_RULES
   _need(math.isfinite(c.group_lasso) and c.group_lasso >= 0,
         f"--group_lasso must be a finite number >= 0, got {c.group_lasso}")
-  _checked_by(check_prune_rate, c.prune_rate, flag="--")
+  if c.prune_rate is not None:
+    _checked_by(check_prune_rate, c.prune_rate, flag="--")
   _need(c.prune_last_layers is None or c.prune_last_layers >= 0,
         f"--prune_last_layers must be >= 0, got {c.prune_last_layers}")
   _need(c.mask_mode in ("ste", "soft"), f"--mask_mode must be 'ste' or 'soft', got {c.mask_mode!r}")
@@ -338,7 +354,7 @@ RESUME_FREE = ("overwrite", "progress", "max_concurrent_clients", "output_dir", 
 
 
 # FedMask's own settings: they change nothing for the other algorithms.
-FEDMASK_SETTINGS = ("score_restart", "restart_scale", "score_init_noise", "upload",
+FEDMASK_SETTINGS = ("prune_rate", "score_restart", "restart_scale", "score_init_noise", "upload",
                     "server_score_step", "personal_head", "global_weight", "global_mask",
                     "prune_at_init", "optimizer", "training_forward", "score_init_mean", "score_init_std",
                     "head_start", "personal_layers", "evidence_decay", "evidence_reset_every")
@@ -365,17 +381,19 @@ def unused_fedmask_settings(config: RunConfig) -> set[str]:
   under ``score_sign``; the server-score settings under the mask uploads; all but the initial
   scores for ``local_masks``)."""
   everything = set(FEDMASK_SETTINGS + FEDMASK_COMMUNICATION)
-  threshold_only = everything - set(SAMPLED_SETTINGS) - {"upload", "downlink_bits", "personal_head"}
-  if config.algorithm == "fedpm":
+  threshold_only = (everything - set(SAMPLED_SETTINGS)
+                    - {"upload", "downlink_bits", "personal_head", "prune_rate"})
+  if config.algorithm == "fedpm":  # nothing pruned
     return (threshold_only - {"uplink_coding"}) | {"personal_head", "personal_layers", "head_start",
-                                                   "upload"}
+                                                   "upload", "prune_rate"}
   if config.algorithm in ("fedmask", "local_masks") and config.upload == "sampled":
     if config.algorithm == "local_masks":
       return threshold_only | {"head_start", "personal_layers", "evidence_decay", "evidence_reset_every",
                                "downlink_bits", "personal_head"}
     return threshold_only - {"uplink_coding"}
   if config.algorithm == "local_masks":  # no aggregation: only the initial scores and pruning
-    return (everything - {"score_init_noise", "prune_at_init", "upload"}) | set(SAMPLED_SETTINGS)
+    return ((everything - {"score_init_noise", "prune_at_init", "upload", "prune_rate"})
+            | set(SAMPLED_SETTINGS))
   if config.algorithm != "fedmask":
     return everything
   if config.upload == "score_sign":

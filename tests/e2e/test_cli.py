@@ -93,14 +93,15 @@ def test_bits_match_the_payload_layout(finished_run):
   keep_bits = sum(8 * ((int(np.prod(m["shape"])) + 7) // 8) for m in masks if m["prunable"])
   seen = set()
   # The default (--upload=sampled): 1 bit up per element of every unpruned weight and per kept
-  # element of a pruned one (prune_rate of it), each weight packed to whole bytes, plus the packed
+  # element of a pruned one (p_r = 0.5 of it by default), each weight packed to whole bytes, plus the packed
   # pruning masks in the round the client prunes (its first); down, theta in 2 bits per element
   # of every unpruned weight (the pruned head starts from the client's own scores). The uploads
   # are entropy-coded by default (--uplink_coding=auto): each client's coded bits are at most its
   # packed bits plus the byte saying which it sent; the round keeps the packed mean beside them.
   assert r["config"]["upload"] == "sampled" and r["config"]["uplink_coding"] == "auto"
   sizes = [(int(np.prod(m["shape"])), m["prunable"]) for m in masks]
-  up = sum(8 * (((max(1, round(0.2 * n)) if p else n) + 7) // 8) for n, p in sizes)
+  assert r["config"]["prune_rate"] is None  # unset: the recipe's, 0.5 for sampled masks
+  up = sum(8 * (((max(1, round(0.5 * n)) if p else n) + 7) // 8) for n, p in sizes)
   down = sum(8 * ((2 * n + 7) // 8) for n, p in sizes if not p)
   for row in r["rounds"]:
     packed = []

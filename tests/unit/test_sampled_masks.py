@@ -175,3 +175,16 @@ def test_fused_adam_step_is_tffs_build_adam():
     np.testing.assert_allclose(var.numpy(), expected[0].numpy(), rtol=1e-5, atol=1e-6)
   slots.reset()
   assert not np.any(slots.first[0].numpy()) and not np.any(slots.second[0].numpy())
+
+
+def test_prune_rate_default_is_the_recipes_and_a_given_one_is_kept():
+  from fedmask_tff.simulation.run_config import ConfigError, RunConfig, prune_rate_used
+  assert prune_rate_used(RunConfig(algorithm="fedmask")) == 0.5  # sampled masks: chosen on validation
+  assert prune_rate_used(RunConfig(algorithm="local_masks")) == 0.5
+  assert prune_rate_used(RunConfig(algorithm="fedmask", upload="mask")) == 0.2  # the paper's p_r
+  assert prune_rate_used(RunConfig(algorithm="fedmask", upload="score_sign")) == 0.2
+  assert prune_rate_used(RunConfig(algorithm="fedmask", prune_rate=0.3)) == 0.3
+  assert prune_rate_used(RunConfig(algorithm="fedmask", upload="mask", prune_rate=0.7)) == 0.7
+  RunConfig(algorithm="fedmask").validate()
+  with pytest.raises(ConfigError, match="prune_rate"):
+    RunConfig(algorithm="fedmask", prune_rate=0.0).validate()
