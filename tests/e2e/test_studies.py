@@ -169,7 +169,7 @@ def test_fedmask_ablation_plans_every_variant_on_one_partition(tmp_path):
   proc = _studies(["--study=fedmask_ablation", "--dry_run", f"--output_dir={tmp_path}/abl"])
   assert proc.returncode == 0, proc.stderr[-3000:]
   text = proc.stdout
-  assert "25 runs" in text
+  assert "26 runs" in text
   for name, wanted in (("local_masks", '"algorithm": "local_masks"'),
                        ("fedpm", '"algorithm": "fedpm"'),
                        ("sampled_threshold_forward", '"training_forward": "threshold"'),
@@ -178,6 +178,7 @@ def test_fedmask_ablation_plans_every_variant_on_one_partition(tmp_path):
                        ("sampled_head_from_theta", '"head_start": "theta"'),
                        ("sampled_evidence_kept", '"evidence_decay": 0.5'),
                        ("sampled_all_from_theta_prune05", '"personal_layers": 0, "prune_rate": 0.5'),
+                       ("sampled_prune02", '"prune_rate": 0.2'),
                        ("sampled_float_down", '"downlink_bits": 32'),
                        ("score_sign_previous_default", '"upload": "score_sign"'),
                        ("mask_scaled_logit", '"upload": "mask"'),
