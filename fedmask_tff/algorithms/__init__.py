@@ -49,9 +49,22 @@ def build_algorithm(name: str, context, config):
   return algorithm
 
 
-def _prune_rate(config) -> float:
-  from fedmask_tff.simulation.run_config import prune_rate_used
-  return prune_rate_used(config)
+# One-shot pruning's p_r when --prune_rate is not given: the paper's 0.2 for the score-threshold
+# uploads; 0.5 for masks trained as probabilities (FedMask's default recipe and local_masks),
+# chosen on validation data (docs/sampled-masks.md, "Choosing p_r").
+PAPER_PRUNE_RATE = 0.2
+SAMPLED_PRUNE_RATE = 0.5
+
+
+def prune_rate_used(config) -> float:
+  """``--prune_rate`` as a run applies it: the RunConfig's, or, when unset (None), the recipe's
+  (:data:`SAMPLED_PRUNE_RATE` for sampled masks, :data:`PAPER_PRUNE_RATE` otherwise)."""
+  if config.prune_rate is not None:
+    return float(config.prune_rate)
+  return SAMPLED_PRUNE_RATE if uses_sampled_masks(config.algorithm, config.upload) else PAPER_PRUNE_RATE
+
+
+_prune_rate = prune_rate_used
 
 
 def _build_sampled(name: str, context, config):

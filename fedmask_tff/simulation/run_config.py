@@ -196,21 +196,6 @@ def _check_baselines(c: RunConfig) -> None:
         f"--standalone_budget must be one of {STANDALONE_BUDGETS}, got {c.standalone_budget!r}")
 
 
-# One-shot pruning's p_r when --prune_rate is not given: the paper's 0.2 for the score-threshold
-# uploads; 0.5 for masks trained as probabilities (FedMask's default recipe and local_masks),
-# chosen on validation data (docs/sampled-masks.md, "Choosing p_r").
-PAPER_PRUNE_RATE = 0.2
-SAMPLED_PRUNE_RATE = 0.5
-
-
-def prune_rate_used(c: RunConfig) -> float:
-  """``--prune_rate`` as the run applies it (see :data:`SAMPLED_PRUNE_RATE`)."""
-  if c.prune_rate is not None:
-    return float(c.prune_rate)
-  from fedmask_tff.algorithms import uses_sampled_masks
-  return SAMPLED_PRUNE_RATE if uses_sampled_masks(c.algorithm, c.upload) else PAPER_PRUNE_RATE
-
-
 def _check_fedmask(c: RunConfig) -> None:
   from fedmask_tff.masks.pruning import check_prune_rate
   from fedmask_tff.masks.vote_rules import RESTART_RULES

@@ -178,7 +178,8 @@ def test_fused_adam_step_is_tffs_build_adam():
 
 
 def test_prune_rate_default_is_the_recipes_and_a_given_one_is_kept():
-  from fedmask_tff.simulation.run_config import ConfigError, RunConfig, prune_rate_used
+  from fedmask_tff.algorithms import prune_rate_used
+  from fedmask_tff.simulation.run_config import ConfigError, RunConfig
   assert prune_rate_used(RunConfig(algorithm="fedmask")) == 0.5  # sampled masks: chosen on validation
   assert prune_rate_used(RunConfig(algorithm="local_masks")) == 0.5
   assert prune_rate_used(RunConfig(algorithm="fedmask", upload="mask")) == 0.2  # the paper's p_r

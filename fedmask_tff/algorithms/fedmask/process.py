@@ -220,36 +220,19 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
       wire, model_fn, f.eval_data_type, f.scores_type, f.logit_thresholds)
   sums_to_int = server_sums.make_sums_to_int(f.sums_type)
   sums_to_float = server_sums.make_sums_to_float(f.int_sums_type)
-  increment = server_state.make_increment()
-  initial_global_state = server_state.make_initial_global_state(config, f.initial_scores)
-  quantized_global = server_state.make_quantized_global(config)
-  start_from_global, start_from_global_wire = server_state.make_start_from_global(
-      wire, config, f.specs, f.global_scores, f.scores_type, f.state_type, client_seed,
-      quantized_global)
-  server_votes = server_state.make_server_votes(config)
-  global_step = server_state.make_global_step(config, f.global_state_type, f.sums_type,
-                                              server_votes)
-  initial_mask_state = server_state.make_initial_mask_state(f.specs)
-  start_from_mask, start_from_mask_wire = server_state.make_start_from_mask(
-      wire, config, f.thresholds, f.scores_type, f.state_type)
-  mask_step = server_state.make_mask_step(f.mask_state_type, f.sums_type, f.thresholds,
-                                          server_votes)
-  _, mask_downlink_bits_wire = server_state.make_mask_downlink_bits(
-      wire, f.scores_type, f.state_type, metrics_type)
-  _, global_downlink_bits_wire = server_state.make_global_downlink_bits(
-      wire, config, f.specs, f.state_type, metrics_type)
+  sp = _server_state_parts(wire, config, f, client_seed, metrics_type)
   server_state_type, initialize_fn = federated.make_initialize(
-      config, f.global_scores, f.global_state_type, f.mask_state_type, initial_global_state,
-      initial_mask_state)
+      config, f.global_scores, f.global_state_type, f.mask_state_type, sp.initial_global_state,
+      sp.initial_mask_state)
   client_work_fn = federated.make_client_work_fn(
       config, f.global_scores, server_state_type, f.data_type, clients_state_type,
-      client_update_wire, start_from_global_wire, start_from_mask_wire)
+      client_update_wire, sp.start_from_global_wire, sp.start_from_mask_wire)
   summed = federated.make_summed(config, f.specs, sum_uploads, decode_upload_wire, sums_to_int,
                                  sums_to_float)
   aggregate_fn = federated.make_aggregate_fn(
       config, f.global_scores, wire.files, server_state_type, clients_state_type, f.upload_type,
-      metrics_type, upload_valid, summed, global_step, mask_step, increment,
-      global_downlink_bits_wire, mask_downlink_bits_wire, download_and_apply_wire)
+      metrics_type, upload_valid, summed, sp.global_step, sp.mask_step, sp.increment,
+      sp.global_downlink_bits_wire, sp.mask_downlink_bits_wire, download_and_apply_wire)
   next_fn = federated.make_next_fn(server_state_type, f.data_type, clients_state_type,
                                    client_work_fn, aggregate_fn)
   evaluate_fn = federated.make_evaluate_fn(f.eval_data_type, f.packed_masks_type,
@@ -262,8 +245,52 @@ def build_fedmask_process(model_fn: Callable[[], tf.keras.Model], element_spec,
       aggregate=aggregate_fn, prepare=prepare_fn, evaluate=evaluate_fn,
       client_update=client_update, prepare_client=prepare_client, decode_upload=decode_upload,
       download_and_apply=download_and_apply, evaluate_client=evaluate_client,
-      start_from_global=start_from_global, start_from_mask=start_from_mask,
+      start_from_global=sp.start_from_global, start_from_mask=sp.start_from_mask,
       initial_scores=f.initial_scores, logit_thresholds=f.logit_thresholds)
+
+
+class _ServerParts(NamedTuple):
+  """The server state's computations (:mod:`.server_state`): G's or m^T's start, step and
+  downlink, and the round counter (``*_wire``: the federated form a client computation uses)."""
+  increment: object
+  initial_global_state: object
+  initial_mask_state: object
+  start_from_global: object
+  start_from_global_wire: object
+  start_from_mask: object
+  start_from_mask_wire: object
+  global_step: object
+  mask_step: object
+  global_downlink_bits_wire: object
+  mask_downlink_bits_wire: object
+
+
+def _server_state_parts(wire, config, f, client_seed, metrics_type) -> _ServerParts:
+  """Builds :class:`_ServerParts` from the wire forms, the config, the facts ``f``
+  (:class:`_Facts`), the clients' seed computation and the clients' metrics type."""
+  quantized_global = server_state.make_quantized_global(config)
+  start_from_global, start_from_global_wire = server_state.make_start_from_global(
+      wire, config, f.specs, f.global_scores, f.scores_type, f.state_type, client_seed,
+      quantized_global)
+  server_votes = server_state.make_server_votes(config)
+  start_from_mask, start_from_mask_wire = server_state.make_start_from_mask(
+      wire, config, f.thresholds, f.scores_type, f.state_type)
+  _, mask_downlink_bits_wire = server_state.make_mask_downlink_bits(
+      wire, f.scores_type, f.state_type, metrics_type)
+  _, global_downlink_bits_wire = server_state.make_global_downlink_bits(
+      wire, config, f.specs, f.state_type, metrics_type)
+  return _ServerParts(
+      increment=server_state.make_increment(),
+      initial_global_state=server_state.make_initial_global_state(config, f.initial_scores),
+      initial_mask_state=server_state.make_initial_mask_state(f.specs),
+      start_from_global=start_from_global, start_from_global_wire=start_from_global_wire,
+      start_from_mask=start_from_mask, start_from_mask_wire=start_from_mask_wire,
+      global_step=server_state.make_global_step(config, f.global_state_type, f.sums_type,
+                                                server_votes),
+      mask_step=server_state.make_mask_step(f.mask_state_type, f.sums_type, f.thresholds,
+                                            server_votes),
+      global_downlink_bits_wire=global_downlink_bits_wire,
+      mask_downlink_bits_wire=mask_downlink_bits_wire)
 
 
 class _Facts(NamedTuple):
