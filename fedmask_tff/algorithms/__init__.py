@@ -64,8 +64,6 @@ def prune_rate_used(config) -> float:
   return SAMPLED_PRUNE_RATE if uses_sampled_masks(config.algorithm, config.upload) else PAPER_PRUNE_RATE
 
 
-_prune_rate = prune_rate_used
-
 
 def _build_sampled(name: str, context, config):
   from fedmask_tff import models
@@ -75,7 +73,7 @@ def _build_sampled(name: str, context, config):
   settings = SampledMaskConfig(
       local_epochs=config.local_epochs, learning_rate=context.learning_rate,
       optimizer=config.optimizer, forward=config.training_forward, score_init_mean=config.score_init_mean,
-      score_init_std=config.score_init_std, prune_rate=_prune_rate(config),
+      score_init_std=config.score_init_std, prune_rate=prune_rate_used(config),
       prune_last_layers=models.prune_last_layers(context.model, config.prune_last_layers),
       personal_head=config.personal_head, personal_layers=config.personal_layers,
       head_start=config.head_start,
@@ -95,7 +93,7 @@ def _build(name: str, context, config):
     from fedmask_tff.algorithms.fedmask.algorithm import build_fedmask, build_local_masks
     fedmask_config = fedmask_process.FedMaskConfig(
         local_epochs=config.local_epochs, learning_rate=context.learning_rate,
-        prune_rate=_prune_rate(config), prune_last_layers=config.prune_last_layers,
+        prune_rate=prune_rate_used(config), prune_last_layers=config.prune_last_layers,
         score_restart=config.score_restart,
         restart_scale=vote_rules.rule_scale(config.score_restart, config.restart_scale),
         group_lasso=config.group_lasso, secure_aggregation=config.secure_aggregation,
