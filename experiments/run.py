@@ -74,6 +74,11 @@ flags.DEFINE_enum("uplink_coding", _D.uplink_coding, ["auto", "none", "entropy"]
 flags.DEFINE_integer("downlink_bits", _D.downlink_bits, "fedmask, fedpm: bits per element on the "
                      "downlink. Sampled masks: theta in 1, 2, 4, 8 or 32 bits (0 = the default: "
                      "fedmask 2, fedpm 32). Score-threshold uploads: 0 = float32, 2..16 = quantized.")
+flags.DEFINE_enum("downlink_coding", _D.downlink_coding, ["auto", "none", "entropy"], "fedmask, "
+                  "fedpm with sampled masks: 'entropy' codes the quantized theta sent down exactly "
+                  "(bit planes through the same range coder; bits counted from the coded "
+                  "stream). 'auto' (default): entropy where theta goes down in 1-8 bits, none "
+                  "otherwise (float32 theta, score-threshold uploads).")
 flags.DEFINE_bool("downlink_stochastic", _D.downlink_stochastic, "fedmask: stochastic rounding "
                   "of the quantized downlink.")
 flags.DEFINE_float("ldp_epsilon", _D.ldp_epsilon, "fedmask: epsilon of randomized response on the "

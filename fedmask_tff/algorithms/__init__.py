@@ -28,6 +28,17 @@ def uplink_coding_used(name: str, upload: str, uplink_coding: str) -> str:
   return "entropy" if name in ("fedmask", "fedpm") and uses_sampled_masks(name, upload) else "none"
 
 
+def downlink_coding_used(name: str, upload: str, downlink_coding: str, downlink_bits: int) -> str:
+  """``--downlink_coding`` as a run applies it: ``auto`` is ``entropy`` where sampled masks send
+  quantized theta down (fedmask and fedpm; ``downlink_bits`` as the run applies it, 0 for the
+  algorithm's default: fedmask 2, fedpm 32 = float32, not coded), ``none`` elsewhere."""
+  if downlink_coding != "auto":
+    return downlink_coding
+  bits = downlink_bits or (32 if name == "fedpm" else 2)
+  sampled = name in ("fedmask", "fedpm") and uses_sampled_masks(name, upload)
+  return "entropy" if sampled and bits != 32 else "none"
+
+
 def default_learning_rate(name: str, upload: str = SAMPLED_UPLOAD) -> float:
   """The documented default local learning rate of ``name`` (see each module)."""
   import importlib
@@ -81,7 +92,8 @@ def _build_sampled(name: str, context, config):
       reset_every=config.evidence_reset_every, seed=config.seed)
   cls = {"fedpm": sampled.FedPM, "fedmask": sampled.SampledFedMask,
          "local_masks": sampled.SampledLocalMasks}[name]
-  return cls(context, settings, uplink_coding_used(name, config.upload, config.uplink_coding))
+  return cls(context, settings, uplink_coding_used(name, config.upload, config.uplink_coding),
+             downlink_coding_used(name, config.upload, config.downlink_coding, config.downlink_bits))
 
 
 def _build(name: str, context, config):

@@ -82,14 +82,23 @@ def quantize_theta(values, bits: int):
   """``values`` in [0, 1] (numpy, any shape) -> the downlink payload: uint8 packed codes of
   ``bits`` bits each (``ceil(n bits / 8)`` bytes), or float32 ``[n]`` for ``bits = 32``."""
   bits = check_downlink_bits(bits)
-  v = np.asarray(values, np.float64).reshape(-1)
   if bits == 32:
-    return v.astype(np.float32)
-  codes = np.rint(np.clip(v, 0.0, 1.0) * ((1 << bits) - 1)).astype(np.int64)
-  if bits == 1:  # the decision 1[theta >= 0.5], as the threshold reads it
-    codes = (v >= 0.5).astype(np.int64)
-  code_bits = (codes[:, None] >> np.arange(bits)) & 1
+    return np.asarray(values, np.float32).reshape(-1)
+  code_bits = (theta_codes(values, bits)[:, None] >> np.arange(bits)) & 1
   return bitpack.pack_bits_np(code_bits.reshape(-1))
+
+
+def theta_codes(values, bits: int) -> np.ndarray:
+  """``values`` in [0, 1] (numpy, any shape) -> int64 ``[n]`` codes in ``[0, 2^bits - 1]``: the
+  levels :func:`quantize_theta` packs (``bits`` in 1, 2, 4, 8; 1 is the decision
+  ``1[theta >= 0.5]``, as the threshold reads it)."""
+  bits = check_downlink_bits(bits)
+  if bits == 32:
+    raise ValueError("theta_codes: 32-bit theta goes down as float32, not as codes")
+  v = np.asarray(values, np.float64).reshape(-1)
+  if bits == 1:
+    return (v >= 0.5).astype(np.int64)
+  return np.rint(np.clip(v, 0.0, 1.0) * ((1 << bits) - 1)).astype(np.int64)
 
 
 def dequantize_theta(payload, n: int, bits: int) -> np.ndarray:

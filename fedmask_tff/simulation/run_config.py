@@ -12,7 +12,7 @@ import math
 import os
 from typing import Optional
 
-from fedmask_tff.algorithms import ALGORITHMS, uplink_coding_used
+from fedmask_tff.algorithms import ALGORITHMS, downlink_coding_used, uplink_coding_used
 from fedmask_tff.data.registry import DATASETS
 
 
@@ -106,6 +106,7 @@ class RunConfig:
   unseen_clients: float = 0.0
   uplink_coding: str = "auto"  # UPLINK_CODINGS; auto: entropy for sampled masks, else none
   downlink_bits: int = 0
+  downlink_coding: str = "auto"  # auto: entropy where sampled masks send quantized theta, else none
   downlink_stochastic: bool = False
   ldp_epsilon: Optional[float] = None
   output_dir: str = "runs/fedmask"
@@ -258,7 +259,10 @@ def _check_fedmask_communication(c: RunConfig) -> None:
         "--secure_aggregation is implemented for --algorithm=fedmask (its rule needs only two sums)")
   _need(c.uplink_coding in ("auto", "none", "entropy"),
         f"--uplink_coding must be 'auto', 'none' or 'entropy', got {c.uplink_coding!r}")
+  _need(c.downlink_coding in ("auto", "none", "entropy"),
+        f"--downlink_coding must be 'auto', 'none' or 'entropy', got {c.downlink_coding!r}")
   fedmask_only = [name for name, on in (("uplink_coding", c.uplink_coding == "entropy"),
+                                        ("downlink_coding", c.downlink_coding == "entropy"),
                                         ("downlink_bits", c.downlink_bits != 0),
                                         ("downlink_stochastic", c.downlink_stochastic),
                                         ("ldp_epsilon", c.ldp_epsilon is not None)) if on]
@@ -276,6 +280,13 @@ def _check_fedmask_communication(c: RunConfig) -> None:
   if c.algorithm in ("fedmask", "fedpm"):
     _checked_by(check_uplink_coding, uplink_coding_used(c.algorithm, c.upload, c.uplink_coding),
                 "sampled" if c.algorithm == "fedpm" else c.upload, c.ldp_epsilon)
+  if c.downlink_coding == "entropy":
+    sampled = c.algorithm == "fedpm" or c.upload == "sampled"
+    _need(sampled, "--downlink_coding=entropy codes the quantized theta of sampled masks "
+          "(--upload=sampled, fedpm); the score-threshold uploads' downlink is not coded")
+    _need(downlink_coding_used(c.algorithm, c.upload, "auto", c.downlink_bits) == "entropy",
+          "--downlink_coding=entropy codes quantized theta: set --downlink_bits to 1, 2, 4 or 8 "
+          f"(got {c.downlink_bits or 'the default, 32 for fedpm'})")
   _need(not (c.global_mask and c.downlink_bits >= 2),
         f"--global_mask sends m^T down as 1 bit per kept element; --downlink_bits="
         f"{c.downlink_bits} does not apply (use 0 or 1)")
@@ -350,7 +361,7 @@ SAMPLED_SETTINGS = ("optimizer", "training_forward", "score_init_mean", "score_i
 
 
 # FedMask's communication and privacy options (validate() refuses them for other algorithms).
-FEDMASK_COMMUNICATION = ("uplink_coding", "downlink_bits", "downlink_stochastic",
+FEDMASK_COMMUNICATION = ("uplink_coding", "downlink_bits", "downlink_coding", "downlink_stochastic",
                          "secure_aggregation", "ldp_epsilon")
 
 
@@ -369,21 +380,22 @@ def unused_fedmask_settings(config: RunConfig) -> set[str]:
   threshold_only = (everything - set(SAMPLED_SETTINGS)
                     - {"upload", "downlink_bits", "personal_head", "prune_rate"})
   if config.algorithm == "fedpm":  # nothing pruned
-    return (threshold_only - {"uplink_coding"}) | {"personal_head", "personal_layers", "head_start",
+    return (threshold_only - {"uplink_coding", "downlink_coding"}) | {"personal_head", "personal_layers", "head_start",
                                                    "upload", "prune_rate"}
   if config.algorithm in ("fedmask", "local_masks") and config.upload == "sampled":
     if config.algorithm == "local_masks":
       return threshold_only | {"head_start", "personal_layers", "evidence_decay", "evidence_reset_every",
                                "downlink_bits", "personal_head"}
-    return threshold_only - {"uplink_coding"}
+    return threshold_only - {"uplink_coding", "downlink_coding"}
   if config.algorithm == "local_masks":  # no aggregation: only the initial scores and pruning
     return ((everything - {"score_init_noise", "prune_at_init", "upload", "prune_rate"})
             | set(SAMPLED_SETTINGS))
   if config.algorithm != "fedmask":
     return everything
+  sampled_only = set(SAMPLED_SETTINGS) | {"downlink_coding"}
   if config.upload == "score_sign":
-    return {"score_restart", "restart_scale", "global_mask"} | set(SAMPLED_SETTINGS)
-  return {"server_score_step", "personal_head", "global_weight"} | set(SAMPLED_SETTINGS)
+    return {"score_restart", "restart_scale", "global_mask"} | sampled_only
+  return {"server_score_step", "personal_head", "global_weight"} | sampled_only
 
 
 def differing_settings(stored: dict, config: RunConfig) -> list[str]:

@@ -107,6 +107,17 @@ def test_a_coded_round_is_the_same_round_with_fewer_bits():
     assert c["uplink_bits_packed"] == p["uplink_bits"]
     assert c["uplink_bits"] < p["uplink_bits"] - shared // 2  # the shared bits cost < half
     assert c["downlink_bits"] == p["downlink_bits"] and c["loss_sum"] == p["loss_sum"]
+  # --downlink_coding=entropy: the same round again; theta's 2-bit codes, one level at every
+  # shared element, cost next to nothing, and the uplink is left as it was
+  down = sampled.SampledFedMask(WIDER, config, downlink_coding="entropy")
+  s3, n3, m3 = down.next(server, data, states)
+  for a, b in zip(tf.nest.flatten((s1, n1)), tf.nest.flatten((s3, n3))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for p, c in zip(m1, m3):
+    assert c["downlink_bits_packed"] == p["downlink_bits"] == 2 * shared
+    assert c["downlink_bits"] < 0.05 * p["downlink_bits"]
+    assert c["uplink_bits"] == p["uplink_bits"]
+  assert "downlink_bits_packed_per_client" in down.round_extras(m3)
 
 
 def test_fedpm_codes_its_uploads_and_local_masks_sends_nothing():

@@ -21,6 +21,7 @@ import numpy as np
 
 from fedmask_tff.algorithms import triad
 from fedmask_tff.algorithms.base import BuildContext, FederatedAlgorithm
+from fedmask_tff.algorithms.sampled_masks import downlink_coding, upload_coding
 from fedmask_tff.algorithms.sampled_masks import process as sm_process
 from fedmask_tff.algorithms.sampled_masks.config import SampledMaskConfig
 from fedmask_tff.masks import probability
@@ -46,12 +47,18 @@ class SampledMaskAlgorithm(FederatedAlgorithm):
   stateful = True
   everything_personal = False
 
-  def __init__(self, context: BuildContext, config: SampledMaskConfig, uplink_coding: str = "none"):
+  def __init__(self, context: BuildContext, config: SampledMaskConfig, uplink_coding: str = "none",
+               downlink_coding: str = "none"):
     from fedmask_tff import models
     from fedmask_tff.masks import layers as masked_layers_lib
-    if uplink_coding not in ("none", "entropy"):
-      raise ValueError(f"uplink_coding must be 'none' or 'entropy', got {uplink_coding!r}")
+    for name, value in (("uplink_coding", uplink_coding), ("downlink_coding", downlink_coding)):
+      if value not in ("none", "entropy"):
+        raise ValueError(f"{name} must be 'none' or 'entropy', got {value!r}")
+    if downlink_coding == "entropy" and config.downlink_bits == 32:
+      raise ValueError("downlink_coding='entropy' codes quantized theta; downlink_bits=32 sends "
+                       "float32 (use 1, 2, 4 or 8)")
     self.uplink_coding = uplink_coding
+    self.downlink_coding = downlink_coding
     from fedmask_tff.models import costs
     builder = models.masked_builder(context.model)
     mask_mode = "sampled" if config.forward == "sampled" else "ste"
@@ -80,7 +87,7 @@ class SampledMaskAlgorithm(FederatedAlgorithm):
                          # States travel in TFF's messages (--client_states=files applies to the
                          # score-threshold process).
                          client_states_used="messages" if self.stateful else "none",
-                         uplink_coding=uplink_coding)
+                         uplink_coding=uplink_coding, downlink_coding=downlink_coding)
 
   def results_settings(self):
     return {k: self.settings[k] for k in ("mask_mode_used", "masked_parameters",
@@ -102,7 +109,7 @@ class SampledMaskAlgorithm(FederatedAlgorithm):
     return out
 
   def next(self, server_state, train_datasets, client_states):
-    if self.uplink_coding == "entropy":
+    if "entropy" in (self.uplink_coding, self.downlink_coding):
       return self._next_coded(server_state, train_datasets, client_states)
     if self.stateful:
       server_state, new_states, metrics = self.run_round(server_state, list(train_datasets),
@@ -112,10 +119,10 @@ class SampledMaskAlgorithm(FederatedAlgorithm):
     return server_state, None, self._metrics(metrics)
 
   def _next_coded(self, server_state, train_datasets, client_states):
-    """The round in its two steps, with each upload entropy-coded in between
-    (:mod:`.upload_coding`): ``uplink_bits`` counts the coded streams (plus the pruning mask a
-    client sends once), ``uplink_bits_packed`` the packed bits TFF carried."""
-    from fedmask_tff.algorithms.sampled_masks import upload_coding
+    """The round in its two steps, its payloads entropy-coded in between: ``uplink_bits``
+    counts the coded upload streams (plus the pruning mask a client sends once; the packed bits
+    TFF carried in ``uplink_bits_packed``), ``downlink_bits`` the coded theta
+    (:mod:`.downlink_coding`; TFF's packed codes in ``downlink_bits_packed``)."""
     clients = [list(train_datasets)] + ([list(client_states)] if self.stateful else [])
     outputs = self._with_datasets("client_work")(server_state, *clients)
     if self.stateful:  # the new states stay here: only uploads and metrics go to the server
@@ -125,30 +132,46 @@ class SampledMaskAlgorithm(FederatedAlgorithm):
     else:
       server_state_next, metrics = self.process.aggregate(server_state, *outputs)
       new_states = None
-    uploads, metrics = outputs[0], self._metrics(metrics)
-    all_kept = tuple(bitpack.pack_bits_np(np.ones(spec.size, np.uint8)) for spec in self.plan)
+    metrics = self._metrics(metrics)
+    check = int(server_state["round"]) % upload_coding.CHECK_EVERY == 0
+    if self.uplink_coding == "entropy":
+      self._code_uplink(server_state, outputs[0], new_states, metrics, check)
+    if self.downlink_coding == "entropy":
+      keeps = [s["keep"] for s in client_states] if self.stateful else [self._all_kept()] * len(metrics)
+      coded = downlink_coding.downlink_bits_many(self.plan, self.config, server_state["theta"],
+                                                 keeps, check=check)
+      for m, bits in zip(metrics, coded):
+        m["downlink_bits_packed"], m["downlink_bits"] = m["downlink_bits"], bits
+    return server_state_next, new_states, metrics
+
+  def _all_kept(self):
+    return tuple(bitpack.pack_bits_np(np.ones(spec.size, np.uint8)) for spec in self.plan)
+
+  def _code_uplink(self, server_state, uploads, new_states, metrics, check: bool) -> None:
+    """Each valid upload coded against theta as it went down (:mod:`.upload_coding`)."""
     decisions = upload_coding.theta_decisions(self.plan, self.config, server_state["theta"])
     valid = [i for i, m in enumerate(metrics) if m["upload_valid"]]
     refs = [upload_coding.references(self.plan, self.config, server_state["theta"],
                                      server_state["defined"],
-                                     new_states[i]["keep"] if self.stateful else all_kept, decisions)
+                                     new_states[i]["keep"] if self.stateful else self._all_kept(),
+                                     decisions)
             for i in valid]
-    check = 0 if valid and int(server_state["round"]) % upload_coding.CHECK_EVERY == 0 else None
-    coded = upload_coding.coded_bits_many([uploads[i][0] for i in valid], refs, check=check)
+    coded = upload_coding.coded_bits_many([uploads[i][0] for i in valid], refs,
+                                          check=0 if valid and check else None)
     for m in metrics:
       m["uplink_bits_packed"] = m["uplink_bits"]
     for i, bits in zip(valid, coded):
       packed = sum(8 * np.asarray(b).size for b in uploads[i][0])
       metrics[i]["uplink_bits"] = metrics[i]["uplink_bits"] - packed + bits
-    return server_state_next, new_states, metrics
 
   def round_extras(self, client_metrics):
     extras = {"pruned_clients": int(sum(m["pruned"] for m in client_metrics)),
               "mask_density": (sum(m["mask_ones"] for m in client_metrics)
                                / max(1.0, sum(m["mask_kept"] for m in client_metrics)))}
-    if client_metrics and "uplink_bits_packed" in client_metrics[0]:  # --uplink_coding=entropy
-      extras["uplink_bits_packed_per_client"] = (sum(m["uplink_bits_packed"] for m in client_metrics)
-                                                 / len(client_metrics))
+    for way in ("uplink", "downlink"):  # --uplink_coding, --downlink_coding=entropy
+      if client_metrics and f"{way}_bits_packed" in client_metrics[0]:
+        extras[f"{way}_bits_packed_per_client"] = (
+            sum(m[f"{way}_bits_packed"] for m in client_metrics) / len(client_metrics))
     return extras
 
   def _evaluate(self, test_datasets, scores, keeps):
@@ -176,9 +199,10 @@ class FedPM(SampledMaskAlgorithm):
   name = "fedpm"
   stateful = False
 
-  def __init__(self, context: BuildContext, config: SampledMaskConfig, uplink_coding: str = "none"):
+  def __init__(self, context: BuildContext, config: SampledMaskConfig, uplink_coding: str = "none",
+               downlink_coding: str = "none"):
     super().__init__(context, dataclasses.replace(config, prune_last_layers=0, personal_head=False,
-                                                  min_shared=1), uplink_coding)
+                                                  min_shared=1), uplink_coding, downlink_coding)
     self.description = ("W frozen; one global mask, trained as probabilities (Bernoulli-sampled "
                         "forward, Adam); 1 sampled bit per element up, theta down; evaluated "
                         "with the server's thresholded mask")
@@ -192,8 +216,9 @@ class FedPM(SampledMaskAlgorithm):
 class SampledFedMask(SampledMaskAlgorithm):
   name = "fedmask"
 
-  def __init__(self, context: BuildContext, config: SampledMaskConfig, uplink_coding: str = "none"):
-    super().__init__(context, config, uplink_coding)
+  def __init__(self, context: BuildContext, config: SampledMaskConfig, uplink_coding: str = "none",
+               downlink_coding: str = "none"):
+    super().__init__(context, config, uplink_coding, downlink_coding)
     self.description = ("W frozen; feature layers' masks start every round from the server's "
                         "theta (m^T), the pruned last layers stay each device's own; masks "
                         "trained as probabilities; 1 sampled bit per kept element up")
@@ -215,8 +240,9 @@ class SampledLocalMasks(SampledFedMask):
   everything_personal = True
   round_in_two_steps = False
 
-  def __init__(self, context: BuildContext, config: SampledMaskConfig, uplink_coding: str = "none"):
-    super().__init__(context, config, "none")  # nothing is sent
+  def __init__(self, context: BuildContext, config: SampledMaskConfig, uplink_coding: str = "none",
+               downlink_coding: str = "none"):
+    super().__init__(context, config, "none", "none")  # nothing is sent
     self.settings["aggregation"] = "none (local_masks: each client trains its own mask alone)"
     self.description = "W frozen; each client trains its own sampled mask alone; 0 bits"
 

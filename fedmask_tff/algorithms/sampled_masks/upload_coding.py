@@ -35,7 +35,7 @@ from fedmask_tff.masks import probability
 from fedmask_tff.wire import bitpack, coding
 
 LANE_LEN = 4096
-CHECK_EVERY = 10  # rounds between decode checks of one upload (the first round's is checked)
+CHECK_EVERY = 10  # rounds between decode checks of the coded payloads, up and down (round 0's is checked)
 
 
 def _receives_theta(spec, config) -> bool:
