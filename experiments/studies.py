@@ -82,8 +82,10 @@ def _log(message: str) -> None:
 SMALL_COMMON = dict(dataset="fashion_mnist", partition="pathological", classes_per_client=2,
                     num_clients=30, clients_per_round=5, rounds=6, local_epochs=1, batch_size=32,
                     model="mlp", model_width=0.25, prune_rate=0.2, seed=0, eval_every=0)
+# fedmask_ablation: FedMask's own default p_r (unset: 0.5 for sampled masks, 0.2 for the
+# score-threshold uploads), so its variants differ from the default in what they name only.
 SMALL_STUDY = {"communication": dict(eval_every=1), "computation": {},
-               "devices": dict(eval_every=2), "epochs": {}, "fedmask_ablation": {},
+               "devices": dict(eval_every=2), "epochs": {}, "fedmask_ablation": dict(prune_rate=None),
                "mask_capacity": dict(model=None, model_width=1.0)}
 SMALL_SWEEPS = {"devices": [3, 6, 12], "epochs": [1, 2]}
 
@@ -103,7 +105,7 @@ PAPER_DATASET = {
                           clients_per_round=20),
 }
 PAPER_STUDY = {"communication": dict(eval_every=5), "computation": {}, "devices": dict(eval_every=5),
-               "epochs": {}, "fedmask_ablation": {}, "mask_capacity": {}}
+               "epochs": {}, "fedmask_ablation": dict(prune_rate=None), "mask_capacity": {}}
 
 # The fedmask_ablation study: FedMask's parts one at a time on one partition, beside the simple
 # things (how the defaults were chosen). Each variant is (run name, RunConfig changes); FedMask's own settings not

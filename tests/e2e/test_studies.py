@@ -170,6 +170,9 @@ def test_fedmask_ablation_plans_every_variant_on_one_partition(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   text = proc.stdout
   assert "26 runs" in text
+  # FedMask's own default p_r (unset), not the small preset's 0.2: a variant differs from the
+  # default only in what it names
+  assert '"prune_rate": null' in next(l for l in text.splitlines() if l.startswith("shared settings"))
   for name, wanted in (("local_masks", '"algorithm": "local_masks"'),
                        ("fedpm", '"algorithm": "fedpm"'),
                        ("sampled_threshold_forward", '"training_forward": "threshold"'),
