@@ -17,10 +17,10 @@ import sys
 from absl import app, flags
 
 from fedmask_tff.masks.vote_rules import RESTART_RULES
-from fedmask_tff.runtime.worker import WorkerError
 from fedmask_tff.algorithms import ALGORITHMS
 from fedmask_tff.simulation.run_config import (DATASETS, MODELS, PARTITIONS, STANDALONE_BUDGETS,
-                                               ConfigError, RunConfig)
+                                               RunConfig)
+from fedmask_tff.simulation.failures import failure_message
 from fedmask_tff.simulation.runner import run
 
 _D = RunConfig()
@@ -212,34 +212,6 @@ def main(argv):
     if code is None:
       raise
     _exit(code, message)
-
-
-def failure_message(e: BaseException, output_dir: str, stop_signal=None):
-  """``(exit code, one line)`` for a failure a user can cause; ``(None, None)`` for a bug."""
-  from fedmask_tff.data import DataError
-  saved = f"every finished round is saved in {output_dir}"
-  if isinstance(e, KeyboardInterrupt):
-    name = "SIGTERM" if stop_signal == 15 else "Ctrl-C"
-    return (143 if stop_signal == 15 else 130), (
-        f"interrupted ({name}): {saved}; rerun the same command to resume")
-  if isinstance(e, (ConfigError, DataError)):
-    return 2, f"error: {e}"
-  if isinstance(e, WorkerError):
-    return 3, f"error: {e}; {saved}; restart the worker and rerun the same command to resume"
-  if isinstance(e, FloatingPointError):  # Diverged training; results.json keeps the finished rounds.
-    return 1, f"error: {e}"
-  text = str(e)
-  for why in ("No space left on device", "Disk quota exceeded", "Read-only file system",
-              "Permission denied"):
-    if why in text or (isinstance(e, OSError) and e.strerror == why):
-      where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
-      return 1, (f"error: cannot write the run's files: {why}{where}; {saved} (files are "
-                 "replaced whole, never half-written): make room or fix the permissions and "
-                 "rerun the same command to resume")
-  if isinstance(e, MemoryError) or type(e).__name__ == "ResourceExhaustedError":
-    return 1, (f"error: out of memory ({type(e).__name__}); {saved}: use a smaller "
-               "--model_width, --batch_size or --clients_per_round")
-  return None, None
 
 
 def _quiet_channel_teardown(unraisable) -> None:

@@ -140,7 +140,7 @@ def test_model_size_table_is_a_lower_bound():
 
 
 def test_user_caused_failures_are_one_line_with_the_documented_exit_code():
-  from experiments.run import failure_message
+  from fedmask_tff.simulation.failures import failure_message  # no flags: any test order
   from fedmask_tff.runtime.worker import WorkerError
   full = OSError(errno.ENOSPC, "No space left on device", "/x/checkpoint.npz.tmp")
   code, line = failure_message(full, "/x")
