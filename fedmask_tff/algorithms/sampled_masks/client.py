@@ -32,6 +32,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from fedmask_tff.algorithms.evaluation import loss_fn
+from fedmask_tff.algorithms.sampled_masks.config import receives_theta
 from fedmask_tff.masks import layers as masked_layers_lib
 from fedmask_tff.masks import probability, pruning
 from fedmask_tff.wire import bitpack, payloads
@@ -75,7 +76,7 @@ def received_theta(plan, config, theta, keep):
   """
   out = []
   for spec, t, k in zip(plan, theta, keep):
-    if spec.personal and not (spec.prunable and config.head_start == "theta"):
+    if not receives_theta(spec, config):
       out.append((None, None))
       continue
     values = tf.reshape(t, [-1])

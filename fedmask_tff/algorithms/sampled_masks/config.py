@@ -30,6 +30,12 @@ class WeightPlan(NamedTuple):
   personal: bool
 
 
+def receives_theta(spec: WeightPlan, config) -> bool:
+  """Whether a client starts ``spec`` from the server's theta, i.e. theta goes down for it: a
+  shared weight, or a personal pruned one under ``head_start="theta"``."""
+  return not (spec.personal and not (spec.prunable and config.head_start == "theta"))
+
+
 @dataclasses.dataclass(frozen=True)
 class SampledMaskConfig:
   """Hyper-parameters of sampled-mask training and of the server's Beta-Bernoulli estimate.

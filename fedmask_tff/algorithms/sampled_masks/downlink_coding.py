@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedmask_tff.algorithms.sampled_masks.config import receives_theta
 from fedmask_tff.masks import probability
 from fedmask_tff.wire import bitpack, coding
 
@@ -61,10 +62,6 @@ def decode_planes(streams: list[bytes], n: int, bits: int) -> np.ndarray:
   return codes_from_planes(planes, bits)
 
 
-def _receives(spec, config) -> bool:
-  return not (spec.personal and not (spec.prunable and config.head_start == "theta"))
-
-
 def _kept(keep_packed, spec) -> np.ndarray:
   return bitpack.unpack_bits_np(np.asarray(keep_packed, np.uint8), (spec.size,), bool)
 
@@ -82,7 +79,7 @@ def downlink_bits_many(plan, config, theta, keeps, check: bool = False) -> list[
                      "float32 (use 1, 2, 4 or 8 bits)")
   shared_pairs, shared_packed, jobs = [], 0, []  # jobs: (client, codes) of pruned weights
   for i, (spec, t) in enumerate(zip(plan, theta)):
-    if not _receives(spec, config):
+    if not receives_theta(spec, config):
       continue
     codes = probability.theta_codes(np.asarray(t).reshape(-1), bits)
     if not spec.prunable:
@@ -110,7 +107,7 @@ def downlink_bits_many(plan, config, theta, keeps, check: bool = False) -> list[
   if check and owners:
     first = [k for k, c in enumerate(owners) if c == owners[0]]
     _check([streams[k] for k in first], [pairs[k] for k in first])
-  sent = any(_receives(spec, config) for spec in plan)
+  sent = any(receives_theta(spec, config) for spec in plan)
   return [8 + min(a, b) if sent else 0 for a, b in zip(coded, packed)]
 
 

@@ -31,16 +31,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedmask_tff.algorithms.sampled_masks.config import receives_theta
 from fedmask_tff.masks import probability
 from fedmask_tff.wire import bitpack, coding
 
 LANE_LEN = 4096
 CHECK_EVERY = 10  # rounds between decode checks of the coded payloads, up and down (round 0's is checked)
-
-
-def _receives_theta(spec, config) -> bool:
-  """Whether the client starts ``spec`` from theta (as ``client.received_theta`` decides)."""
-  return not (spec.personal and not (spec.prunable and config.head_start == "theta"))
 
 
 def theta_decisions(plan, config, theta) -> list:
@@ -49,7 +45,7 @@ def theta_decisions(plan, config, theta) -> list:
   personal weight). The same for every client of a round: compute it once a round."""
   out = []
   for spec, t in zip(plan, theta):
-    if not _receives_theta(spec, config):
+    if not receives_theta(spec, config):
       out.append(None)
       continue
     flat = np.asarray(t, np.float32).reshape(-1)
