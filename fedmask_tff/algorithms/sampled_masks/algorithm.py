@@ -151,9 +151,10 @@ class SampledMaskAlgorithm(FederatedAlgorithm):
     """Each valid upload coded against theta as it went down (:mod:`.upload_coding`)."""
     decisions = upload_coding.theta_decisions(self.plan, self.config, server_state["theta"])
     valid = [i for i, m in enumerate(metrics) if m["upload_valid"]]
+    all_kept = None if self.stateful else self._all_kept()  # once a round, not per client
     refs = [upload_coding.references(self.plan, self.config, server_state["theta"],
                                      server_state["defined"],
-                                     new_states[i]["keep"] if self.stateful else self._all_kept(),
+                                     new_states[i]["keep"] if self.stateful else all_kept,
                                      decisions)
             for i in valid]
     coded = upload_coding.coded_bits_many([uploads[i][0] for i in valid], refs,
