@@ -131,6 +131,13 @@ flags.DEFINE_enum("head_start", _D.head_start, ["own", "theta"], "fedmask, --upl
 flags.DEFINE_integer("personal_layers", _D.personal_layers, "fedmask, --upload=sampled: how many "
                      "of the pruned (last) layers keep the device's own scores between rounds (-1: "
                      "all); the other pruned layers start from theta at the device's kept positions.")
+flags.DEFINE_bool("choose_personal", _D.choose_personal, "fedmask, --upload=sampled: each device "
+                  "picks every round how many of its masked layers (from the input) start from "
+                  "theta, the rest from its own scores, by accuracy on --choice_fraction of its "
+                  "training examples, held out of its training (--personal_layers: the tie-break).")
+flags.DEFINE_float("choice_fraction", _D.choice_fraction, "fedmask, --choose_personal: the share "
+                   "of each device's training examples held out for the choice (by a hash of "
+                   "each example's content).")
 flags.DEFINE_float("evidence_decay", _D.evidence_decay, "Sampled masks: share of earlier rounds' "
                    "evidence the server's Beta belief keeps (0: reset every round, FedPM's).")
 flags.DEFINE_integer("evidence_reset_every", _D.evidence_reset_every, "Sampled masks: reset the "

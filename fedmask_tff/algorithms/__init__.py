@@ -87,7 +87,8 @@ def _build_sampled(name: str, context, config):
       score_init_std=config.score_init_std, prune_rate=prune_rate_used(config),
       prune_last_layers=models.prune_last_layers(context.model, config.prune_last_layers),
       personal_head=config.personal_head, personal_layers=config.personal_layers,
-      head_start=config.head_start,
+      head_start=config.head_start, choose_personal=config.choose_personal,
+      choice_fraction=config.choice_fraction,
       downlink_bits=config.downlink_bits or default_bits, evidence_decay=config.evidence_decay,
       reset_every=config.evidence_reset_every, seed=config.seed)
   cls = {"fedpm": sampled.FedPM, "fedmask": sampled.SampledFedMask,

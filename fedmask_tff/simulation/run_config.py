@@ -80,6 +80,8 @@ class RunConfig:
   evidence_reset_every: int = 0  # sampled masks: > 0 resets the server's evidence every K rounds
   server_score_step: float = 0.03  # fedmask, upload=score_sign: the server's step on its scores
   personal_head: bool = True  # fedmask, upload=score_sign: pruned layers keep the client's scores
+  choose_personal: bool = False  # fedmask, sampled: each device picks how much of theta to take
+  choice_fraction: float = 0.1  # ... on this share of its training examples, held out of training
   global_weight: float = 0.5  # fedmask, upload=score_sign: start from w*G + (1-w)*own scores
   global_mask: bool = False  # fedmask, upload=mask/bernoulli: clients start from the server's m^T
   prune_at_init: bool = False  # fedmask: every client prunes before round 1 (Algorithm 1, 4-6)
@@ -236,6 +238,8 @@ def _check_sampled(c: RunConfig) -> None:
         f"--score_init_std must be a finite number >= 0, got {c.score_init_std}")
   _need(c.personal_layers >= -1, f"--personal_layers must be >= -1, got {c.personal_layers}")
   _need(c.head_start in ("own", "theta"), f"--head_start must be 'own' or 'theta', got {c.head_start!r}")
+  _need(0.0 < c.choice_fraction < 1.0 and not math.isnan(c.choice_fraction),
+        f"--choice_fraction must be in (0, 1), got {c.choice_fraction}")
   _need(0.0 <= c.evidence_decay <= 1.0, f"--evidence_decay must be in [0, 1], got {c.evidence_decay}")
   _need(c.evidence_reset_every >= 0, f"--evidence_reset_every must be >= 0, got {c.evidence_reset_every}")
   sampled = c.algorithm == "fedpm" or (c.algorithm in ("fedmask", "local_masks") and c.upload == "sampled")
@@ -353,10 +357,11 @@ RESUME_FREE = ("overwrite", "progress", "max_concurrent_clients", "output_dir", 
 FEDMASK_SETTINGS = ("prune_rate", "score_restart", "restart_scale", "score_init_noise", "upload",
                     "server_score_step", "personal_head", "global_weight", "global_mask",
                     "prune_at_init", "optimizer", "training_forward", "score_init_mean", "score_init_std",
-                    "head_start", "personal_layers", "evidence_decay", "evidence_reset_every")
+                    "head_start", "personal_layers", "evidence_decay", "evidence_reset_every",
+                    "choose_personal", "choice_fraction")
 # The sampled-mask recipe's own settings (and those of the score-threshold uploads).
 SAMPLED_SETTINGS = ("optimizer", "training_forward", "score_init_mean", "score_init_std",
-                    "personal_layers", "head_start",
+                    "personal_layers", "head_start", "choose_personal", "choice_fraction",
                     "evidence_decay", "evidence_reset_every")
 
 
@@ -381,12 +386,15 @@ def unused_fedmask_settings(config: RunConfig) -> set[str]:
                     - {"upload", "downlink_bits", "personal_head", "prune_rate"})
   if config.algorithm == "fedpm":  # nothing pruned
     return (threshold_only - {"uplink_coding", "downlink_coding"}) | {"personal_head", "personal_layers", "head_start",
-                                                   "upload", "prune_rate"}
+                                                   "upload", "prune_rate", "choose_personal",
+                                                   "choice_fraction"}
   if config.algorithm in ("fedmask", "local_masks") and config.upload == "sampled":
     if config.algorithm == "local_masks":
       return threshold_only | {"head_start", "personal_layers", "evidence_decay", "evidence_reset_every",
-                               "downlink_bits", "personal_head"}
-    return threshold_only - {"uplink_coding", "downlink_coding"}
+                               "downlink_bits", "personal_head", "choose_personal",
+                               "choice_fraction"}
+    return ((threshold_only - {"uplink_coding", "downlink_coding"})
+            | (set() if config.choose_personal else {"choice_fraction"}))
   if config.algorithm == "local_masks":  # no aggregation: only the initial scores and pruning
     return ((everything - {"score_init_noise", "prune_at_init", "upload", "prune_rate"})
             | set(SAMPLED_SETTINGS))

@@ -166,9 +166,15 @@ class SampledMaskAlgorithm(FederatedAlgorithm):
       metrics[i]["uplink_bits"] = metrics[i]["uplink_bits"] - packed + bits
 
   def round_extras(self, client_metrics):
+    n = max(1, len(client_metrics))
     extras = {"pruned_clients": int(sum(m["pruned"] for m in client_metrics)),
               "mask_density": (sum(m["mask_ones"] for m in client_metrics)
-                               / max(1.0, sum(m["mask_kept"] for m in client_metrics)))}
+                               / max(1.0, sum(m["mask_kept"] for m in client_metrics))),
+              # masked weights (from the input) the round's clients started from theta, mean
+              "theta_layers_mean": sum(m["theta_layers"] for m in client_metrics) / n}
+    if self.config.choose_personal:
+      extras["held_out_examples_per_client"] = (
+          sum(m["held_out_examples"] for m in client_metrics) / n)
     for way in ("uplink", "downlink"):  # --uplink_coding, --downlink_coding=entropy
       if client_metrics and f"{way}_bits_packed" in client_metrics[0]:
         extras[f"{way}_bits_packed_per_client"] = (
@@ -203,7 +209,8 @@ class FedPM(SampledMaskAlgorithm):
   def __init__(self, context: BuildContext, config: SampledMaskConfig, uplink_coding: str = "none",
                downlink_coding: str = "none"):
     super().__init__(context, dataclasses.replace(config, prune_last_layers=0, personal_head=False,
-                                                  min_shared=1), uplink_coding, downlink_coding)
+                                                  min_shared=1, choose_personal=False),
+                     uplink_coding, downlink_coding)
     self.description = ("W frozen; one global mask, trained as probabilities (Bernoulli-sampled "
                         "forward, Adam); 1 sampled bit per element up, theta down; evaluated "
                         "with the server's thresholded mask")
@@ -243,7 +250,8 @@ class SampledLocalMasks(SampledFedMask):
 
   def __init__(self, context: BuildContext, config: SampledMaskConfig, uplink_coding: str = "none",
                downlink_coding: str = "none"):
-    super().__init__(context, config, "none", "none")  # nothing is sent
+    # Nothing is sent; every weight is personal, so there is nothing to choose.
+    super().__init__(context, dataclasses.replace(config, choose_personal=False), "none", "none")
     self.settings["aggregation"] = "none (local_masks: each client trains its own mask alone)"
     self.description = "W frozen; each client trains its own sampled mask alone; 0 bits"
 

@@ -32,7 +32,8 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from fedmask_tff.algorithms.evaluation import loss_fn
-from fedmask_tff.algorithms.sampled_masks.config import receives_theta
+from fedmask_tff.algorithms.sampled_masks import start_choice
+from fedmask_tff.algorithms.sampled_masks.config import fixed_theta_layers, receives_theta
 from fedmask_tff.masks import layers as masked_layers_lib
 from fedmask_tff.masks import probability, pruning
 from fedmask_tff.wire import bitpack, payloads
@@ -204,8 +205,17 @@ def client_round(model, plan, config, dataset, server, state):
   received = received_theta(plan, config, server["theta"], keep_in)
   starts = start_scores(plan, config, received, state["scores"], keep_in, server["defined"])
   seed = client_seed(dataset, server["round"], config.seed)
-  setup = ([v.assign(x) for v, x in zip(score_vars, starts)]
-           + [v.assign(k) for v, k in zip(keep_vars, keep_in)] + set_sample_seeds(model, seed))
+  setup = [v.assign(k) for v, k in zip(keep_vars, keep_in)] + set_sample_seeds(model, seed)
+  if config.choose_personal:  # every weight received theta; the device picks how many to take
+    dataset, held_out = start_choice.split(dataset, config.choice_fraction, config.seed)
+    starts, theta_layers, _ = start_choice.choose(model, score_vars, starts, state["scores"],
+                                                  held_out, fixed_theta_layers(plan), setup)
+    held_examples = held_out.reduce(0.0, lambda n, b: n + tf.cast(tf.shape(b["y"])[0], tf.float32))
+  else:
+    theta_layers = sum(1 for g, _ in received if g is not None)
+    held_examples = tf.constant(0.0)
+  with tf.control_dependencies(setup):
+    setup = [v.assign(x) for v, x in zip(score_vars, starts)]
   prunes = any(spec.prunable for spec in plan)
   pruning_now = tf.logical_and(tf.equal(state["pruned"], 0), prunes)
   slots = AdamSlots(score_vars) if config.optimizer == "adam" else None
@@ -235,7 +245,8 @@ def client_round(model, plan, config, dataset, server, state):
       downlink_bits=payloads.tensor_bits(tuple(down)) if down else tf.constant(0, tf.int64),
       diverged=tf.cast(diverged, tf.int32), pruned=tf.cast(pruning_now, tf.int32),
       mask_ones=tf.add_n([tf.reduce_sum(m) for m in masks]),
-      mask_kept=mask_kept)
+      mask_kept=mask_kept, theta_layers=tf.cast(theta_layers, tf.float32),
+      held_out_examples=held_examples)
   new_state = collections.OrderedDict(
       scores=new_scores, keep=new_keep,
       pruned=tf.where(tf.logical_or(pruning_now, tf.equal(state["pruned"], 1)), 1, 0))

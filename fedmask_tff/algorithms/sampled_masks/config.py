@@ -31,9 +31,18 @@ class WeightPlan(NamedTuple):
 
 
 def receives_theta(spec: WeightPlan, config) -> bool:
-  """Whether a client starts ``spec`` from the server's theta, i.e. theta goes down for it: a
-  shared weight, or a personal pruned one under ``head_start="theta"``."""
+  """Whether theta goes down for ``spec``: a shared weight, a personal pruned one under
+  ``head_start="theta"``, and every weight under ``choose_personal`` (the device then picks
+  which to start from it)."""
+  if getattr(config, "choose_personal", False):
+    return True
   return not (spec.personal and not (spec.prunable and config.head_start == "theta"))
+
+
+def fixed_theta_layers(plan) -> int:
+  """How many masked weights, counted from the input, start from theta under the fixed
+  setting (the plan's ``personal`` flags: the weights before the first personal one)."""
+  return next((i for i, spec in enumerate(plan) if spec.personal), len(plan))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +69,10 @@ class SampledMaskConfig:
     head_start: ``"own"`` (the head starts from the client's own scores) or ``"theta"``
       (Algorithm 1, line 13 read literally: from theta at its kept positions where at least
       ``min_shared`` clients kept the element once, else its own).
+    choose_personal: each device picks, every round, how many of its masked weights (from the
+      input) start from theta and which from its own scores, by accuracy on ``choice_fraction``
+      of its training examples, held out of its training (:mod:`.start_choice`); the plan's
+      ``personal`` flags are then only the tie-break. Theta goes down for every weight.
     downlink_bits: theta goes down in 1, 2, 4, 8 bits per element or as float32 (32).
     evidence_decay: the share of earlier rounds' evidence the server keeps (0: the Beta prior
       is reset every round, FedPM's default); ``reset_every``: > 0 resets it every that many
@@ -80,6 +93,8 @@ class SampledMaskConfig:
   personal_head: bool = True
   personal_layers: int = -1
   head_start: str = "own"
+  choose_personal: bool = False
+  choice_fraction: float = 0.1
   downlink_bits: int = 2
   evidence_decay: float = 0.0
   reset_every: int = 0
@@ -108,6 +123,8 @@ class SampledMaskConfig:
       raise ValueError(f"personal_layers must be >= -1 (-1: every pruned layer), got {self.personal_layers}")
     if self.head_start not in HEAD_STARTS:
       raise ValueError(f"head_start must be one of {HEAD_STARTS}, got {self.head_start!r}")
+    if not 0.0 < self.choice_fraction < 1.0:
+      raise ValueError(f"choice_fraction must be in (0, 1), got {self.choice_fraction}")
     probability.check_downlink_bits(self.downlink_bits)
     probability.check_decay(self.evidence_decay)
     if int(self.reset_every) < 0:
