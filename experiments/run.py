@@ -138,6 +138,10 @@ flags.DEFINE_bool("choose_personal", _D.choose_personal, "fedmask, --upload=samp
 flags.DEFINE_float("choice_fraction", _D.choice_fraction, "fedmask, --choose_personal: the share "
                    "of each device's training examples held out for the choice (by a hash of "
                    "each example's content).")
+flags.DEFINE_float("personal_offset", _D.personal_offset, "fedmask, --upload=sampled: lambda in "
+                   "[0, 1]: a device starts each unpruned layer at logit(theta) plus lambda times "
+                   "its deviation from its theta start at the end of its last round (0: from "
+                   "theta); it uploads samples of its progress from theta.")
 flags.DEFINE_float("evidence_decay", _D.evidence_decay, "Sampled masks: share of earlier rounds' "
                    "evidence the server's Beta belief keeps (0: reset every round, FedPM's).")
 flags.DEFINE_integer("evidence_reset_every", _D.evidence_reset_every, "Sampled masks: reset the "

@@ -88,7 +88,7 @@ def _build_sampled(name: str, context, config):
       prune_last_layers=models.prune_last_layers(context.model, config.prune_last_layers),
       personal_head=config.personal_head, personal_layers=config.personal_layers,
       head_start=config.head_start, choose_personal=config.choose_personal,
-      choice_fraction=config.choice_fraction,
+      choice_fraction=config.choice_fraction, personal_offset=config.personal_offset,
       downlink_bits=config.downlink_bits or default_bits, evidence_decay=config.evidence_decay,
       reset_every=config.evidence_reset_every, seed=config.seed)
   cls = {"fedpm": sampled.FedPM, "fedmask": sampled.SampledFedMask,

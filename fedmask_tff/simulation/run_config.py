@@ -82,6 +82,7 @@ class RunConfig:
   personal_head: bool = True  # fedmask, upload=score_sign: pruned layers keep the client's scores
   choose_personal: bool = False  # fedmask, sampled: each device picks how much of theta to take
   choice_fraction: float = 0.1  # ... on this share of its training examples, held out of training
+  personal_offset: float = 0.0  # fedmask, sampled: share of its deviation from theta a device keeps
   global_weight: float = 0.5  # fedmask, upload=score_sign: start from w*G + (1-w)*own scores
   global_mask: bool = False  # fedmask, upload=mask/bernoulli: clients start from the server's m^T
   prune_at_init: bool = False  # fedmask: every client prunes before round 1 (Algorithm 1, 4-6)
@@ -238,6 +239,7 @@ def _check_sampled(c: RunConfig) -> None:
         f"--score_init_std must be a finite number >= 0, got {c.score_init_std}")
   _need(c.personal_layers >= -1, f"--personal_layers must be >= -1, got {c.personal_layers}")
   _need(c.head_start in ("own", "theta"), f"--head_start must be 'own' or 'theta', got {c.head_start!r}")
+  _need(0.0 <= c.personal_offset <= 1.0, f"--personal_offset must be in [0, 1], got {c.personal_offset}")
   _need(0.0 < c.choice_fraction < 1.0 and not math.isnan(c.choice_fraction),
         f"--choice_fraction must be in (0, 1), got {c.choice_fraction}")
   _need(0.0 <= c.evidence_decay <= 1.0, f"--evidence_decay must be in [0, 1], got {c.evidence_decay}")
@@ -358,10 +360,11 @@ FEDMASK_SETTINGS = ("prune_rate", "score_restart", "restart_scale", "score_init_
                     "server_score_step", "personal_head", "global_weight", "global_mask",
                     "prune_at_init", "optimizer", "training_forward", "score_init_mean", "score_init_std",
                     "head_start", "personal_layers", "evidence_decay", "evidence_reset_every",
-                    "choose_personal", "choice_fraction")
+                    "choose_personal", "choice_fraction", "personal_offset")
 # The sampled-mask recipe's own settings (and those of the score-threshold uploads).
 SAMPLED_SETTINGS = ("optimizer", "training_forward", "score_init_mean", "score_init_std",
                     "personal_layers", "head_start", "choose_personal", "choice_fraction",
+                    "personal_offset",
                     "evidence_decay", "evidence_reset_every")
 
 
@@ -387,12 +390,12 @@ def unused_fedmask_settings(config: RunConfig) -> set[str]:
   if config.algorithm == "fedpm":  # nothing pruned
     return (threshold_only - {"uplink_coding", "downlink_coding"}) | {"personal_head", "personal_layers", "head_start",
                                                    "upload", "prune_rate", "choose_personal",
-                                                   "choice_fraction"}
+                                                   "choice_fraction", "personal_offset"}
   if config.algorithm in ("fedmask", "local_masks") and config.upload == "sampled":
     if config.algorithm == "local_masks":
       return threshold_only | {"head_start", "personal_layers", "evidence_decay", "evidence_reset_every",
                                "downlink_bits", "personal_head", "choose_personal",
-                               "choice_fraction"}
+                               "choice_fraction", "personal_offset"}
     return ((threshold_only - {"uplink_coding", "downlink_coding"})
             | (set() if config.choose_personal else {"choice_fraction"}))
   if config.algorithm == "local_masks":  # no aggregation: only the initial scores and pruning

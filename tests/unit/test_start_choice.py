@@ -141,3 +141,30 @@ def test_fedmask_round_holds_out_and_reports_the_choice(fraction):
 def test_choice_fraction_is_checked():
   with pytest.raises(ValueError, match="choice_fraction"):
     SampledMaskConfig(choice_fraction=1.0).validate(3)
+
+
+def test_personal_offset_starts_from_theta_plus_the_kept_deviation_and_uploads_progress():
+  """lambda 0.5, a kept offset of -20 on the shared weights, theta 1 (clipped to 0.99), lr 1e-6:
+  the device starts at log(99) - 20 (its personalized mask all off), uploads samples of
+  sigmoid(m_r + 20) = 0.99 (almost all ones) and keeps 0.5 x (m_r - log(99)) = -10."""
+  from fedmask_tff.wire import bitpack
+  config = SampledMaskConfig(local_epochs=1, learning_rate=1e-6, prune_last_layers=1,
+                             personal_offset=0.5)
+  fedmask = sampled.SampledFedMask(CONTEXT, config)
+  plan = fedmask.plan
+  server = fedmask.initialize()
+  server["theta"] = tuple(np.full(s.shape, 1.0, np.float32) for s in plan)
+  state = fedmask.initial_client_state()
+  assert set(state) == {"scores", "keep", "pruned", "offset"}
+  state["offset"] = tuple(np.full(s.shape, -20.0, np.float32) for s in plan)
+  upload, new, _ = fedmask.computations.client_update(_data(1), server, state)
+  bits, _ = upload
+  start = math.log(99) - 20
+  for i, spec in enumerate(plan[:-1]):  # the shared (unpruned) weights
+    np.testing.assert_allclose(new["scores"][i], start, atol=1e-3)
+    np.testing.assert_allclose(new["offset"][i], -10.0, atol=1e-3)
+    sent = bitpack.unpack_bits_np(np.asarray(bits[i]), (spec.size,))
+    assert sent.mean() > 0.95
+  np.testing.assert_array_equal(new["offset"][-1], 0.0)  # the pruned head: no offset
+  with pytest.raises(ValueError, match="personal_offset"):
+    SampledMaskConfig(personal_offset=1.5).validate(3)

@@ -209,7 +209,8 @@ class FedPM(SampledMaskAlgorithm):
   def __init__(self, context: BuildContext, config: SampledMaskConfig, uplink_coding: str = "none",
                downlink_coding: str = "none"):
     super().__init__(context, dataclasses.replace(config, prune_last_layers=0, personal_head=False,
-                                                  min_shared=1, choose_personal=False),
+                                                  min_shared=1, choose_personal=False,
+                                                  personal_offset=0.0),
                      uplink_coding, downlink_coding)
     self.description = ("W frozen; one global mask, trained as probabilities (Bernoulli-sampled "
                         "forward, Adam); 1 sampled bit per element up, theta down; evaluated "
@@ -251,7 +252,8 @@ class SampledLocalMasks(SampledFedMask):
   def __init__(self, context: BuildContext, config: SampledMaskConfig, uplink_coding: str = "none",
                downlink_coding: str = "none"):
     # Nothing is sent; every weight is personal, so there is nothing to choose.
-    super().__init__(context, dataclasses.replace(config, choose_personal=False), "none", "none")
+    super().__init__(context, dataclasses.replace(config, choose_personal=False, personal_offset=0.0),
+                     "none", "none")
     self.settings["aggregation"] = "none (local_masks: each client trains its own mask alone)"
     self.description = "W frozen; each client trains its own sampled mask alone; 0 bits"
 

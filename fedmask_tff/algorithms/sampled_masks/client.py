@@ -8,6 +8,13 @@
    positions where the server has a value (Algorithm 1, line 13: m^T ⊙ m_k), else from the
    client's own scores; a personal weight (FedMask's last ``personal_layers``, every weight of
    ``local_masks``) from the client's own scores (with ``head_start="theta"``: as a pruned one).
+   With ``choose_personal`` theta goes down for every weight and the device picks how many
+   weights (from the input) start from it, the rest from its own scores, on a held-out share of
+   its training examples (:mod:`.start_choice`); those examples are never trained on.
+   With ``personal_offset`` = lambda > 0 an unpruned weight that starts from theta starts from
+   ``logit(theta) + o``, where ``o`` is lambda times the device's deviation from its own theta
+   start at the end of its last round (kept in its state); its upload samples
+   ``sigmoid(m_r - o)``, the round's progress from theta, and the personalized model is m_r.
 2. **One-shot pruning** at the client's first round (when the plan prunes): one epoch of
    training, then ``keep`` = the top ``prune_rate`` of ``|W * sigmoid(m_r)|`` in each pruned
    weight (the expected weight: with N(0, 1) scores ``|m_r|`` alone would rank confidently-off
@@ -102,6 +109,12 @@ def start_scores(plan, config, received, own, keep, defined):
     else:
       starts.append(probability.start_scores(got, config.eps))
   return starts
+
+
+def offset_applies(spec, got) -> bool:
+  """Whether ``--personal_offset`` moves ``spec``'s start: a weight that starts from theta and is
+  not pruned (a pruned one starts from theta only at some positions)."""
+  return got is not None and not spec.prunable
 
 
 ADAM_BETA_1, ADAM_BETA_2, ADAM_EPSILON = 0.9, 0.999, 1e-7  # TFF's build_adam defaults
@@ -214,6 +227,10 @@ def client_round(model, plan, config, dataset, server, state):
   else:
     theta_layers = sum(1 for g, _ in received if g is not None)
     held_examples = tf.constant(0.0)
+  theta_starts = starts
+  if "offset" in state:  # --personal_offset: logit(theta) + the device's kept deviation
+    starts = [x + o if offset_applies(spec, g) else x
+              for spec, x, o, (g, _) in zip(plan, starts, state["offset"], received)]
   with tf.control_dependencies(setup):
     setup = [v.assign(x) for v, x in zip(score_vars, starts)]
   prunes = any(spec.prunable for spec in plan)
@@ -229,7 +246,10 @@ def client_round(model, plan, config, dataset, server, state):
   with tf.control_dependencies([pruned_ops]):
     loss1, count1 = train_epochs(model, score_vars, dataset, config.local_epochs, config, slots)
   with tf.control_dependencies([loss1, count1]):
-    bits, keeps = upload(plan, score_vars, keep_vars, tf.random.experimental.stateless_fold_in(seed, 7))
+    sent = score_vars
+    if "offset" in state:  # the upload is the round's progress from theta, not the deviation
+      sent = [v - o for v, o in zip(score_vars, state["offset"])]
+    bits, keeps = upload(plan, sent, keep_vars, tf.random.experimental.stateless_fold_in(seed, 7))
     new_scores = tuple(tf.identity(v) for v in score_vars)
     new_keep = tuple(bitpack.pack_bits_tf(k) for k in keep_vars)
     masks = [tf.cast(tf.sigmoid(s) >= 0.5, tf.float32) * k for s, k in zip(score_vars, keep_vars)]
@@ -250,4 +270,8 @@ def client_round(model, plan, config, dataset, server, state):
   new_state = collections.OrderedDict(
       scores=new_scores, keep=new_keep,
       pruned=tf.where(tf.logical_or(pruning_now, tf.equal(state["pruned"], 1)), 1, 0))
+  if "offset" in state:
+    new_state["offset"] = tuple(
+        config.personal_offset * (v - t) if offset_applies(spec, g) else tf.zeros_like(v)
+        for spec, v, t, (g, _) in zip(plan, new_scores, theta_starts, received))
   return (bits, keeps), new_state, metrics

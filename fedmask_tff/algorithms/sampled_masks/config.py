@@ -73,6 +73,10 @@ class SampledMaskConfig:
       input) start from theta and which from its own scores, by accuracy on ``choice_fraction``
       of its training examples, held out of its training (:mod:`.start_choice`); the plan's
       ``personal`` flags are then only the tie-break. Theta goes down for every weight.
+    personal_offset: lambda in [0, 1]: a device starts each unpruned weight it takes from theta
+      at ``logit(theta) + o``, ``o`` = lambda x (its scores - that start) at the end of its last
+      round (0: from theta, FedMask's default; 1: its whole deviation kept); it uploads samples
+      of ``sigmoid(m_r - o)`` (:mod:`.client`).
     downlink_bits: theta goes down in 1, 2, 4, 8 bits per element or as float32 (32).
     evidence_decay: the share of earlier rounds' evidence the server keeps (0: the Beta prior
       is reset every round, FedPM's default); ``reset_every``: > 0 resets it every that many
@@ -95,6 +99,7 @@ class SampledMaskConfig:
   head_start: str = "own"
   choose_personal: bool = False
   choice_fraction: float = 0.1
+  personal_offset: float = 0.0
   downlink_bits: int = 2
   evidence_decay: float = 0.0
   reset_every: int = 0
@@ -125,6 +130,8 @@ class SampledMaskConfig:
       raise ValueError(f"head_start must be one of {HEAD_STARTS}, got {self.head_start!r}")
     if not 0.0 < self.choice_fraction < 1.0:
       raise ValueError(f"choice_fraction must be in (0, 1), got {self.choice_fraction}")
+    if not 0.0 <= self.personal_offset <= 1.0:
+      raise ValueError(f"personal_offset must be in [0, 1], got {self.personal_offset}")
     probability.check_downlink_bits(self.downlink_bits)
     probability.check_decay(self.evidence_decay)
     if int(self.reset_every) < 0:

@@ -58,10 +58,14 @@ def initial_server_state(plan, config: SampledMaskConfig) -> collections.Ordered
 
 
 def initial_client_state(plan, config: SampledMaskConfig) -> collections.OrderedDict:
-  return collections.OrderedDict(
+  """``OrderedDict(scores, keep, pruned)``, and ``offset`` (zeros) with ``personal_offset``."""
+  state = collections.OrderedDict(
       scores=initial_scores(plan, config),
       keep=tuple(bitpack.pack_bits_np(np.ones(spec.size, np.uint8)) for spec in plan),
       pruned=np.int32(0))
+  if config.personal_offset > 0:
+    state["offset"] = tuple(np.zeros(spec.shape, np.float32) for spec in plan)
+  return state
 
 
 def _type_of(value):
