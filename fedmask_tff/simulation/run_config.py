@@ -240,6 +240,9 @@ def _check_sampled(c: RunConfig) -> None:
   _need(c.personal_layers >= -1, f"--personal_layers must be >= -1, got {c.personal_layers}")
   _need(c.head_start in ("own", "theta"), f"--head_start must be 'own' or 'theta', got {c.head_start!r}")
   _need(0.0 <= c.personal_offset <= 1.0, f"--personal_offset must be in [0, 1], got {c.personal_offset}")
+  _need(not (c.choose_personal and c.personal_offset > 0),
+        "--choose_personal and --personal_offset are two answers to one question (how much of "
+        "theta a device takes): use one")
   _need(0.0 < c.choice_fraction < 1.0 and not math.isnan(c.choice_fraction),
         f"--choice_fraction must be in (0, 1), got {c.choice_fraction}")
   _need(0.0 <= c.evidence_decay <= 1.0, f"--evidence_decay must be in [0, 1], got {c.evidence_decay}")

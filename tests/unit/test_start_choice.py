@@ -168,3 +168,8 @@ def test_personal_offset_starts_from_theta_plus_the_kept_deviation_and_uploads_p
   np.testing.assert_array_equal(new["offset"][-1], 0.0)  # the pruned head: no offset
   with pytest.raises(ValueError, match="personal_offset"):
     SampledMaskConfig(personal_offset=1.5).validate(3)
+  with pytest.raises(ValueError, match="use one"):
+    SampledMaskConfig(personal_offset=0.5, choose_personal=True).validate(3)
+  from fedmask_tff.simulation.run_config import ConfigError, RunConfig
+  with pytest.raises(ConfigError, match="use one"):
+    RunConfig(personal_offset=0.5, choose_personal=True).validate()

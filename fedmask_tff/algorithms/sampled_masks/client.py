@@ -211,7 +211,8 @@ def client_round(model, plan, config, dataset, server, state):
   """One client's round; returns ``(upload, new_state, metrics)`` (see the module docstring).
 
   ``server``: the broadcast server state (``theta``, ``defined``, ``round``); ``state``: the
-  client's ``OrderedDict(scores, keep (packed uint8), pruned int32)``.
+  client's ``OrderedDict(scores, keep (packed uint8), pruned int32)``, with ``offset`` (float32,
+  per weight) under ``personal_offset``.
   """
   kernels, score_vars, keep_vars = masked_layers_lib.mask_variables(model)
   keep_in = [unpack_keep(k, spec.shape) for k, spec in zip(state["keep"], plan)]

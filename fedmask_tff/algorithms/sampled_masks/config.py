@@ -132,6 +132,9 @@ class SampledMaskConfig:
       raise ValueError(f"choice_fraction must be in (0, 1), got {self.choice_fraction}")
     if not 0.0 <= self.personal_offset <= 1.0:
       raise ValueError(f"personal_offset must be in [0, 1], got {self.personal_offset}")
+    if self.choose_personal and self.personal_offset > 0:
+      raise ValueError("choose_personal and personal_offset are two answers to one question "
+                       "(how much of theta a device takes): use one")
     probability.check_downlink_bits(self.downlink_bits)
     probability.check_decay(self.evidence_decay)
     if int(self.reset_every) < 0:
