@@ -186,3 +186,15 @@ def fedmask_prepare(process, datasets, states):
 def fedmask_evaluate(process, datasets, masks):
   """``process.evaluate`` on full-size 0/1 masks (one tuple per client)."""
   return process.evaluate(datasets, [process.pack_masks(m) for m in masks])
+
+
+def sampled_mlp_context(width: float = 0.05):
+  """The BuildContext the sampled-mask unit tests share: the ``mlp`` over 6 float32 features,
+  3 classes, at ``width``, one local epoch of batch 8, learning rate 0.1, seed 0."""
+  import collections as _collections
+  from fedmask_tff.algorithms.base import BuildContext
+  spec = _collections.OrderedDict(x=tf.TensorSpec([None, 6], tf.float32),
+                                  y=tf.TensorSpec([None], tf.int32))
+  return BuildContext(input_shape=(6,), num_classes=3, model="mlp", model_width=width, seed=0,
+                      element_spec=spec, eval_element_spec=spec, local_epochs=1,
+                      learning_rate=0.1, batch_size=8)

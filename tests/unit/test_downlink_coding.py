@@ -2,24 +2,20 @@
 the bits per client against the packed payload, and the flag's rules (a coded round against an
 uncoded one: ``test_sampled_upload_coding.py``)."""
 
-import collections
 import dataclasses
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedmask_tff.algorithms.base import BuildContext
 from fedmask_tff.algorithms.sampled_masks import algorithm as sampled
 from fedmask_tff.algorithms.sampled_masks import downlink_coding
 from fedmask_tff.algorithms.sampled_masks.config import SampledMaskConfig, WeightPlan
 from fedmask_tff.masks import probability
 from fedmask_tff.wire import bitpack, coding
+from helpers import sampled_mlp_context
 
-SPEC = collections.OrderedDict(x=tf.TensorSpec([None, 6], tf.float32), y=tf.TensorSpec([None], tf.int32))
-CONTEXT = BuildContext(input_shape=(6,), num_classes=3, model="mlp", model_width=1.0, seed=0,
-                       element_spec=SPEC, eval_element_spec=SPEC, local_epochs=1,
-                       learning_rate=0.1, batch_size=8)
+CONTEXT = sampled_mlp_context(width=1.0)
 
 
 def test_bit_planes_by_hand_and_back():

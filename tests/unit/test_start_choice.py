@@ -9,15 +9,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedmask_tff.algorithms.base import BuildContext
 from fedmask_tff.algorithms.sampled_masks import algorithm as sampled
 from fedmask_tff.algorithms.sampled_masks import start_choice
 from fedmask_tff.algorithms.sampled_masks.config import SampledMaskConfig, fixed_theta_layers
+from helpers import sampled_mlp_context
 
-SPEC = collections.OrderedDict(x=tf.TensorSpec([None, 6], tf.float32), y=tf.TensorSpec([None], tf.int32))
-CONTEXT = BuildContext(input_shape=(6,), num_classes=3, model="mlp", model_width=0.05, seed=0,
-                       element_spec=SPEC, eval_element_spec=SPEC, local_epochs=1,
-                       learning_rate=0.1, batch_size=8)
+CONTEXT = sampled_mlp_context(width=0.05)
 
 
 def _examples(n, seed=0):

@@ -34,7 +34,7 @@ def receives_theta(spec: WeightPlan, config) -> bool:
   """Whether theta goes down for ``spec``: a shared weight, a personal pruned one under
   ``head_start="theta"``, and every weight under ``choose_personal`` (the device then picks
   which to start from it)."""
-  if getattr(config, "choose_personal", False):
+  if config.choose_personal:
     return True
   return not (spec.personal and not (spec.prunable and config.head_start == "theta"))
 
